@@ -1,0 +1,3 @@
+from cinefx.cli import main
+
+main()

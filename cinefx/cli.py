@@ -1,0 +1,304 @@
+"""The `cinefx` command: a thin Typer shell over the library.
+
+It parses options, calls `cinefx.stylize` and friends, and turns `CinefxError` into one line on
+stderr and an exit code. Heavy modules are imported inside the commands, so `cinefx --help` starts
+fast and never imports torch.
+
+Exit codes: 0 success · 1 a file could not be processed (bad input, preset, output) or some
+inputs of a batch failed · 2 bad command-line usage · 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make existing footage look cinematic: colour grade or diffusion re-render, "
+                       "scene by scene, with audio, timing and colour kept.")
+presets_app = typer.Typer(help="List bundled and user presets, or show one.", invoke_without_command=True)
+app.add_typer(presets_app, name="presets")
+
+_state = {"debug": False, "quiet": False}
+
+
+def _console(stderr: bool = True):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
+    _console().print(f"[bold red]cinefx: error:[/] {message}", markup=True)
+    return typer.Exit(code)
+
+
+def _run(fn):
+    """Call `fn`; typed errors become one line and exit 1, Ctrl-C exits 130."""
+    from cinefx.errors import CinefxError
+
+    try:
+        return fn()
+    except CinefxError as ex:
+        if _state["debug"]:
+            raise
+        raise _fail(str(ex)) from None
+    except KeyboardInterrupt:
+        _console().print("cinefx: interrupted; no partial output was left behind")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _info(text: str) -> None:
+    if not _state["quiet"]:
+        _console().print(text, markup=False)
+
+
+class _Progress:
+    """A rich progress bar on a terminal; plain log lines every few seconds otherwise."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total = label, total
+        self.tty = sys.stderr.isatty() and not _state["quiet"]
+        self.t0 = self.last_log = time.monotonic()
+        self.bar = None
+        if self.tty:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[fps]:.1f} fps"), TimeRemainingColumn(),
+                                console=_console(), transient=True)
+            self.task = self.bar.add_task(label, total=total or None, fps=0.0)
+            self.bar.start()
+
+    def __call__(self, done: int, total: int, message: str | None) -> None:
+        fps = done / max(1e-6, time.monotonic() - self.t0)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total or None, fps=fps)
+        elif not _state["quiet"] and time.monotonic() - self.last_log >= 5:
+            self.last_log = time.monotonic()
+            pct = f" ({100 * done / total:.0f}%)" if total else ""
+            _console().print(f"{self.label}: {done}/{total or '?'} frames{pct}, {fps:.1f} fps", markup=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+):
+    _state["debug"] = debug
+
+
+@app.command()
+def stylize(
+    inputs: Annotated[list[Path], typer.Argument(help="Video files or folders of videos.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (one input) or folder (several inputs or a folder). Default: IN.<preset>.mp4 beside the input.")] = None,
+    preset: Annotated[list[str], typer.Option("--preset", "-p", help="Preset name or .toml path; repeat to combine (later ones override).")] = ["epic"],
+    engine: Annotated[str, typer.Option(help="grade | diffusion | auto (diffusion only where weights and a GPU are usable).")] = "auto",
+    model: Annotated[Optional[str], typer.Option(help="Diffusion base model: folder, .safetensors or hub id (default $CINEFX_MODEL).")] = None,
+    crf: Annotated[float, typer.Option(help="x264 quality, 0-51, lower is better.")] = 18.0,
+    x264_preset: Annotated[str, typer.Option("--x264-preset", help="x264 speed preset (ultrafast … veryslow).")] = "medium",
+    seed: Annotated[int, typer.Option(help="Seed for grain (and diffusion noise): same seed, same file.")] = 0,
+    letterbox: Annotated[Optional[float], typer.Option(help="Override the preset's letterbox aspect (0 = none).")] = None,
+    grain: Annotated[Optional[float], typer.Option(help="Override the preset's grain strength (0-1).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Batch: skip inputs whose output exists.")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Write the temporal report as JSON (a folder in batch mode).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a per-frame PSNR / T-SSIM plot PNG (a folder in batch mode).")] = None,
+    no_metrics: Annotated[bool, typer.Option("--no-metrics", help="Skip the temporal report (faster).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the batch summary.")] = False,
+):
+    """Render videos in a preset's cinematic look."""
+    _state["quiet"] = quiet
+    _run(lambda: _stylize(inputs, output, preset, engine, model, crf, x264_preset, seed, letterbox,
+                          grain, overwrite, skip_existing, report, plot, no_metrics))
+
+
+def _stylize(inputs, output, preset_names, engine, model, crf, x264_preset, seed, letterbox, grain,
+             overwrite, skip_existing, report, plot, no_metrics):
+    from cinefx import presets as P
+    from cinefx.errors import OptionError
+    from cinefx.stylize import StylizeOptions, expand_inputs, stylize_batch, stylize_file
+    from cinefx.video.writer import EncodeOptions
+
+    preset = P.combine([P.load_preset(n) for n in preset_names])
+    preset = P.override(preset, "grade", letterbox=letterbox, grain=grain)
+    options = StylizeOptions(engine=engine, model=model, encode=EncodeOptions(crf=crf, x264_preset=x264_preset),
+                             overwrite=overwrite, seed=seed, metrics=not no_metrics)
+    if (report or plot) and no_metrics:
+        raise OptionError("--report/--plot need the metrics; drop --no-metrics")
+    files = expand_inputs(inputs)
+    batch = len(inputs) > 1 or any(p.is_dir() for p in inputs)
+    if not batch:
+        src = files[0]
+        dst = output or src.with_name(f"{src.stem}.{preset.name.replace('+', '-')}.mp4")
+        if dst.is_dir():
+            dst = dst / f"{src.stem}.mp4"
+        progress = _Progress(src.name, 0)
+        try:
+            res = stylize_file(src, dst, preset, options, progress)
+        finally:
+            progress.close()
+        _finish_one(res, report, plot)
+        return
+    if not files:
+        raise OptionError(f"no video files found in {', '.join(map(str, inputs))}")
+    if output is None:
+        raise OptionError("several inputs need -o/--output FOLDER")
+    if output.exists() and not output.is_dir():
+        raise OptionError(f"-o {output}: several inputs need a folder, not a file")
+    output.mkdir(parents=True, exist_ok=True)
+    for folder in (report, plot):
+        if folder:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def on_item(item):
+        if item.status == "done":
+            _finish_one(item.result, report / f"{item.input.stem}.json" if report else None,
+                        plot / f"{item.input.stem}.png" if plot else None)
+        elif item.status == "skipped":
+            _info(f"{item.input}: skipped ({item.error})")
+        else:
+            _console().print(f"[bold red]cinefx: error:[/] {item.error}", markup=True)
+
+    progress_holder = []
+
+    def progress_for(src):
+        if progress_holder:
+            progress_holder.pop().close()
+        p = _Progress(src.name, 0)
+        progress_holder.append(p)
+        return p
+
+    try:
+        items = stylize_batch(files, output, preset, options, skip_existing, on_item, progress_for)
+    finally:
+        if progress_holder:
+            progress_holder.pop().close()
+    counts = {s: sum(1 for i in items if i.status == s) for s in ("done", "skipped", "failed")}
+    _console().print(f"cinefx: {counts['done']} done, {counts['skipped']} skipped, "
+                     f"{counts['failed']} failed of {len(items)}", markup=False)
+    for i in items:
+        if i.status == "failed":
+            _console().print(f"  failed: {i.input}", markup=False)
+    if counts["failed"]:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _finish_one(res, report_path, plot_path):
+    from cinefx.report import render_table, write_plot
+
+    for note in res.notes:
+        _info(f"{res.input.name}: {note}")
+    if res.report is not None and not _state["quiet"]:
+        _console(stderr=False).print(render_table(res.report))
+    if res.report is not None and report_path:
+        res.report.write_json(report_path)
+    if res.report is not None and plot_path:
+        write_plot(res.report, plot_path)
+    fps = res.frames / max(res.seconds, 1e-6)
+    _info(f"{res.input.name} → {res.output}: {res.frames} frames, {len(res.scenes)} scenes, "
+          f"{res.seconds:.1f}s ({fps:.1f} fps)")
+
+
+@app.command()
+def scenes(
+    input: Annotated[Path, typer.Argument(help="Video file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+):
+    """List the scenes of a video: hard cuts, dissolves and fades (flashes are not cuts)."""
+    _run(lambda: _scenes(input, as_json))
+
+
+def _scenes(path: Path, as_json: bool):
+    from cinefx.scenes import SceneDetector, scenes_from_boundaries, thumbnail_size
+    from cinefx.video.probe import probe
+    from cinefx.video.reader import read_frames
+
+    info = probe(path)
+    det = SceneDetector()
+    bounds, times = [], []
+    # decode straight to thumbnail size: swscale shrinks while converting, far cheaper than full RGB
+    for f in read_frames(info, size=thumbnail_size(info.width, info.height)):
+        times.append(float(f.pts * info.time_base))
+        bounds += det.push(f.rgb)
+    bounds += det.finish()
+    found = scenes_from_boundaries(bounds, len(times))
+    end = times[-1] + (times[-1] - times[-2] if len(times) > 1 else float(1 / info.fps)) if times else 0.0
+    rows = [{"scene": s.index + 1, "kind": s.kind, "start_frame": s.start, "end_frame": s.end,
+             "start_time": round(times[s.start], 6),
+             "end_time": round(times[s.end] if s.end < len(times) else end, 6)} for s in found]
+    if as_json:
+        print(json.dumps({"input": str(path), "frames": len(times), "scenes": rows}, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{path.name}: {len(rows)} scenes, {len(times)} frames")
+    for col in ("scene", "begins with", "frames", "start", "end"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(str(r["scene"]), r["kind"], f"{r['start_frame']}–{r['end_frame'] - 1}",
+                  f"{r['start_time']:.3f}s", f"{r['end_time']:.3f}s")
+    _console(stderr=False).print(t)
+
+
+@presets_app.callback()
+def _presets(ctx: typer.Context):
+    """List presets (bundled and user)."""
+    if ctx.invoked_subcommand:
+        return
+
+    def run():
+        from rich.table import Table
+
+        from cinefx.presets import list_presets, load_preset, user_dir
+
+        t = Table(title="cinefx presets", caption=f"user presets folder: {user_dir()}")
+        t.add_column("name")
+        t.add_column("description")
+        t.add_column("file")
+        for name, path in list_presets():
+            try:
+                desc = load_preset(path).description
+            except Exception as ex:  # one broken user preset must not hide the others
+                desc = f"[invalid: {ex}]"
+            t.add_row(name, desc, str(path))
+        _console(stderr=False).print(t)
+
+    _run(run)
+
+
+@presets_app.command("show")
+def presets_show(name: Annotated[str, typer.Argument(help="Preset name or path.")]):
+    """Print a preset with every value (defaults marked)."""
+
+    def run():
+        from cinefx.presets import describe, load_preset
+
+        p = load_preset(name)
+        print(f"# {p.source}")
+        print(describe(p))
+
+    _run(run)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("cinefx: interrupted\n")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

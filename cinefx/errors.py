@@ -1,0 +1,39 @@
+"""Typed errors. Each also subclasses the matching builtin so callers can catch either.
+
+The library raises these; only the CLI turns them into one-line messages and exit codes.
+Every message names the file (or option) and says what is wrong with it.
+"""
+
+from __future__ import annotations
+
+
+class CinefxError(Exception):
+    """Base class of every error cinefx raises on purpose."""
+
+
+class InputFileError(CinefxError, ValueError):
+    """An input file cannot be used: not a video, broken, truncated, unsupported colour."""
+
+
+class MissingFileError(CinefxError, FileNotFoundError):
+    """A named file or folder does not exist."""
+
+
+class PresetError(CinefxError, ValueError):
+    """A preset is unknown or its TOML is malformed (names file, key and value)."""
+
+
+class LutError(CinefxError, ValueError):
+    """A `.cube` LUT file is malformed."""
+
+
+class OutputError(CinefxError, OSError):
+    """The output cannot be written (folder missing or unwritable, exists without --overwrite)."""
+
+
+class OptionError(CinefxError, ValueError):
+    """An option value is impossible (names the option, the value and what is allowed)."""
+
+
+class EngineUnavailableError(CinefxError, RuntimeError):
+    """The requested engine cannot run here (no GPU, no weights, missing package)."""

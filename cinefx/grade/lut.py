@@ -1,0 +1,113 @@
+"""3D LUTs: read and write Adobe/Resolve `.cube` files, and evaluate a LUT on float colours.
+
+A LUT here is a (N, N, N, 3) float32 array indexed [b, g, r] — the order `.cube` files store
+(red changes fastest) — mapping colours in [0, 1] to colours in [0, 1].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cinefx.errors import LutError
+
+MAX_SIZE = 256
+
+
+def read_cube(path: str | Path) -> np.ndarray:
+    """Parse a `.cube` file (3D, or 1D expanded to 3D). Raises `LutError` naming file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="strict")
+    except (OSError, UnicodeDecodeError) as ex:
+        raise LutError(f"{path}: cannot be read as a .cube text file ({ex})") from None
+    size3 = size1 = 0
+    dmin, dmax = np.zeros(3), np.ones(3)
+    rows: list[tuple[float, float, float]] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        head, *rest = line.split()
+        try:
+            if head == "TITLE":
+                continue
+            if head == "LUT_3D_SIZE":
+                size3 = int(rest[0])
+            elif head == "LUT_1D_SIZE":
+                size1 = int(rest[0])
+            elif head == "DOMAIN_MIN":
+                dmin = np.array([float(v) for v in rest[:3]])
+            elif head == "DOMAIN_MAX":
+                dmax = np.array([float(v) for v in rest[:3]])
+            elif head in ("LUT_3D_INPUT_RANGE", "LUT_1D_INPUT_RANGE"):
+                dmin, dmax = np.full(3, float(rest[0])), np.full(3, float(rest[1]))
+            elif head[0].isalpha() and head[0] not in "eE":
+                raise LutError(f"{path}:{lineno}: unknown keyword {head!r}")
+            else:
+                vals = [float(v) for v in [head, *rest]]
+                if len(vals) != 3:
+                    raise LutError(f"{path}:{lineno}: expected 3 numbers, got {len(vals)}")
+                rows.append((vals[0], vals[1], vals[2]))
+        except (ValueError, IndexError):
+            raise LutError(f"{path}:{lineno}: cannot parse {line!r}") from None
+    if not size3 and not size1:
+        raise LutError(f"{path}: no LUT_3D_SIZE or LUT_1D_SIZE line: not a .cube LUT")
+    size = size3 or size1
+    if not 2 <= size <= MAX_SIZE:
+        raise LutError(f"{path}: LUT size {size} out of range (2 to {MAX_SIZE})")
+    expected = size**3 if size3 else size
+    if len(rows) != expected:
+        raise LutError(f"{path}: has {len(rows)} entries, LUT size {size} needs {expected} (truncated?)")
+    if np.any(dmax <= dmin):
+        raise LutError(f"{path}: DOMAIN_MAX must be above DOMAIN_MIN")
+    data = np.asarray(rows, np.float32)
+    if not np.all(np.isfinite(data)):
+        raise LutError(f"{path}: contains non-finite values")
+    if size3:
+        lut = data.reshape(size, size, size, 3)
+    else:  # 1D: each channel through its own curve
+        g = np.arange(size)
+        b_, g_, r_ = np.meshgrid(g, g, g, indexing="ij")
+        lut = np.stack([data[r_, 0], data[g_, 1], data[b_, 2]], -1)
+    if np.any(dmin != 0) or np.any(dmax != 1):
+        # Re-sample onto a [0, 1] domain so every LUT is applied the same way.
+        grid = identity(size)
+        lut = apply(lut, np.clip((grid - dmin) / (dmax - dmin), 0, 1).astype(np.float32))
+    return np.clip(lut, 0.0, 1.0).astype(np.float32)
+
+
+def write_cube(path: str | Path, lut: np.ndarray, title: str = "cinefx") -> Path:
+    path = Path(path)
+    n = lut.shape[0]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f'TITLE "{title}"\nLUT_3D_SIZE {n}\nDOMAIN_MIN 0 0 0\nDOMAIN_MAX 1 1 1\n')
+        np.savetxt(f, lut.reshape(-1, 3), fmt="%.6f")
+    return path
+
+
+def identity(n: int) -> np.ndarray:
+    """(n, n, n, 3) grid whose entry [b, g, r] is the colour (r, g, b)/(n-1)."""
+    g = np.linspace(0.0, 1.0, n, dtype=np.float32)
+    b, gg, r = np.meshgrid(g, g, g, indexing="ij")
+    return np.stack([r, gg, b], -1)
+
+
+def apply(lut: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """Trilinear lookup of float colours `rgb` (..., 3) in [0, 1] through `lut`; same shape out.
+
+    Exact but slow on whole frames: cinefx uses it to bake LUTs, and FFmpeg's lut3d on frames.
+    """
+    n = lut.shape[0]
+    x = np.clip(rgb, 0, 1) * (n - 1)
+    i0 = np.minimum(np.floor(x).astype(np.int32), n - 2)
+    f = x - i0
+    r0, g0, b0 = i0[..., 0], i0[..., 1], i0[..., 2]
+    fr, fg, fb = f[..., 0:1], f[..., 1:2], f[..., 2:3]
+    out = 0
+    for db, wb in ((0, 1 - fb), (1, fb)):
+        for dg, wg in ((0, 1 - fg), (1, fg)):
+            for dr, wr in ((0, 1 - fr), (1, fr)):
+                out = out + lut[b0 + db, g0 + dg, r0 + dr] * (wb * wg * wr)
+    return out.astype(np.float32)

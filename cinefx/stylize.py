@@ -1,0 +1,200 @@
+"""The orchestrator: probe → decode → scenes → engine → grade → encode → metrics → report.
+
+One streaming pass over the input. Frames wait in a buffer only until the scene detector has
+settled them (its lookahead) and a chunk is full, so memory holds at most one chunk plus the
+lookahead, however long the video.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from array import array
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cinefx.engines import choose_engine
+from cinefx.errors import CinefxError, InputFileError, MissingFileError, OutputError
+from cinefx.grade.grader import Grader
+from cinefx.metrics import DEFAULT_METRIC_WIDTH, TemporalMeter
+from cinefx.presets import Preset
+from cinefx.report import Report, build_report
+from cinefx.scenes import DetectorOptions, Scene, SceneDetector, scenes_from_boundaries
+from cinefx.video.probe import VideoInfo, probe
+from cinefx.video.reader import Frame, read_frames
+from cinefx.video.writer import EncodeOptions, VideoWriter, check_output_path
+
+VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".m4v", ".webm", ".mts", ".m2ts", ".ts",
+                    ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".mxf"}
+OUTPUT_EXTENSIONS = {".mp4", ".mov", ".m4v", ".mkv"}
+
+# progress(frames done, frames expected or 0, message or None)
+Progress = Callable[[int, int, str | None], None]
+
+
+@dataclass(frozen=True)
+class StylizeOptions:
+    engine: str = "auto"
+    model: str | None = None
+    encode: EncodeOptions = EncodeOptions()
+    overwrite: bool = False
+    seed: int = 0
+    chunk: int = 48  # frames per chunk: bounds memory, and is the diffusion batch upper limit
+    metrics: bool = True
+    metric_width: int = DEFAULT_METRIC_WIDTH
+    audio: bool = True
+    detector: DetectorOptions = DetectorOptions()
+
+
+@dataclass(frozen=True)
+class StylizeResult:
+    input: Path
+    output: Path
+    engine: str
+    engine_reason: str
+    frames: int
+    scenes: tuple[Scene, ...]
+    report: Report | None
+    notes: tuple[str, ...]
+    seconds: float
+
+
+def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
+                 options: StylizeOptions = StylizeOptions(), progress: Progress | None = None) -> StylizeResult:
+    """Render `src` in the look of `preset` to `dst`. The input is only read; `dst` appears only
+    when complete (see `VideoWriter`)."""
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    # 1. check inputs before any work
+    check_output_path(dst, options.overwrite)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise OutputError(f"{dst}: output would overwrite the input")
+    info = probe(src)
+    choice = choose_engine(options.engine, options.model)
+    notes = [f"engine: {choice.name} ({choice.reason})"]
+    if info.colour.assumed:
+        notes.append(f"colour {'/'.join(info.colour.assumed)} untagged: assumed "
+                     f"{info.colour.matrix_name} {'full' if info.colour.full_range else 'limited'} range")
+    # 2. prepare stages
+    grader = Grader(preset.grade, info.display_size, seed=options.seed)
+    detector = SceneDetector(options.detector)
+    meter = TemporalMeter(options.metric_width) if options.metrics else None
+    boundaries: list = []
+    pts = array("q")
+    pending: deque[Frame] = deque()
+    done = 0
+
+    def scene_of(index: int) -> int:
+        return sum(1 for b in boundaries if b.frame <= index)
+
+    def render(chunk: list[Frame], scene: int, writer: VideoWriter) -> None:
+        nonlocal done
+        frames = np.stack([f.rgb for f in chunk])
+        out = frames if grader.is_identity else grader(frames, chunk[0].index)
+        for f, o in zip(chunk, out):
+            writer.write(o, f.pts)
+            if meter is not None:
+                meter.add(scene, f.rgb, o)
+        done += len(chunk)
+        if progress:
+            progress(done, info.frame_count, None)
+
+    def flush(writer: VideoWriter, settled: int, final: bool) -> None:
+        """Hand settled frames on in chunks that never cross a scene boundary."""
+        while pending and pending[0].index < settled:
+            scene = scene_of(pending[0].index)
+            run = []
+            for f in pending:
+                if f.index >= settled or scene_of(f.index) != scene or len(run) == options.chunk:
+                    break
+                run.append(f)
+            scene_ends = len(run) < len(pending) and scene_of(pending[len(run)].index) != scene
+            if len(run) < options.chunk and not scene_ends and not final:
+                return  # wait for a full chunk
+            for _ in run:
+                pending.popleft()
+            render(run, scene, writer)
+
+    # 3. one streaming pass
+    try:
+        with VideoWriter(dst, info, options.encode, overwrite=options.overwrite, audio=options.audio) as writer:
+            for frame in read_frames(info):
+                pending.append(frame)
+                pts.append(frame.pts)
+                boundaries += detector.push(frame.rgb)
+                flush(writer, detector.settled, final=False)
+            boundaries += detector.finish()
+            flush(writer, len(pts), final=True)
+            if not pts:
+                raise InputFileError(f"{src}: contains no decodable video frames")
+            writer.commit()
+            notes += writer.notes
+    finally:
+        grader.close()
+    # 4. report
+    scenes = scenes_from_boundaries(boundaries, len(pts))
+    tb = info.time_base
+    times = [float(p * tb) for p in pts]
+    step = (times[-1] - times[-2]) if len(times) > 1 else float(1 / info.fps)
+    report = None
+    if meter is not None:
+        report = build_report(meter, scenes, times, times[-1] + step, str(src), str(dst),
+                              choice.name, preset.name)
+    return StylizeResult(input=src, output=dst, engine=choice.name, engine_reason=choice.reason,
+                         frames=len(pts), scenes=tuple(scenes), report=report, notes=tuple(notes),
+                         seconds=time.perf_counter() - t0)
+
+
+# -- many inputs -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BatchItem:
+    input: Path
+    output: Path
+    status: str  # "done", "skipped" or "failed"
+    error: str = ""
+    result: StylizeResult | None = None
+
+
+def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given; folders expand to the videos directly inside them (sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS
+                          and not f.name.startswith("."))
+        else:
+            out.append(p)
+    return out
+
+
+def output_for(src: Path, out_dir: Path, suffix: str | None = None) -> Path:
+    ext = suffix or (src.suffix.lower() if src.suffix.lower() in OUTPUT_EXTENSIONS else ".mp4")
+    return out_dir / f"{src.stem}{ext}"
+
+
+def stylize_batch(inputs: list[Path], out_dir: Path, preset: Preset, options: StylizeOptions,
+                  skip_existing: bool = False, on_item: Callable[[BatchItem], None] | None = None,
+                  progress_for: Callable[[Path], Progress | None] | None = None) -> list[BatchItem]:
+    """Stylize every input into `out_dir`, carrying on past failures. Returns one item per input."""
+    if not out_dir.is_dir():
+        raise MissingFileError(f"{out_dir}: output folder does not exist")
+    items = []
+    for src in inputs:
+        dst = output_for(src, out_dir)
+        if skip_existing and dst.exists():
+            item = BatchItem(src, dst, "skipped", "output exists")
+        else:
+            try:
+                res = stylize_file(src, dst, preset, options, progress_for(src) if progress_for else None)
+                item = BatchItem(src, dst, "done", result=res)
+            except CinefxError as ex:
+                item = BatchItem(src, dst, "failed", str(ex))
+        items.append(item)
+        if on_item:
+            on_item(item)
+    return items

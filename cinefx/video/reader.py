@@ -1,0 +1,113 @@
+"""Streaming decode: RGB frames in display order with their presentation times.
+
+Frames are produced one at a time from a generator; nothing here holds more than a small reorder
+buffer, so memory does not grow with the length of the file.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+from cinefx.errors import InputFileError
+from cinefx.video.probe import VideoInfo, open_container
+
+# Some demuxers (AVI with packed B-frames, badly muxed MKV) hand out frames whose timestamps are
+# out of order; a small heap puts them back in display order. Real files stay within a GOP's
+# worth of reordering, and 16 frames covers x264's largest B-pyramid.
+REORDER_DEPTH = 16
+
+# A decoder may refuse a handful of damaged packets in an otherwise good file; more than this
+# means the file itself is broken.
+MAX_BAD_PACKETS = 8
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame. `rgb`: (H, W, 3) uint8 in display orientation; `pts` in the stream's time base."""
+
+    index: int
+    pts: int
+    rgb: np.ndarray
+
+
+def read_frames(info: VideoInfo, size: tuple[int, int] | None = None,
+                threads: int = 0) -> Iterator[Frame]:
+    """Yield every frame of `info.path` in display order.
+
+    size: (width, height) in display orientation to scale to while converting (swscale, area
+    filter), or None for the source size. The colour matrix and range come from `info.colour`
+    explicitly, so untagged or BT.601 sources convert without a shift.
+    Raises `InputFileError` if the file turns out truncated or corrupt part way.
+    """
+    path = info.path
+    k = (info.rotation // 90) % 4
+    if size is not None and k % 2:
+        size = (size[1], size[0])  # scale in coded orientation, rotate after
+    convert = dict(format="rgb24", src_colorspace=info.colour.matrix_name,
+                   src_color_range="JPEG" if info.colour.full_range else "MPEG",
+                   dst_color_range="JPEG")
+    if size is not None:
+        convert.update(width=size[0], height=size[1], interpolation="AREA")
+
+    step = _nominal_step(info)
+    heap: list[tuple[int, int, np.ndarray]] = []
+    seq = itertools.count()
+    emitted = itertools.count()
+    last_pts: int | None = None  # last pts pushed into the heap
+    last_out: int | None = None  # last pts handed out
+
+    def pop() -> Frame:
+        nonlocal last_out
+        pts, _, rgb = heapq.heappop(heap)
+        if last_out is not None and pts <= last_out:
+            pts = last_out + 1  # duplicate timestamps: keep order, nudge by one tick
+        last_out = pts
+        return Frame(next(emitted), pts, rgb)
+
+    packets = bad = 0
+    with open_container(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if threads:
+            stream.codec_context.thread_count = threads
+        try:
+            for packet in container.demux(stream):
+                if packet.size:
+                    packets += 1
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError:
+                    bad += 1
+                    if bad > MAX_BAD_PACKETS:
+                        raise InputFileError(f"{path}: corrupt video data (more than "
+                                             f"{MAX_BAD_PACKETS} undecodable packets)") from None
+                    continue
+                for frame in frames:
+                    pts = frame.pts
+                    if pts is None:
+                        pts = (last_pts + step) if last_pts is not None else 0
+                    last_pts = pts
+                    rgb = frame.to_ndarray(**convert)
+                    if k:
+                        rgb = np.ascontiguousarray(np.rot90(rgb, k))
+                    heapq.heappush(heap, (pts, next(seq), rgb))
+                    if len(heap) > REORDER_DEPTH:
+                        yield pop()
+        except av.error.FFmpegError as ex:
+            raise InputFileError(f"{path}: cannot be decoded past packet {packets} ({ex})") from ex
+    while heap:
+        yield pop()
+    if info.frame_count and packets < info.frame_count:
+        raise InputFileError(f"{path}: truncated: the container lists {info.frame_count} frames, "
+                             f"only {packets} are present")
+
+
+def _nominal_step(info: VideoInfo) -> int:
+    """One frame's duration in time-base ticks (at least 1)."""
+    return max(1, round(1 / (info.fps * info.time_base))) if info.fps else 1

@@ -1,0 +1,280 @@
+"""Encode RGB frames with libx264, copy the source's audio, and put the file in place atomically.
+
+The output is written to a hidden temporary file beside the target and renamed over it only when
+everything succeeded; any failure or interruption removes the temporary file, so the output path
+holds either the finished file or whatever was there before.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import numpy as np
+
+from cinefx.errors import OptionError, OutputError
+from cinefx.video.probe import VideoInfo, open_container
+
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
+                "slower", "veryslow", "placebo")
+
+# Containers whose muxer takes `movie_timescale`: without it the first frame's time is rounded to
+# whole milliseconds in the edit list and every frame shifts by up to 1 ms.
+_MOV_FAMILY = {"mp4", "mov"}
+# What MP4 players actually decode; the muxer would also take PCM (ISO 23003-5), which few play.
+_MP4_AUDIO = {"aac", "mp3", "mp3float", "ac3", "eac3", "opus", "alac", "flac"}
+_MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    crf: float = 18.0  # x264 constant quality; 18 is visually transparent for graded material
+    x264_preset: str = "medium"
+
+    def __post_init__(self):
+        if not 0 <= self.crf <= 51:
+            raise OptionError(f"--crf {self.crf}: must be between 0 and 51 (lower is better quality)")
+        if self.x264_preset not in X264_PRESETS:
+            raise OptionError(f"--x264-preset {self.x264_preset!r}: must be one of {', '.join(X264_PRESETS)}")
+
+
+@dataclass
+class AudioPlan:
+    """What happens to each source audio stream: copied packet for packet, or re-encoded to AAC."""
+
+    copied: list[int] = field(default_factory=list)
+    reencoded: list[tuple[int, str]] = field(default_factory=list)  # (stream index, source codec)
+
+
+def temp_path_for(target: Path) -> Path:
+    """A unique hidden file beside `target`, with the same extension so the muxer is chosen alike."""
+    fd, name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".cinefx-tmp{target.suffix}",
+                                dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def check_output_path(target: Path, overwrite: bool) -> None:
+    """Fail early, before any decoding, if `target` cannot be written."""
+    folder = target.parent
+    if not folder.exists():
+        raise OutputError(f"{folder}: output folder does not exist")
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: output folder is not a folder")
+    if target.exists() and target.is_dir():
+        raise OutputError(f"{target}: is a folder; give a file name for the output")
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target}: already exists (use --overwrite to replace it)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{folder}: output folder is not writable")
+    if target.suffix.lower() not in _MUXERS:
+        raise OutputError(f"{target}: unsupported output extension {target.suffix!r} "
+                          "(use .mp4, .mov, .m4v or .mkv)")
+
+
+class VideoWriter:
+    """Write frames of `info`'s geometry and timing to `target`, with the source's audio.
+
+    Use as a context manager; `commit()` renames the finished file into place. Frames come in as
+    (H, W, 3) uint8 RGB in display orientation with their source pts; they are rotated back and the
+    source's display rotation is tagged, so players show them as the source.
+    """
+
+    def __init__(self, target: str | os.PathLike, info: VideoInfo,
+                 options: EncodeOptions = EncodeOptions(), overwrite: bool = False,
+                 audio: bool = True):
+        self.target = Path(target)
+        self.info = info
+        self.options = options
+        self.overwrite = overwrite
+        self.audio_plan = AudioPlan()
+        self.notes: list[str] = []
+        self.frames_written = 0
+        check_output_path(self.target, overwrite)
+        self._tmp = temp_path_for(self.target)
+        self._container = None
+        self._audio_in = None
+        self._audio_map: dict[int, tuple] = {}
+        self._pending_audio = None
+        self._done = False
+        try:
+            self._open(audio)
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- setup -----------------------------------------------------------------------------
+    def _open(self, audio: bool) -> None:
+        info = self.info
+        fmt_opts = {}
+        muxer = _MUXERS[self.target.suffix.lower()]
+        if muxer in _MOV_FAMILY and info.time_base.denominator <= 2**31 - 1:
+            fmt_opts["movie_timescale"] = str(info.time_base.denominator)
+        self._container = av.open(str(self._tmp), mode="w", format=muxer, options=fmt_opts)
+        even = info.coded_width % 2 == 0 and info.coded_height % 2 == 0
+        self._pix_fmt = "yuv420p" if even else "yuv444p"
+        if not even:
+            self.notes.append(f"odd frame size {info.coded_width}x{info.coded_height}: encoded as 4:4:4 "
+                              "(4:2:0 needs even sizes) so the size stays exact")
+        if info.bit_depth > 8:
+            self.notes.append(f"{info.bit_depth}-bit source written as 8-bit {self._pix_fmt}")
+        stream = self._container.add_stream("libx264", rate=info.fps, options={
+            "crf": f"{self.options.crf:g}", "preset": self.options.x264_preset})
+        stream.width, stream.height = info.coded_width, info.coded_height
+        stream.pix_fmt = self._pix_fmt
+        stream.time_base = info.time_base
+        ctx = stream.codec_context
+        ctx.time_base = info.time_base
+        ctx.framerate = info.fps
+        ctx.colorspace = 1  # BT.709 matrix: every frame is converted to it below
+        ctx.color_range = 1  # limited range, what players expect of H.264
+        c = info.colour
+        # Primaries and transfer are not converted, so they keep the source's tags (709 if untagged).
+        ctx.color_primaries = c.primaries if c.primaries != 2 else 1
+        ctx.color_trc = c.transfer if c.transfer != 2 else 1
+        if info.sample_aspect_ratio:
+            ctx.sample_aspect_ratio = info.sample_aspect_ratio
+        if info.rotation:
+            stream.set_display_rotation(info.rotation)
+        self._video = stream
+        if audio and info.audio:
+            self._open_audio(muxer)
+
+    def _open_audio(self, muxer: str) -> None:
+        self._audio_in = open_container(self.info.path)
+        for in_stream in self._audio_in.streams.audio:
+            if _can_copy(in_stream, muxer):
+                out_stream = self._container.add_stream_from_template(in_stream)
+                self._audio_map[in_stream.index] = ("copy", out_stream, None)
+                self.audio_plan.copied.append(in_stream.index)
+            else:
+                rate = in_stream.codec_context.sample_rate or 48000
+                out_stream = self._container.add_stream("aac", rate=rate)
+                out_stream.layout = in_stream.codec_context.layout.name if in_stream.codec_context.layout else "stereo"
+                resampler = av.AudioResampler(format="fltp", layout=out_stream.layout, rate=rate)
+                self._audio_map[in_stream.index] = ("aac", out_stream, resampler)
+                self.audio_plan.reencoded.append((in_stream.index, in_stream.codec_context.name))
+                self.notes.append(f"audio stream {in_stream.index} ({in_stream.codec_context.name}) cannot "
+                                  f"be stored in {self.target.suffix}: re-encoded to AAC")
+        self._audio_packets = self._audio_in.demux(*self._audio_in.streams.audio)
+
+    # -- writing ---------------------------------------------------------------------------
+    def write(self, rgb: np.ndarray, pts: int) -> None:
+        """Encode one frame: `rgb` (H, W, 3) uint8 in display orientation, `pts` in the source time base."""
+        if rgb.shape != (self.info.height, self.info.width, 3) or rgb.dtype != np.uint8:
+            raise ValueError(f"frame of shape {rgb.shape} {rgb.dtype}, expected "
+                             f"{(self.info.height, self.info.width, 3)} uint8")
+        k = (self.info.rotation // 90) % 4
+        if k:
+            rgb = np.ascontiguousarray(np.rot90(rgb, -k))
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame = frame.reformat(format=self._pix_fmt, src_colorspace="ITU709", dst_colorspace="ITU709",
+                               src_color_range="JPEG", dst_color_range="MPEG")
+        frame.pts = pts
+        frame.time_base = self.info.time_base
+        for packet in self._video.encode(frame):
+            self._container.mux(packet)
+        self.frames_written += 1
+        self._feed_audio(float(pts * self.info.time_base))
+
+    def _feed_audio(self, until: float | None) -> None:
+        """Mux source audio up to `until` seconds (None: to the end) so the file stays interleaved."""
+        if self._audio_in is None:
+            return
+        while True:
+            packet = self._pending_audio
+            self._pending_audio = None
+            if packet is None:
+                packet = next(self._audio_packets, None)
+                if packet is None:
+                    return
+            if until is not None and packet.pts is not None and packet.time_base is not None \
+                    and float(packet.pts * packet.time_base) > until + 0.5:
+                self._pending_audio = packet  # hold it: video has not caught up yet
+                return
+            self._mux_audio(packet)
+
+    def _mux_audio(self, packet) -> None:
+        mode, out_stream, resampler = self._audio_map[packet.stream.index]
+        if mode == "copy":
+            if packet.size == 0 or packet.dts is None:
+                return
+            packet.stream = out_stream
+            self._container.mux(packet)
+            return
+        frames = packet.decode() if packet.size else []
+        for frame in frames:
+            for res in resampler.resample(frame):
+                for out in out_stream.encode(res):
+                    self._container.mux(out)
+
+    # -- finishing -------------------------------------------------------------------------
+    def commit(self) -> Path:
+        """Flush the encoders, close the file and rename it over the target."""
+        for packet in self._video.encode(None):
+            self._container.mux(packet)
+        self._feed_audio(None)
+        for mode, out_stream, resampler in self._audio_map.values():
+            if mode == "aac":
+                for res in resampler.resample(None):
+                    for out in out_stream.encode(res):
+                        self._container.mux(out)
+                for out in out_stream.encode(None):
+                    self._container.mux(out)
+        self._close()
+        if self.target.exists() and not self.overwrite:
+            self.abort()
+            raise OutputError(f"{self.target}: appeared while cinefx was writing; not replaced "
+                              "(use --overwrite)")
+        os.replace(self._tmp, self.target)
+        self._done = True
+        return self.target
+
+    def _close(self) -> None:
+        for c in (self._container, self._audio_in):
+            if c is not None:
+                try:
+                    c.close()
+                except Exception:
+                    pass
+        self._container = self._audio_in = None
+
+    def abort(self) -> None:
+        """Drop everything written so far; the target is left as it was."""
+        self._close()
+        if not self._done:
+            try:
+                self._tmp.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self._done:
+            self.abort()
+
+
+def _can_copy(in_stream, muxer: str) -> bool:
+    """Whether `muxer` accepts `in_stream`'s codec as is: try writing a header into memory."""
+    if muxer == "mp4" and in_stream.codec_context.name not in _MP4_AUDIO:
+        return False
+    try:
+        probe = av.open(io.BytesIO(), mode="w", format=muxer)
+        try:
+            probe.add_stream_from_template(in_stream)
+            probe.start_encoding()
+        finally:
+            try:
+                probe.close()
+            except Exception:
+                pass
+        return True
+    except Exception:
+        return False
+

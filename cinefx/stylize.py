@@ -96,7 +96,7 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
         frames = np.stack([f.rgb for f in chunk])
         out = frames if grader.is_identity else grader(frames, chunk[0].index)
         for f, o in zip(chunk, out):
-            writer.write(o, f.pts)
+            writer.write(o, f.pts, f.duration)
             if meter is not None:
                 meter.add(scene, f.rgb, o)
         done += len(chunk)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
+from av.video.reformatter import Interpolation
 
 from cinefx.errors import InputFileError
 from cinefx.video.probe import VideoInfo, open_container
@@ -34,6 +35,7 @@ class Frame:
     index: int
     pts: int
     rgb: np.ndarray
+    duration: int = 0  # in the stream's time base; 0 when the container does not say
 
 
 def read_frames(info: VideoInfo, size: tuple[int, int] | None = None,
@@ -49,14 +51,17 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None,
     k = (info.rotation // 90) % 4
     if size is not None and k % 2:
         size = (size[1], size[0])  # scale in coded orientation, rotate after
+    # swscale's default fast path shifts colours by 1-2 levels (more for 10-bit input); accurate
+    # rounding with full horizontal chroma interpolation keeps it within a fraction of a level.
+    exact = Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
     convert = dict(format="rgb24", src_colorspace=info.colour.matrix_name,
                    src_color_range="JPEG" if info.colour.full_range else "MPEG",
-                   dst_color_range="JPEG")
+                   dst_color_range="JPEG", interpolation=Interpolation.BICUBIC | exact)
     if size is not None:
-        convert.update(width=size[0], height=size[1], interpolation="AREA")
+        convert.update(width=size[0], height=size[1], interpolation=Interpolation.AREA | exact)
 
     step = _nominal_step(info)
-    heap: list[tuple[int, int, np.ndarray]] = []
+    heap: list[tuple[int, int, np.ndarray, int]] = []
     seq = itertools.count()
     emitted = itertools.count()
     last_pts: int | None = None  # last pts pushed into the heap
@@ -64,11 +69,11 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None,
 
     def pop() -> Frame:
         nonlocal last_out
-        pts, _, rgb = heapq.heappop(heap)
+        pts, _, rgb, duration = heapq.heappop(heap)
         if last_out is not None and pts <= last_out:
             pts = last_out + 1  # duplicate timestamps: keep order, nudge by one tick
         last_out = pts
-        return Frame(next(emitted), pts, rgb)
+        return Frame(next(emitted), pts, rgb, duration)
 
     packets = bad = 0
     with open_container(path) as container:
@@ -96,7 +101,7 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None,
                     rgb = frame.to_ndarray(**convert)
                     if k:
                         rgb = np.ascontiguousarray(np.rot90(rgb, k))
-                    heapq.heappush(heap, (pts, next(seq), rgb))
+                    heapq.heappush(heap, (pts, next(seq), rgb, int(frame.duration or 0)))
                     if len(heap) > REORDER_DEPTH:
                         yield pop()
         except av.error.FFmpegError as ex:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import Interpolation
 
 from cinefx.errors import OptionError, OutputError
 from cinefx.video.probe import VideoInfo, open_container
@@ -163,8 +164,9 @@ class VideoWriter:
         self._audio_packets = self._audio_in.demux(*self._audio_in.streams.audio)
 
     # -- writing ---------------------------------------------------------------------------
-    def write(self, rgb: np.ndarray, pts: int) -> None:
-        """Encode one frame: `rgb` (H, W, 3) uint8 in display orientation, `pts` in the source time base."""
+    def write(self, rgb: np.ndarray, pts: int, duration: int = 0) -> None:
+        """Encode one frame: `rgb` (H, W, 3) uint8 in display orientation; `pts` and `duration` in
+        the source time base (the duration matters for the last frame of variable-rate video)."""
         if rgb.shape != (self.info.height, self.info.width, 3) or rgb.dtype != np.uint8:
             raise ValueError(f"frame of shape {rgb.shape} {rgb.dtype}, expected "
                              f"{(self.info.height, self.info.width, 3)} uint8")
@@ -173,9 +175,12 @@ class VideoWriter:
             rgb = np.ascontiguousarray(np.rot90(rgb, -k))
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
         frame = frame.reformat(format=self._pix_fmt, src_colorspace="ITU709", dst_colorspace="ITU709",
-                               src_color_range="JPEG", dst_color_range="MPEG")
+                               src_color_range="JPEG", dst_color_range="MPEG",
+                               interpolation=Interpolation.BICUBIC | Interpolation.ACCURATE_RND)
         frame.pts = pts
         frame.time_base = self.info.time_base
+        if duration:
+            frame.duration = duration
         for packet in self._video.encode(frame):
             self._container.mux(packet)
         self.frames_written += 1

@@ -1,0 +1,35 @@
+"""Shared fixtures: small real-photo clips generated once per test session."""
+
+from fractions import Fraction
+
+import pytest
+
+from cinefx.testing.clips import Move, cut, write_clip
+
+SIZE = (160, 90)
+
+
+def two_shots(n=24, size=SIZE):
+    return cut(Move("astronaut", n, (0.45, 0.4, 0.9), (0.55, 0.45, 0.7)),
+               Move("coffee", n, (0.4, 0.5, 1.0), (0.6, 0.5, 0.8)), size=size)
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clips")
+    made = {}
+    made["mp4"] = write_clip(d / "basic.mp4", two_shots(), fps=24, audio="aac")
+    # first frame at 0.042 s, and uneven frame durations (variable frame rate)
+    tb = Fraction(1, 12288)
+    vfr_pts = [512]
+    for i in range(1, 48):
+        vfr_pts.append(vfr_pts[-1] + (512 if i % 3 else 1024))
+    made["vfr"] = write_clip(d / "vfr.mp4", two_shots(), fps=24, time_base=tb, pts=vfr_pts, audio="aac")
+    made["odd"] = write_clip(d / "odd.mp4", two_shots(12, (161, 91)), fps=24, pix_fmt="yuv444p", audio=None)
+    made["10bit"] = write_clip(d / "tenbit.mp4", two_shots(12), fps=24, pix_fmt="yuv420p10le", audio=None)
+    made["portrait"] = write_clip(d / "portrait.mp4", two_shots(12, (90, 160)), fps=30, rotation=90, audio="aac")
+    made["avi_ac3"] = write_clip(d / "old.avi", two_shots(12), fps=25, codec="mpeg4", audio="ac3", tag_colour=False)
+    made["mkv_opus"] = write_clip(d / "clip.mkv", two_shots(12), fps=24, audio="opus")
+    made["mp4_mp3"] = write_clip(d / "mp3.mp4", two_shots(12), fps=24, audio="mp3")
+    made["mov_pcm"] = write_clip(d / "pcm.mov", two_shots(12), fps=24, audio="pcm")
+    return made

@@ -1,0 +1,125 @@
+"""The video path: what goes in comes out with the same frames, times, size, rotation, audio."""
+
+import hashlib
+
+import av
+import numpy as np
+import pytest
+
+from cinefx.presets import load_preset
+from cinefx.stylize import StylizeOptions, stylize_file
+from cinefx.video.probe import probe
+from cinefx.video.reader import read_frames
+
+FAST = StylizeOptions(engine="grade", metrics=False)
+
+
+def frame_times(path):
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        return [f.pts * s.time_base for f in c.decode(s)]
+
+
+def audio_packets(path):
+    with av.open(str(path)) as c:
+        if not c.streams.audio:
+            return []
+        return [hashlib.sha1(bytes(p)).hexdigest() for p in c.demux(c.streams.audio[0]) if p.size]
+
+
+def run(src, tmp_path, name="out.mp4", preset="epic", **kw):
+    dst = tmp_path / name
+    res = stylize_file(src, dst, load_preset(preset), StylizeOptions(engine="grade", metrics=False, **kw))
+    return dst, res
+
+
+@pytest.mark.parametrize("kind", ["mp4", "vfr", "portrait", "avi_ac3", "mkv_opus", "mp4_mp3"])
+def test_frames_times_size_rate_and_audio_are_kept(clips, tmp_path, kind):
+    src = clips[kind]
+    ext = ".mkv" if kind == "mkv_opus" else ".mp4"
+    dst, res = run(src, tmp_path, "out" + ext)
+    a, b = probe(src), probe(dst)
+    assert res.frames == len(frame_times(src))
+    assert frame_times(dst) == frame_times(src)  # every display time, exactly
+    assert (b.width, b.height, b.rotation) == (a.width, a.height, a.rotation)
+    if kind != "vfr":  # for variable rate the average depends on the muxer's last-sample duration
+        assert b.fps == a.fps
+    assert audio_packets(dst) == audio_packets(src)  # copied byte for byte
+    assert audio_packets(src)
+
+
+def test_vfr_clip_really_is_variable_and_starts_late(clips):
+    times = frame_times(clips["vfr"])
+    steps = {t2 - t1 for t1, t2 in zip(times, times[1:])}
+    assert len(steps) == 2 and abs(float(times[0]) - 0.0417) < 1e-3
+
+
+def test_odd_size_is_kept_exactly(clips, tmp_path):
+    dst, res = run(clips["odd"], tmp_path)
+    info = probe(dst)
+    assert (info.width, info.height) == (161, 91)
+    assert any("odd frame size" in n for n in res.notes)
+
+
+def test_portrait_rotation_tag_is_kept_and_frames_are_upright(clips, tmp_path):
+    src = probe(clips["portrait"])
+    assert src.rotation == 90 and (src.width, src.height) == (90, 160)
+    first = next(read_frames(src)).rgb
+    assert first.shape == (160, 90, 3)
+    dst, _ = run(clips["portrait"], tmp_path, preset="close-shot")
+    out = probe(dst)
+    assert out.rotation == 90 and (out.width, out.height) == (90, 160)
+
+
+def test_ten_bit_source_converts_without_colour_shift(clips, tmp_path):
+    info = probe(clips["10bit"])
+    assert info.bit_depth == 10
+    ten = np.stack([f.rgb for f in read_frames(info)]).astype(np.float32)
+    from tests.conftest import two_shots
+
+    ref = np.stack(list(two_shots(12))).astype(np.float32)
+    # encoding loss only: a range or matrix mix-up would shift means by several levels
+    assert np.abs(ten.mean(axis=(0, 1, 2)) - ref.mean(axis=(0, 1, 2))).max() < 0.75
+    dst, res = run(clips["10bit"], tmp_path)
+    assert any("10-bit" in n for n in res.notes)
+
+
+def test_untagged_bt601_avi_is_read_as_601(clips):
+    info = probe(clips["avi_ac3"])
+    assert info.colour.matrix_name == "ITU601" and "matrix" in info.colour.assumed
+
+
+def test_pcm_in_mp4_is_reencoded_to_aac_and_said(clips, tmp_path):
+    dst, res = run(clips["mov_pcm"], tmp_path, "out.mp4")
+    assert probe(dst).audio[0].codec == "aac"
+    assert any("re-encoded to AAC" in n for n in res.notes)
+    dst2, res2 = run(clips["mov_pcm"], tmp_path, "out.mov")
+    assert audio_packets(dst2) == audio_packets(clips["mov_pcm"])
+
+
+def test_output_is_bt709_tagged(clips, tmp_path):
+    dst, _ = run(clips["avi_ac3"], tmp_path)
+    with av.open(str(dst)) as c:
+        ctx = c.streams.video[0].codec_context
+        assert int(ctx.colorspace) == 1 and int(ctx.color_range) == 1
+
+
+def test_reader_puts_out_of_order_timestamps_in_display_order(clips, monkeypatch):
+    """Feed the reader a decoder that hands frames out shuffled within a small window."""
+    import cinefx.video.reader as reader
+
+    info = probe(clips["mp4"])
+    real_decode = av.packet.Packet.decode
+    held = []
+
+    def shuffled(packet):
+        held.extend(real_decode(packet))
+        if len(held) >= 3:
+            out = [held[2], held[0], held[1]]
+            held.clear()
+            return out
+        return []
+
+    monkeypatch.setattr(av.packet.Packet, "decode", shuffled)
+    pts = [f.pts for f in reader.read_frames(info)]
+    assert pts == sorted(pts) and len(pts) >= 45

@@ -32,7 +32,10 @@ _state = {"debug": False, "quiet": False}
 def _console(stderr: bool = True):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    stream = sys.stderr if stderr else sys.stdout
+    # piped output (logs, batch scripts) would otherwise be squeezed to 80 columns
+    width = None if stream.isatty() else 132
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:

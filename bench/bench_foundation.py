@@ -1,0 +1,110 @@
+"""Speed and memory ratios of the foundation, each measured side by side in one run.
+
+    .venv/bin/python bench/bench_foundation.py [--quick]
+
+1. grade engine ÷ plain transcode: `cinefx stylize --engine grade` (with and without the metrics)
+   against decode → RGB → libx264 of the same file with the same crf/preset. Goal ≤ 1.5.
+2. scene split fps ÷ PySceneDetect AdaptiveDetector fps on the same file. Goal ≥ 1.0.
+3. peak RSS of stylize on a 1-minute vs a 6-minute clip (separate processes). Goal ≤ 1.2.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import av
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cinefx.testing.clips import Move, render_move, write_clip  # noqa: E402
+
+
+def long_clip(path, seconds, size, fps=24):
+    moves = [Move(p, fps * 4, (0.4, 0.45, 0.95), (0.6, 0.5, 0.7)) for p in ("astronaut", "coffee", "chelsea", "rocket")]
+
+    def frames():
+        n = 0
+        while n < seconds * fps:
+            for m in moves:
+                for f in render_move(m, size):
+                    if n >= seconds * fps:
+                        return
+                    yield f
+                    n += 1
+
+    return write_clip(path, frames(), fps=fps, audio="aac", options={"crf": "23", "preset": "veryfast"})
+
+
+def plain_transcode(src, dst, crf="18", preset="medium"):
+    t = time.perf_counter()
+    with av.open(str(src)) as cin, av.open(str(dst), "w") as cout:
+        vin = cin.streams.video[0]
+        vin.thread_type = "AUTO"
+        s = cout.add_stream("libx264", rate=vin.average_rate, options={"crf": crf, "preset": preset})
+        s.width, s.height, s.pix_fmt = vin.codec_context.width, vin.codec_context.height, "yuv420p"
+        for f in cin.decode(vin):
+            rgb = f.to_ndarray(format="rgb24")
+            for p in s.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")):
+                cout.mux(p)
+        for p in s.encode(None):
+            cout.mux(p)
+    return time.perf_counter() - t
+
+
+def cinefx_time(args):
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "cinefx", *args], check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+def rss_of(args):
+    proc = subprocess.Popen([sys.executable, "-m", "cinefx", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert status == 0, args
+    return usage.ru_maxrss / 1024  # MiB
+
+
+def main():
+    quick = "--quick" in sys.argv
+    tmp = Path(tempfile.mkdtemp(prefix="cinefx-bench-"))
+    sample = ROOT / "samples" / "sample.mp4"
+    hd = long_clip(tmp / "hd720.mp4", 5 if quick else 12, (1280, 720))
+    print(f"# cinefx foundation bench — {time.strftime('%Y-%m-%d')} — {os.cpu_count()} cores")
+    print("\n## 1. grade engine / plain transcode (decode → RGB → libx264 crf 18 medium); goal ≤ 1.5")
+    for name, src in (("sample 640x360", sample), ("720p", hd)):
+        base = plain_transcode(src, tmp / "plain.mp4")
+        g = cinefx_time(["stylize", str(src), "-o", str(tmp / "g.mp4"), "--engine", "grade", "--preset", "epic",
+                         "--overwrite", "--no-metrics", "-q"])
+        gm = cinefx_time(["stylize", str(src), "-o", str(tmp / "g.mp4"), "--engine", "grade", "--preset", "epic",
+                          "--overwrite", "-q"])
+        print(f"{name}: transcode {base:.2f}s | grade {g:.2f}s → ratio {g / base:.2f} | "
+              f"grade+report {gm:.2f}s → ratio {gm / base:.2f}")
+
+    print("\n## 2. scene split fps / PySceneDetect AdaptiveDetector fps (same file, both decode it); goal ≥ 1.0")
+    import scenedetect
+
+    for name, src in (("sample 640x360", sample), ("720p", hd)):
+        n = av.open(str(src)).streams.video[0].frames
+        ours = cinefx_time(["scenes", str(src), "--json"])
+        t = time.perf_counter()
+        scenedetect.detect(str(src), scenedetect.AdaptiveDetector())
+        theirs = time.perf_counter() - t
+        # ours includes interpreter start-up; theirs runs in-process
+        print(f"{name}: cinefx {n / ours:.0f} fps | PySceneDetect {n / theirs:.0f} fps → ratio {theirs / ours:.2f}")
+
+    print("\n## 3. peak RSS, 1-minute vs 6-minute clip (640x360, grade + report); goal ≤ 1.2")
+    minutes = (0.25, 1.5) if quick else (1, 6)
+    rss = []
+    for m in minutes:
+        clip = long_clip(tmp / f"m{m}.mp4", int(60 * m), (640, 360))
+        rss.append(rss_of(["stylize", str(clip), "-o", str(tmp / f"o{m}.mp4"), "--engine", "grade", "-q"]))
+        print(f"{m}-minute clip: peak RSS {rss[-1]:.0f} MiB")
+    print(f"ratio {rss[1] / rss[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ lookahead, however long the video.
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
 from array import array
@@ -88,8 +89,10 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
     pending: deque[Frame] = deque()
     done = 0
 
+    starts: list[int] = []  # boundary frames; the detector emits them in increasing order
+
     def scene_of(index: int) -> int:
-        return sum(1 for b in boundaries if b.frame <= index)
+        return bisect.bisect_right(starts, index)
 
     def render(chunk: list[Frame], scene: int, writer: VideoWriter) -> None:
         nonlocal done
@@ -125,9 +128,13 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
             for frame in read_frames(info):
                 pending.append(frame)
                 pts.append(frame.pts)
-                boundaries += detector.push(frame.rgb)
+                new = detector.push(frame.rgb)
+                boundaries += new
+                starts.extend(b.frame for b in new)
                 flush(writer, detector.settled, final=False)
-            boundaries += detector.finish()
+            new = detector.finish()
+            boundaries += new
+            starts.extend(b.frame for b in new)
             flush(writer, len(pts), final=True)
             if not pts:
                 raise InputFileError(f"{src}: contains no decodable video frames")

@@ -108,7 +108,22 @@ def stylize(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (one input) or folder (several inputs or a folder). Default: IN.<preset>.mp4 beside the input.")] = None,
     preset: Annotated[list[str], typer.Option("--preset", "-p", help="Preset name or .toml path; repeat to combine (later ones override).")] = ["epic"],
     engine: Annotated[str, typer.Option(help="grade | diffusion | auto (diffusion only where weights and a GPU are usable).")] = "auto",
-    model: Annotated[Optional[str], typer.Option(help="Diffusion base model: folder, .safetensors or hub id (default $CINEFX_MODEL).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Diffusion base model: folder, .safetensors or hub id (default $CINEFX_MODEL, else SD1.5).")] = None,
+    controlnet: Annotated[list[str], typer.Option(help="ControlNet for a control, KIND=folder|file|hub-id; repeatable.")] = [],
+    depth_model: Annotated[Optional[str], typer.Option(help="Depth estimator (transformers folder or hub id).")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled .ckpt/.pt/.bin weights (they can run code).")] = False,
+    strength: Annotated[Optional[float], typer.Option(help="Diffusion: img2img strength 0-1 (0 keeps the source).", rich_help_panel="Diffusion")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Diffusion: denoising steps.", rich_help_panel="Diffusion")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Diffusion: classifier-free guidance scale.", rich_help_panel="Diffusion")] = None,
+    temporal: Annotated[Optional[str], typer.Option(help="Diffusion: cross-frame attention full | anchor | none.", rich_help_panel="Diffusion")] = None,
+    noise_prior: Annotated[Optional[str], typer.Option(help="Diffusion: initial noise independent | shared | residual | flow.", rich_help_panel="Diffusion")] = None,
+    chunk: Annotated[Optional[int], typer.Option(help="Diffusion: frames rendered together (attention span).", rich_help_panel="Diffusion")] = None,
+    keyframes: Annotated[Optional[int], typer.Option(help="Diffusion: render every K-th frame, propagate along optical flow between (0 = all).", rich_help_panel="Diffusion")] = None,
+    size: Annotated[int, typer.Option(help="Diffusion: short side of the render in pixels (0 = the model's native size).", rich_help_panel="Diffusion")] = 0,
+    batch: Annotated[int, typer.Option(help="Diffusion: frames per GPU call (0 = chunk, capped by free memory).", rich_help_panel="Diffusion")] = 0,
+    scheduler: Annotated[str, typer.Option(help="Diffusion: dpm++ | ddim | euler | unipc.", rich_help_panel="Diffusion")] = "dpm++",
+    precision: Annotated[str, typer.Option(help="Diffusion: auto | fp32 | fp16 | bf16.", rich_help_panel="Diffusion")] = "auto",
+    preview: Annotated[Optional[Path], typer.Option(help="Write one stylized frame per scene as a contact-sheet PNG instead of the video.")] = None,
     crf: Annotated[float, typer.Option(help="x264 quality, 0-51, lower is better.")] = 18.0,
     x264_preset: Annotated[str, typer.Option("--x264-preset", help="x264 speed preset (ultrafast … veryslow).")] = "medium",
     seed: Annotated[int, typer.Option(help="Seed for grain (and diffusion noise): same seed, same file.")] = 0,
@@ -123,21 +138,52 @@ def stylize(
 ):
     """Render videos in a preset's cinematic look."""
     _state["quiet"] = quiet
-    _run(lambda: _stylize(inputs, output, preset, engine, model, crf, x264_preset, seed, letterbox,
-                          grain, overwrite, skip_existing, report, plot, no_metrics))
+    diffusion = dict(strength=strength, steps=steps, guidance=guidance, temporal=temporal,
+                     noise_prior=noise_prior, chunk=chunk, keyframes=keyframes)
+    _run(lambda: _stylize(inputs, output, preset, engine, _model_spec(model, controlnet, depth_model, allow_pickle),
+                          diffusion, dict(size=size, batch=batch, scheduler=scheduler, precision=precision),
+                          crf, x264_preset, seed, letterbox, grain, overwrite, skip_existing, report, plot,
+                          no_metrics, preview))
 
 
-def _stylize(inputs, output, preset_names, engine, model, crf, x264_preset, seed, letterbox, grain,
-             overwrite, skip_existing, report, plot, no_metrics):
+def _model_spec(model, controlnet, depth_model, allow_pickle):
+    from cinefx.diffusion.models import ModelSpec
+
+    pairs = []
+    for item in controlnet:
+        kind, sep, spec = item.partition("=")
+        if not sep or not kind or not spec:
+            raise _fail(f"--controlnet {item!r}: expected KIND=MODEL, e.g. canny=./controlnet-canny", EXIT_USAGE)
+        pairs.append((kind.strip(), spec.strip()))
+    return ModelSpec(base=model, controlnets=tuple(pairs), depth=depth_model, allow_pickle=allow_pickle)
+
+
+def _stylize(inputs, output, preset_names, engine, models, diffusion, settings, crf, x264_preset, seed,
+             letterbox, grain, overwrite, skip_existing, report, plot, no_metrics, preview):
     from cinefx import presets as P
+    from cinefx.engines import EngineSettings
     from cinefx.errors import OptionError
     from cinefx.stylize import StylizeOptions, expand_inputs, stylize_batch, stylize_file
     from cinefx.video.writer import EncodeOptions
 
     preset = P.combine([P.load_preset(n) for n in preset_names])
     preset = P.override(preset, "grade", letterbox=letterbox, grain=grain)
-    options = StylizeOptions(engine=engine, model=model, encode=EncodeOptions(crf=crf, x264_preset=x264_preset),
+    preset = P.override(preset, "diffusion", **diffusion)
+    if settings["size"] < 0 or settings["batch"] < 0:
+        raise OptionError("--size and --batch must be 0 (automatic) or positive")
+    options = StylizeOptions(engine=engine, models=models, diffusion=EngineSettings(**settings),
+                             encode=EncodeOptions(crf=crf, x264_preset=x264_preset),
                              overwrite=overwrite, seed=seed, metrics=not no_metrics)
+    if preview is not None:
+        from cinefx.stylize import preview_file
+
+        if len(inputs) != 1 or inputs[0].is_dir():
+            raise OptionError("--preview takes one input file")
+        res = preview_file(inputs[0], preview, preset, options)
+        for note in res.notes:
+            _info(f"{inputs[0].name}: {note}")
+        _info(f"{inputs[0].name} → {preview}: {len(res.scenes)} scenes previewed in {res.seconds:.1f}s")
+        return
     if (report or plot) and no_metrics:
         raise OptionError("--report/--plot need the metrics; drop --no-metrics")
     files = expand_inputs(inputs)

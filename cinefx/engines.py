@@ -1,15 +1,16 @@
-"""Which engine renders: `grade` (no model), `diffusion` (SD1.5 + ControlNet on a GPU), or `auto`.
+"""Which engine renders — `grade` (no model), `diffusion` (SD1.5 + ControlNet), or `auto` — and
+building it.
 
-`auto` picks diffusion only when it can really run — torch importable, a CUDA GPU, model weights
-found — and otherwise the grade engine, always with the reason, so a run says what it did and why.
+`auto` picks diffusion only when it can really run well: torch importable, a CUDA GPU, and every
+model weight present locally (a folder, a file or the Hugging Face cache; `auto` never starts a
+multi-gigabyte download). Otherwise it grades, and the run says why. `--engine diffusion` is
+honoured on a CPU too (slowly), and downloads missing hub weights where a network exists.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from cinefx.errors import EngineUnavailableError, OptionError
 
@@ -22,41 +23,75 @@ class EngineChoice:
     reason: str
 
 
-def default_model() -> str | None:
-    return os.environ.get("CINEFX_MODEL") or None
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the diffusion engine runs, as opposed to the look the preset asks for."""
+
+    seed: int = 0
+    size: int = 0  # short side of the render in pixels; 0 = the model's native size (512 for SD1.5)
+    batch: int = 0  # frames per pipeline call; 0 = the preset's chunk, capped by free GPU memory
+    scheduler: str = "dpm++"
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16
 
 
-def diffusion_blockers(model: str | None) -> list[str]:
-    """Why the diffusion engine cannot run here; empty when it can."""
-    why = []
-    for pkg in ("torch", "diffusers", "transformers"):
-        if importlib.util.find_spec(pkg) is None:
-            why.append(f"python package {pkg!r} is not installed")
+def _missing_packages() -> list[str]:
+    return [f"python package {p!r} is not installed (pip install 'cinefx[diffusion]')"
+            for p in ("torch", "diffusers", "transformers") if importlib.util.find_spec(p) is None]
+
+
+def choose_engine(requested: str, models=None, controls: tuple[str, ...] = ("canny",)) -> EngineChoice:
+    """Decide the engine; raises `EngineUnavailableError` / `ModelError` for an explicit diffusion
+    request that cannot run, with what is missing and how to get it."""
+    from cinefx.diffusion.models import ModelSpec, check_resolved, resolve_models
+
+    if requested not in ENGINES:
+        raise OptionError(f"--engine {requested!r}: must be one of {', '.join(ENGINES)}")
+    if requested == "grade":
+        return EngineChoice("grade", "requested with --engine grade")
+    models = models or ModelSpec()
+    missing = _missing_packages()
+    if requested == "diffusion":
+        if missing:
+            raise EngineUnavailableError(f"--engine diffusion: {missing[0]}; or use --engine grade")
+        check_resolved(resolve_models(models, controls))
+        import torch
+
+        where = "GPU" if torch.cuda.is_available() else "CPU (no CUDA GPU: slow)"
+        return EngineChoice("diffusion", f"requested with --engine diffusion, on the {where}")
+    why = list(missing)
     if not why:
         import torch
 
         if not torch.cuda.is_available():
-            why.append("no CUDA GPU is available (diffusion on CPU takes minutes per frame; "
-                       "force it with --engine diffusion)")
-    if not model:
-        why.append("no model weights configured (give --model or set CINEFX_MODEL)")
-    elif not Path(model).expanduser().exists() and "/" not in model:
-        why.append(f"model {model!r} not found")
-    return why
+            why.append("no CUDA GPU (diffusion on a CPU is very slow; force it with --engine diffusion)")
+        found = resolve_models(models, controls)
+        why += [f"{r.role} {r.spec!r} {'not downloaded' if r.how == 'hub' else r.detail}"
+                for r in found if r.how in ("missing", "hub")]
+    if why:
+        return EngineChoice("grade", "diffusion not usable: " + "; ".join(why))
+    return EngineChoice("diffusion", "GPU and model weights found")
 
 
-def choose_engine(requested: str, model: str | None = None) -> EngineChoice:
-    if requested not in ENGINES:
-        raise OptionError(f"--engine {requested!r}: must be one of {', '.join(ENGINES)}")
-    model = model or default_model()
-    if requested == "grade":
-        return EngineChoice("grade", "requested with --engine grade")
-    blockers = diffusion_blockers(model)
-    # The temporal diffusion pipeline is its own piece of work (issue 3); until it lands, auto says
-    # so and grades, and an explicit request is an error rather than a silent fallback.
-    if requested == "auto":
-        why = "; ".join(blockers) or "the diffusion engine is not included in this version yet"
-        return EngineChoice("grade", "diffusion not usable: " + why)
-    hard = [b for b in blockers if "force it" not in b]
-    detail = "; ".join(hard) if hard else "the diffusion engine is not included in this version yet"
-    raise EngineUnavailableError(f"--engine diffusion: {detail}; use --engine grade")
+_loaded: dict = {}  # one loaded model set per process: a batch over many files loads it once
+
+
+def build_diffusion_engine(preset, models, settings: EngineSettings):
+    """Load (or reuse) the models the preset's controls need, apply its adapters, and return a
+    `DiffusionEngine` for it."""
+    from cinefx.diffusion.adapters import apply_adapters
+    from cinefx.diffusion.engine import DiffusionEngine
+    from cinefx.diffusion.models import load_components, pick_device_dtype
+    from cinefx.diffusion.pipeline import SCHEDULERS, TemporalControlPipeline
+
+    if settings.scheduler not in SCHEDULERS:
+        raise OptionError(f"--scheduler {settings.scheduler!r}: must be one of {', '.join(SCHEDULERS)}")
+    device, dtype = pick_device_dtype(settings.precision)
+    controls = tuple(k for k, _ in preset.diffusion.controls)
+    key = (models, controls, device, str(dtype))
+    if key not in _loaded:
+        _loaded.clear()  # free the previous set before loading another
+        _loaded[key] = load_components(models, controls, device, dtype)
+    comps = _loaded[key]
+    apply_adapters(comps.host, preset.diffusion.adapters)
+    pipe = TemporalControlPipeline.from_components(comps, settings.scheduler)
+    return DiffusionEngine(pipe, preset, settings, depth_model=comps.depth)

@@ -37,3 +37,11 @@ class OptionError(CinefxError, ValueError):
 
 class EngineUnavailableError(CinefxError, RuntimeError):
     """The requested engine cannot run here (no GPU, no weights, missing package)."""
+
+
+class ModelError(CinefxError, OSError):
+    """Model weights are missing, refused (pickles) or cannot be loaded (names the model and the fix)."""
+
+
+class AdapterError(CinefxError, ValueError):
+    """A LoRA or textual-inversion file is malformed, unsupported (LoHa/LoKr) or refused (pickle)."""

@@ -77,6 +77,7 @@ class DiffusionConfig:
     noise_prior: str = _choice("residual", NOISE_PRIORS, "how initial noise is shared across frames")
     chunk: int = _num(8, 1, 256, "frames diffused together")
     keyframes: int = _num(0, 0, 1000, "diffuse every K-th frame and propagate (0 = every frame)")
+    colour_anchor: float = _num(0.5, 0.0, 1.0, "hold colour to the scene's first stylized frame")
     adapters: tuple[Adapter, ...] = field(default=(), metadata={"doc": "LoRA / textual-inversion files"})
 
 

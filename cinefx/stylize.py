@@ -8,6 +8,7 @@ lookahead, however long the video.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import os
 import time
 from array import array
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cinefx.engines import choose_engine
+from cinefx.diffusion.models import ModelSpec
+from cinefx.engines import EngineSettings, build_diffusion_engine, choose_engine
 from cinefx.errors import CinefxError, InputFileError, MissingFileError, OutputError
 from cinefx.grade.grader import Grader
 from cinefx.metrics import DEFAULT_METRIC_WIDTH, TemporalMeter
@@ -40,7 +42,8 @@ Progress = Callable[[int, int, str | None], None]
 @dataclass(frozen=True)
 class StylizeOptions:
     engine: str = "auto"
-    model: str | None = None
+    models: ModelSpec = ModelSpec()
+    diffusion: EngineSettings = EngineSettings()  # its seed is replaced by `seed` below
     encode: EncodeOptions = EncodeOptions()
     overwrite: bool = False
     seed: int = 0
@@ -75,12 +78,17 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
     if dst.exists() and dst.resolve() == src.resolve():
         raise OutputError(f"{dst}: output would overwrite the input")
     info = probe(src)
-    choice = choose_engine(options.engine, options.model)
+    controls = tuple(k for k, _ in preset.diffusion.controls)
+    choice = choose_engine(options.engine, options.models, controls)
     notes = [f"engine: {choice.name} ({choice.reason})"]
     if info.colour.assumed:
         notes.append(f"colour {'/'.join(info.colour.assumed)} untagged: assumed "
                      f"{info.colour.matrix_name} {'full' if info.colour.full_range else 'limited'} range")
     # 2. prepare stages
+    engine = None
+    if choice.name == "diffusion":
+        settings = dataclasses.replace(options.diffusion, seed=options.seed)
+        engine = build_diffusion_engine(preset, options.models, settings)
     grader = Grader(preset.grade, info.display_size, seed=options.seed)
     detector = SceneDetector(options.detector)
     meter = TemporalMeter(options.metric_width) if options.metrics else None
@@ -97,7 +105,8 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
     def render(chunk: list[Frame], scene: int, writer: VideoWriter) -> None:
         nonlocal done
         frames = np.stack([f.rgb for f in chunk])
-        out = frames if grader.is_identity else grader(frames, chunk[0].index)
+        out = engine.render(frames, scene) if engine is not None else frames
+        out = out if grader.is_identity else grader(out, chunk[0].index)
         for f, o in zip(chunk, out):
             writer.write(o, f.pts, f.duration)
             if meter is not None:

@@ -1,12 +1,34 @@
 """Shared fixtures: small real-photo clips generated once per test session."""
 
+import os
+import tempfile
 from fractions import Fraction
+
+# Tests never touch the network or the user's Hugging Face cache. Set before anything imports
+# huggingface_hub, which reads these once at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="cinefx-test-hf-")
 
 import pytest
 
 from cinefx.testing.clips import Move, cut, write_clip
 
 SIZE = (160, 90)
+
+
+@pytest.fixture(autouse=True)
+def _no_user_model(monkeypatch):
+    monkeypatch.delenv("CINEFX_MODEL", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """The tiny random-weight SD1.5-shaped bundle, written once through the public command."""
+    from cinefx.testing.__main__ import main
+
+    d = tmp_path_factory.mktemp("tiny") / "bundle"
+    assert main(["tiny-models", str(d)]) == 0
+    return d
 
 
 def two_shots(n=24, size=SIZE):

@@ -127,7 +127,9 @@ def test_unknown_preset_and_impossible_options(tmp_path, clips):
                          (["--x264-preset", "warp"], "--x264-preset"),
                          (["--letterbox", "-1"], "--letterbox"),
                          (["--engine", "magic"], "--engine"),
-                         (["--engine", "diffusion"], "--engine diffusion")):
+                         (["--engine", "diffusion"], "not in the Hugging Face cache"),
+                         (["--temporal", "sideways"], "--temporal 'sideways': must be one of full"),
+                         (["--strength", "1.5"], "--strength 1.5: must be between 0 and 1")):
         r = runner.invoke(app, ["stylize", str(clips["mp4"]), "-o", str(out), *args])
         assert r.exit_code == 1, (args, r.output)
         assert needle in r.output, (args, r.output)

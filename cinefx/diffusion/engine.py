@@ -1,0 +1,149 @@
+"""The diffusion engine: renders a scene chunk by chunk, carrying what keeps frames consistent.
+
+Per scene it keeps the anchors (the scene's first rendered frame and the previous batch's last
+frame, as clean latents), the noise prior's carry and the control extractors' state; all of it is
+dropped at a cut, so frames agree within a scene and not across scenes. Noise comes from a
+generator seeded by (seed, scene number): a scene renders the same whichever scenes ran before it,
+which resume relies on.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+from cinefx.controls import EXTRACTORS
+from cinefx.diffusion.noise import NoiseCarry, initial_noise
+from cinefx.diffusion.pipeline import Anchors, TemporalControlPipeline
+from cinefx.engines import EngineSettings
+from cinefx.presets import Preset
+
+
+def scene_seed(seed: int, scene: int) -> int:
+    # A fixed mix of the two, so scene k's noise depends on nothing but the seed and k.
+    return (seed * 1_000_003 + scene * 7_919 + 12_345) % (2 ** 63)
+
+
+def render_size(width: int, height: int, short: int, multiple: int) -> tuple[int, int]:
+    """(w, h) with the short side near `short`, the aspect kept and both sides multiples of `multiple`."""
+    scale = short / min(width, height)
+    return (max(multiple, round(width * scale / multiple) * multiple),
+            max(multiple, round(height * scale / multiple) * multiple))
+
+
+class DiffusionEngine:
+    """`render(frames, scene)` → frames of the same shape; call in order, scene by scene."""
+
+    name = "diffusion"
+
+    def __init__(self, pipe: TemporalControlPipeline, preset: Preset, settings: EngineSettings, depth_model=None):
+        self.pipe, self.preset, self.settings = pipe, preset, settings
+        self.cfg = preset.diffusion
+        kinds = [k for k, _ in self.cfg.controls]
+        self.extractors = {k: EXTRACTORS[k](device=pipe.device, model=depth_model) for k in kinds}
+        self.scales = dict(self.cfg.controls)
+        from cinefx.diffusion.adapters import embedding_tokens
+
+        words = [*preset.prompt.trigger]
+        words += [t for t in embedding_tokens(self.cfg.adapters) if t not in words]
+        self.prompt = ", ".join(p for p in (*words, preset.prompt.positive) if p)
+        self.batch = settings.batch or self.cfg.chunk
+        self._scene: int | None = None
+
+    # -- per-scene state -------------------------------------------------------------------------
+
+    def start_scene(self, scene: int) -> None:
+        self._scene = scene
+        self.generator = torch.Generator().manual_seed(scene_seed(self.settings.seed, scene))
+        self.carry: NoiseCarry | None = None
+        self.first: Anchors | None = None  # the scene's first rendered frame
+        self.last: Anchors | None = None  # the previous batch's last rendered frame
+        self.colour_ref: tuple[np.ndarray, np.ndarray] | None = None
+        for ex in self.extractors.values():
+            ex.reset()
+
+    def render(self, frames: np.ndarray, scene: int) -> np.ndarray:
+        """(F, H, W, 3) uint8 display-size frames of scene `scene` → the same, stylized."""
+        if scene != self._scene:
+            self.start_scene(scene)
+        h, w = frames.shape[1:3]
+        rw, rh = render_size(w, h, self.settings.size or self.pipe.native_size, self.pipe.size_multiple)
+        small = np.stack([cv2.resize(f, (rw, rh), interpolation=cv2.INTER_AREA) for f in frames])
+        keys = self._keyframe_positions(len(frames))
+        out_small = np.empty_like(small)
+        for start in range(0, len(keys), self.batch):
+            idx = keys[start:start + self.batch]
+            out_small[idx] = self._render_batch(small[idx])
+        if len(keys) < len(frames):
+            from cinefx.diffusion.keyframes import propagate
+
+            out_small = propagate(small, out_small, keys)
+        out = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_CUBIC) for f in out_small])
+        return out
+
+    def _keyframe_positions(self, n: int) -> list[int]:
+        k = self.cfg.keyframes
+        if k <= 1:
+            return list(range(n))
+        # Every k-th frame of the chunk and always its last, so every in-between frame has a
+        # rendered frame on each side within the chunk.
+        return sorted(set(range(0, n, k)) | {n - 1})
+
+    def _render_batch(self, small: np.ndarray) -> np.ndarray:
+        """(B, h, w, 3) uint8 at render size → stylized, same shape."""
+        pipe = self.pipe
+        scale = pipe.vae_scale
+        noise, self.carry = initial_noise(self.cfg.noise_prior, small,
+                                          (4, small.shape[1] // scale, small.shape[2] // scale),
+                                          self.generator, self.carry)
+        controls = {k: ex(small) for k, ex in self.extractors.items()}
+        images = torch.from_numpy(small).permute(0, 3, 1, 2).float().div_(255)
+        anchors = self._anchors()
+        res = pipe(images, controls, noise, prompt=self.prompt, negative=self.preset.prompt.negative,
+                   scales=self.scales, strength=self.cfg.strength, steps=self.cfg.steps,
+                   guidance=self.cfg.guidance, temporal=self.cfg.temporal, anchors=anchors)
+        mine = Anchors(res.latents[-1:], noise[-1:].to(res.latents.device),
+                       {k: c[-1:] for k, c in controls.items()})
+        if self.first is None:
+            self.first = mine if len(small) == 1 else Anchors(
+                res.latents[:1], noise[:1].to(res.latents.device), {k: c[:1] for k, c in controls.items()})
+        self.last = mine
+        out = (res.images.permute(0, 2, 3, 1).float().cpu().numpy() * 255 + 0.5).astype(np.uint8)
+        return self._anchor_colour(out, small)
+
+    def _anchors(self) -> Anchors | None:
+        if self.temporal_off:
+            return None
+        parts = [p for p in (self.first, self.last) if p is not None]
+        if not parts:
+            return None
+        if len(parts) == 2 and parts[0] is parts[1]:
+            parts = parts[:1]
+        return Anchors(torch.cat([p.latents for p in parts]), torch.cat([p.noise for p in parts]),
+                       {k: torch.cat([p.controls[k] for p in parts]) for k in parts[0].controls})
+
+    @property
+    def temporal_off(self) -> bool:
+        return self.cfg.temporal == "none"
+
+    def _anchor_colour(self, out: np.ndarray, src: np.ndarray) -> np.ndarray:
+        """Colour anchoring: hold each frame's Lab mean/std to the scene's first stylized frame,
+        moved by how much the *input* changed since then, so lighting changes in the source still
+        come through while the render's own colour drift does not (Rerender-A-Video's AdaIN idea)."""
+        amount = self.cfg.colour_anchor
+        if amount <= 0 or self.temporal_off:
+            return out
+        lab = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2LAB) for f in out]).astype(np.float32)
+        src_lab = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2LAB) for f in src]).astype(np.float32)
+        mean, std = lab.mean((1, 2)), lab.std((1, 2)) + 1e-3
+        s_mean, s_std = src_lab.mean((1, 2)), src_lab.std((1, 2)) + 1e-3
+        if self.colour_ref is None:
+            self.colour_ref = (mean[0] - s_mean[0], std[0] / s_std[0])
+        d_mean, r_std = self.colour_ref
+        t_mean, t_std = s_mean + d_mean, s_std * r_std
+        mix_mean = mean + amount * (t_mean - mean)
+        mix_std = std + amount * (t_std - std)
+        lab = (lab - mean[:, None, None]) / std[:, None, None] * mix_std[:, None, None] + mix_mean[:, None, None]
+        lab = np.clip(lab + 0.5, 0, 255).astype(np.uint8)
+        return np.stack([cv2.cvtColor(f, cv2.COLOR_LAB2RGB) for f in lab])

@@ -1,0 +1,245 @@
+"""Find and load the diffusion engine's weights: SD1.5 base, ControlNets, a depth estimator.
+
+A model is named by any of
+  - a local diffusers folder (``model_index.json`` for a base model, ``config.json`` otherwise),
+  - a single-file checkpoint (``.safetensors``; pickled ``.ckpt``/``.pt``/``.bin`` only with
+    ``allow_pickle``, since loading a pickle can run code),
+  - a Hugging Face hub id (``org/name``), taken from the local cache, or downloaded when the machine
+    is online and ``HF_HUB_OFFLINE`` is not set.
+
+Companions default to what sits beside a local base model (``controlnet-canny/``,
+``controlnet-depth/``, ``depth-estimator/``: the layout of the tiny test bundle and of a bundle a
+user assembles), else to well-known hub ids. `resolve_models` answers "what would load, from
+where" without importing torch; `load_components` loads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cinefx.errors import ModelError, OptionError
+
+DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_CONTROLNETS = {
+    "canny": "lllyasviel/control_v11p_sd15_canny",
+    "depth": "lllyasviel/control_v11f1p_sd15_depth",
+}
+DEFAULT_DEPTH = "depth-anything/Depth-Anything-V2-Small-hf"
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the user asked for; unset companions fall back as the module docstring says."""
+
+    base: str | None = None
+    controlnets: tuple[tuple[str, str], ...] = ()  # (kind, spec) overrides
+    depth: str | None = None
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class Resolved:
+    role: str  # "base", "controlnet-canny", "depth-estimator", ...
+    spec: str
+    how: str  # "folder", "file", "cache", "hub" (will download) or "missing"
+    path: Path | None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.how != "missing"
+
+
+def default_base() -> str:
+    return os.environ.get("CINEFX_MODEL") or DEFAULT_BASE
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~", "/")) and "\\" not in spec
+
+
+def resolve(role: str, spec: str, allow_pickle: bool = False) -> Resolved:
+    """Where `spec` would load from, or why it cannot. Never imports torch, never downloads."""
+    path = Path(spec).expanduser()
+    marker = "model_index.json" if role == "base" else "config.json"
+    if path.is_dir():
+        if (path / marker).is_file():
+            return Resolved(role, spec, "folder", path)
+        return Resolved(role, spec, "missing", path, f"folder has no {marker}: not a diffusers/transformers model folder")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if role != "base" and role.startswith("depth"):
+            return Resolved(role, spec, "missing", path, "a depth estimator must be a model folder or hub id")
+        if suffix == ".safetensors":
+            return Resolved(role, spec, "file", path)
+        if suffix in PICKLE_SUFFIXES:
+            if allow_pickle:
+                return Resolved(role, spec, "file", path, "pickle file (allowed by --allow-pickle)")
+            return Resolved(role, spec, "missing", path,
+                            f"{suffix} files are pickles, which can run code when loaded; use a .safetensors "
+                            "file or pass --allow-pickle if you trust it")
+        return Resolved(role, spec, "missing", path, f"unknown weight file type {suffix!r} (expected .safetensors)")
+    if not _looks_like_hub_id(spec):
+        return Resolved(role, spec, "missing", None, "no such file or folder")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec, marker)
+    if isinstance(cached, str):
+        return Resolved(role, spec, "cache", Path(cached).parent)
+    if _offline():
+        return Resolved(role, spec, "missing", None,
+                        f"not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it on a machine "
+                        f"with a network (`huggingface-cli download {spec}`) or give a local folder")
+    return Resolved(role, spec, "hub", None, "not cached: will be downloaded on first use")
+
+
+def resolve_models(spec: ModelSpec, controls: tuple[str, ...]) -> list[Resolved]:
+    """Resolve the base model, one ControlNet per control kind, and the depth estimator if needed."""
+    base = spec.base or default_base()
+    out = [resolve("base", base, spec.allow_pickle)]
+    base_dir = Path(base).expanduser() if Path(base).expanduser().is_dir() else None
+    overrides = dict(spec.controlnets)
+    unknown = set(overrides) - set(DEFAULT_CONTROLNETS)
+    if unknown:
+        raise OptionError(f"--controlnet {sorted(unknown)[0]}=…: unknown control kind "
+                          f"(known: {', '.join(DEFAULT_CONTROLNETS)})")
+    for kind in controls:
+        local = base_dir / f"controlnet-{kind}" if base_dir else None
+        cn = overrides.get(kind) or (str(local) if local and local.is_dir() else DEFAULT_CONTROLNETS[kind])
+        out.append(resolve(f"controlnet-{kind}", cn, spec.allow_pickle))
+    if "depth" in controls:
+        local = base_dir / "depth-estimator" if base_dir else None
+        depth = spec.depth or (str(local) if local and local.is_dir() else DEFAULT_DEPTH)
+        out.append(resolve("depth-estimator", depth, spec.allow_pickle))
+    return out
+
+
+def check_resolved(found: list[Resolved]) -> None:
+    """Raise one `ModelError` naming the first thing that cannot load and what to do."""
+    for r in found:
+        if not r.ok:
+            hint = " (see `cinefx models`)" if r.role != "base" else ""
+            raise ModelError(f"{r.role} {r.spec!r}: {r.detail}{hint}")
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+@dataclass
+class Components:
+    """Loaded modules, on their device and dtype. `host` is a stock diffusers pipeline holding the
+    base model; adapters load through it (its LoRA and textual-inversion loaders)."""
+
+    host: object  # diffusers StableDiffusionPipeline
+    controlnets: dict[str, object]  # kind -> ControlNetModel
+    depth: object | None  # (model, mean, std, size) for the depth extractor
+    device: object
+    dtype: object
+
+
+def _load_error(r: Resolved, ex: Exception) -> ModelError:
+    first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+    if r.how == "hub":
+        return ModelError(f"{r.role} {r.spec!r}: could not be downloaded ({first}); check the network, or "
+                          f"download it elsewhere with `huggingface-cli download {r.spec}` and copy the cache")
+    return ModelError(f"{r.role} {r.spec!r}: cannot be loaded ({first})")
+
+
+def _kwargs(r: Resolved, allow_pickle: bool) -> dict:
+    return {"local_files_only": r.how != "hub", "use_safetensors": None if allow_pickle else True}
+
+
+def load_components(spec: ModelSpec, controls: tuple[str, ...], device: str, dtype) -> Components:
+    """Load everything `controls` needs. Raises `ModelError` with the role, spec and the fix."""
+    quiet_libraries()
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionPipeline
+
+    found = resolve_models(spec, controls)
+    check_resolved(found)
+    by_role = {r.role: r for r in found}
+    base = by_role["base"]
+    common = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False, "dtype": dtype}
+    try:
+        if base.how == "file":
+            host = StableDiffusionPipeline.from_single_file(str(base.path), local_files_only=True, **common)
+        else:
+            host = StableDiffusionPipeline.from_pretrained(base.spec if base.how == "hub" else str(base.path),
+                                                           **_kwargs(base, spec.allow_pickle), **common)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as ex:
+        raise _load_error(base, ex) from ex
+    host.to(device)
+    host.set_progress_bar_config(disable=True)
+    controlnets = {}
+    for kind in controls:
+        r = by_role[f"controlnet-{kind}"]
+        try:
+            if r.how == "file":
+                cn = ControlNetModel.from_single_file(str(r.path), local_files_only=True, dtype=dtype)
+            else:
+                cn = ControlNetModel.from_pretrained(r.spec if r.how == "hub" else str(r.path), dtype=dtype,
+                                                     **_kwargs(r, spec.allow_pickle))
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as ex:
+            raise _load_error(r, ex) from ex
+        controlnets[kind] = cn.to(device).eval()
+    depth = None
+    if "depth" in controls:
+        r = by_role["depth-estimator"]
+        depth = _load_depth(r, spec.allow_pickle, device, dtype)
+    return Components(host=host, controlnets=controlnets, depth=depth, device=torch.device(device), dtype=dtype)
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers/transformers progress bars and advice (e.g. that torchvision is absent,
+    which cinefx does not need): cinefx reports progress and problems itself."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
+def _load_depth(r: Resolved, allow_pickle: bool, device: str, dtype):
+    import json
+
+    from transformers import AutoModelForDepthEstimation
+    from transformers.utils import cached_file
+
+    where = r.spec if r.how == "hub" else str(r.path)
+    try:
+        model = AutoModelForDepthEstimation.from_pretrained(
+            where, dtype=dtype, local_files_only=r.how != "hub", use_safetensors=None if allow_pickle else True)
+        # The preprocessing numbers only: resizing and normalising happen on the GPU in batches,
+        # not through the (PIL-based) image processor class.
+        cfg = json.loads(Path(cached_file(where, "preprocessor_config.json",
+                                          local_files_only=r.how != "hub")).read_text())
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as ex:
+        raise _load_error(r, ex) from ex
+    size = cfg.get("size", {})
+    side = int(size.get("height") or size.get("shortest_edge") or 518)
+    return (model.to(device).eval(), tuple(cfg.get("image_mean", (0.5,) * 3)),
+            tuple(cfg.get("image_std", (0.5,) * 3)), side)
+
+
+def pick_device_dtype(precision: str = "auto"):
+    """(device, dtype): CUDA with bf16 (fp16 on GPUs without bf16), else CPU with fp32."""
+    import torch
+
+    choices = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in ("auto", *choices):
+        raise OptionError(f"--precision {precision!r}: must be auto, fp32, fp16 or bf16")
+    if torch.cuda.is_available():
+        if precision == "auto":
+            return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return "cuda", choices[precision]
+    if precision in ("fp16", "bf16"):
+        raise OptionError(f"--precision {precision}: half precision needs a CUDA GPU; on CPU use fp32")
+    return "cpu", torch.float32

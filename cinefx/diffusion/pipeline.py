@@ -1,0 +1,210 @@
+"""The temporal img2img ControlNet pipeline: SD1.5 + ControlNets over a batch of frames at once.
+
+One call renders F frames of one scene (Control-A-Video, Chen et al. 2023):
+  1. check inputs
+  2. encode the prompt (cached), for classifier-free guidance
+  3. pick the timesteps img2img `strength` leaves
+  4. encode the frames to latents (VAE, in slices)
+  5. noise the latents with the frames' prior noise; prepend the anchor frames
+  6. denoise with spatial-temporal attention installed on UNet and ControlNets; anchors are
+     re-imposed at every step from their already-rendered clean latents, so the batch is drawn
+     towards frames the viewer has already seen (no seam between chunks)
+  7. decode the new frames (VAE, in slices)
+
+Anchors are rendered frames of the same scene (its first frame, the previous chunk's last ones)
+given as clean latents with their noise and control maps: they are never changed, only attended to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cinefx.diffusion.attention import TemporalState, temporal_attention
+
+
+@dataclass(frozen=True)
+class Anchors:
+    """Frames already rendered, as conditioning: latents (A, 4, h, w), noise (A, 4, h, w),
+    controls kind → (A, 3, H, W)."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    controls: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+@dataclass(frozen=True)
+class RenderOutput:
+    images: torch.Tensor  # (F, 3, H, W) float in [0, 1]
+    latents: torch.Tensor  # (F, 4, h, w) clean latents, for the next call's anchors
+
+
+SCHEDULERS = ("dpm++", "ddim", "euler", "unipc")
+
+
+def make_scheduler(name: str, config):
+    """A fresh scheduler of the named family from the model's scheduler config. Every family here is
+    deterministic (no noise injected during sampling), which `--seed` reproducibility relies on."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           UniPCMultistepScheduler)
+
+    classes = {"dpm++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
+               "unipc": UniPCMultistepScheduler}
+    return classes[name].from_config(config)
+
+
+class TemporalControlPipeline:
+    """Holds the loaded modules; `__call__` renders one batch of frames of one scene."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config, controlnets: dict,
+                 scheduler: str = "dpm++", vae_batch: int = 8, convert_prompt=None):
+        # convert_prompt: expands multi-vector textual-inversion tokens (diffusers' loader mixin)
+        self.convert_prompt = convert_prompt or (lambda text, tokenizer: text)
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.controlnets = controlnets
+        self.scheduler_config = scheduler_config
+        self.scheduler_name = scheduler
+        self.vae_batch = vae_batch
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.state = TemporalState()
+        self._prompt_cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    @classmethod
+    def from_components(cls, comps, scheduler: str = "dpm++") -> TemporalControlPipeline:
+        host = comps.host
+        return cls(host.unet, host.vae, host.text_encoder, host.tokenizer, host.scheduler.config,
+                   comps.controlnets, scheduler, convert_prompt=getattr(host, "maybe_convert_prompt", None))
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def size_multiple(self) -> int:
+        """Frame sides must be multiples of this: the VAE factor × the UNet's downsampling."""
+        return self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        """The short side the base model was trained at (512 for SD1.5)."""
+        sample = self.unet.config.sample_size
+        return self.vae_scale * (sample if isinstance(sample, int) else min(sample))
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str, negative: str) -> torch.Tensor:
+        """(2, L, D) text embeddings: [negative, positive]. Cached: a scene's chunks share them."""
+        key = (prompt, negative)
+        if key not in self._prompt_cache:
+            texts = [self.convert_prompt(t, self.tokenizer) for t in (negative, prompt)]
+            tok = self.tokenizer(texts, padding="max_length", truncation=True,
+                                 max_length=self.tokenizer.model_max_length, return_tensors="pt")
+            with torch.inference_mode():
+                emb = self.text_encoder(tok.input_ids.to(self.device))[0]
+            self._prompt_cache = {key: emb.to(self.dtype)}
+        return self._prompt_cache[key]
+
+    def clear_prompt_cache(self) -> None:
+        """Adapters (LoRA, textual inversion) change the text encoder: cached embeddings go stale."""
+        self._prompt_cache = {}
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(F, 3, H, W) in [0, 1] → (F, 4, H/8, W/8) latents. The posterior mean, not a sample:
+        sampling would add per-frame noise to every frame, i.e. flicker."""
+        out = []
+        for part in images.split(self.vae_batch):
+            x = part.to(self.device, self.dtype) * 2 - 1
+            out.append(self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor)
+        return torch.cat(out)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(F, 4, h, w) → (F, 3, H, W) float32 in [0, 1]."""
+        out = []
+        for part in latents.split(self.vae_batch):
+            x = self.vae.decode(part / self.vae.config.scaling_factor).sample
+            out.append(((x.float() + 1) / 2).clamp_(0, 1))
+        return torch.cat(out)
+
+    def timesteps(self, scheduler, steps: int, strength: float) -> torch.Tensor:
+        scheduler.set_timesteps(steps, device=self.device)
+        keep = min(int(round(steps * strength)), steps)
+        start = (steps - keep) * scheduler.order
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        return scheduler.timesteps[start:]
+
+    # -- the call --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(self, frames: torch.Tensor, controls: dict[str, torch.Tensor], noise: torch.Tensor, *,
+                 prompt: str, negative: str = "", scales: dict[str, float] | None = None,
+                 strength: float = 0.55, steps: int = 20, guidance: float = 7.5, temporal: str = "full",
+                 anchors: Anchors | None = None) -> RenderOutput:
+        """Render `frames` (F, 3, H, W) in [0, 1] with control maps kind → (F, 3, H, W) and initial
+        noise (F, 4, H/8, W/8); see the module docstring for the steps."""
+        # 1. check inputs
+        n, _, h, w = frames.shape
+        m = self.size_multiple
+        if h % m or w % m:
+            raise ValueError(f"frames are {w}x{h}: both sides must be multiples of {m}")
+        if noise.shape != (n, 4, h // self.vae_scale, w // self.vae_scale):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {(n, 4, h // 8, w // 8)}")
+        missing = set(self.controlnets) - set(controls)
+        if missing:
+            raise ValueError(f"no control maps given for {sorted(missing)}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength {strength}: must be in (0, 1]")
+        scales = {k: (scales or {}).get(k, 1.0) for k in self.controlnets}
+        cfg = guidance > 1.0
+        # 2. encode the prompt
+        emb = self.encode_prompt(prompt, negative)
+        if not cfg:
+            emb = emb[1:]
+        # 3. timesteps
+        scheduler = make_scheduler(self.scheduler_name, self.scheduler_config)
+        timesteps = self.timesteps(scheduler, steps, strength)
+        # 4. encode frames
+        clean = self.encode_images(frames)
+        noise = noise.to(self.device, self.dtype)
+        # 5. initial latents, anchors in front
+        a = len(anchors) if anchors is not None else 0
+        latents = scheduler.add_noise(clean, noise, timesteps[:1])
+        conds = {k: controls[k].to(self.device, self.dtype) for k in self.controlnets}
+        if a:
+            a_clean, a_noise = anchors.latents.to(self.device, self.dtype), anchors.noise.to(self.device, self.dtype)
+            latents = torch.cat([scheduler.add_noise(a_clean, a_noise, timesteps[:1]), latents])
+            conds = {k: torch.cat([anchors.controls[k].to(self.device, self.dtype), c]) for k, c in conds.items()}
+        total = n + a
+        groups = 2 if cfg else 1
+        text = emb.repeat_interleave(total, dim=0)  # (G·F, L, D): rows grouped [uncond…, cond…]
+        conds = {k: c.repeat(groups, 1, 1, 1) for k, c in conds.items()}
+        # 6. denoise
+        self.state.mode, self.state.frames = temporal, total
+        with temporal_attention([self.unet, *self.controlnets.values()], self.state):
+            for t in timesteps:
+                if a:
+                    latents[:a] = scheduler.add_noise(a_clean, a_noise, t.reshape(1))
+                x = scheduler.scale_model_input(torch.cat([latents] * groups), t)
+                down, mid = None, None
+                for kind, net in self.controlnets.items():
+                    d, md = net(x, t, encoder_hidden_states=text, controlnet_cond=conds[kind],
+                                conditioning_scale=scales[kind], return_dict=False)
+                    down = d if down is None else [p + q for p, q in zip(down, d)]
+                    mid = md if mid is None else mid + md
+                eps = self.unet(x, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                                mid_block_additional_residual=mid, return_dict=False)[0]
+                if cfg:
+                    uncond, cond = eps.chunk(2)
+                    eps = uncond + guidance * (cond - uncond)
+                latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+        # 7. decode the new frames
+        latents = latents[a:]
+        return RenderOutput(images=self.decode_latents(latents), latents=latents)

@@ -301,6 +301,36 @@ def _scenes(path: Path, as_json: bool):
     _console(stderr=False).print(t)
 
 
+@app.command()
+def models(
+    model: Annotated[Optional[str], typer.Option(help="Base model: folder, .safetensors or hub id (default $CINEFX_MODEL, else SD1.5).")] = None,
+    controlnet: Annotated[list[str], typer.Option(help="ControlNet for a control, KIND=folder|file|hub-id; repeatable.")] = [],
+    depth_model: Annotated[Optional[str], typer.Option(help="Depth estimator (transformers folder or hub id).")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickled .ckpt/.pt/.bin weights.")] = False,
+):
+    """Show which diffusion weights resolve, from where, and what is missing (nothing is loaded)."""
+
+    def run():
+        from rich.table import Table
+
+        from cinefx.diffusion.models import DEFAULT_CONTROLNETS, resolve_models
+
+        spec = _model_spec(model, controlnet, depth_model, allow_pickle)
+        found = resolve_models(spec, tuple(DEFAULT_CONTROLNETS))
+        t = Table(title="cinefx diffusion models")
+        for col in ("role", "model", "status", "where / what to do"):
+            t.add_column(col)
+        status = {"folder": "[green]local folder[/]", "file": "[green]local file[/]", "cache": "[green]HF cache[/]",
+                  "hub": "[yellow]to download[/]", "missing": "[red]missing[/]"}
+        for r in found:
+            t.add_row(r.role, r.spec, status[r.how], str(r.path) if r.path and r.ok else r.detail)
+        _console(stderr=False).print(t)
+        if not all(r.ok for r in found):
+            raise typer.Exit(EXIT_FAILED)
+
+    _run(run)
+
+
 @presets_app.callback()
 def _presets(ctx: typer.Context):
     """List presets (bundled and user)."""

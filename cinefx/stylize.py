@@ -26,6 +26,7 @@ from cinefx.grade.grader import Grader
 from cinefx.metrics import DEFAULT_METRIC_WIDTH, TemporalMeter
 from cinefx.presets import Preset
 from cinefx.report import Report, build_report
+from cinefx.resume import WorkFolder, file_identity, run_key
 from cinefx.scenes import DetectorOptions, Scene, SceneDetector, scenes_from_boundaries
 from cinefx.video.probe import VideoInfo, probe
 from cinefx.video.reader import Frame, read_frames
@@ -51,6 +52,7 @@ class StylizeOptions:
     metrics: bool = True
     metric_width: int = DEFAULT_METRIC_WIDTH
     audio: bool = True
+    resume: bool = True  # diffusion: keep finished scenes beside the output and reuse them on a re-run
     detector: DetectorOptions = DetectorOptions()
 
 
@@ -85,10 +87,15 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
         notes.append(f"colour {'/'.join(info.colour.assumed)} untagged: assumed "
                      f"{info.colour.matrix_name} {'full' if info.colour.full_range else 'limited'} range")
     # 2. prepare stages
-    engine = None
+    engine = work = None
     if choice.name == "diffusion":
         settings = dataclasses.replace(options.diffusion, seed=options.seed)
         engine = build_diffusion_engine(preset, options.models, settings)
+        if options.resume:
+            work = WorkFolder(dst, run_key(input=file_identity(src), prompt=preset.prompt,
+                                           diffusion=preset.diffusion, models=options.models,
+                                           settings=settings, detector=options.detector))
+            work.open()
     grader = Grader(preset.grade, info.display_size, seed=options.seed)
     detector = SceneDetector(options.detector)
     meter = TemporalMeter(options.metric_width) if options.metrics else None
@@ -105,7 +112,16 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
     def render(chunk: list[Frame], scene: int, writer: VideoWriter) -> None:
         nonlocal done
         frames = np.stack([f.rgb for f in chunk])
-        out = engine.render(frames, scene) if engine is not None else frames
+        if work is not None:
+            work.begin(scene)
+        if work is not None and work.has(scene):
+            out = work.read(scene, len(chunk))
+        elif engine is not None:
+            out = engine.render(frames, scene)
+            if work is not None:
+                work.record(scene, out)
+        else:
+            out = frames
         out = out if grader.is_identity else grader(out, chunk[0].index)
         for f, o in zip(chunk, out):
             writer.write(o, f.pts, f.duration)
@@ -147,10 +163,20 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
             flush(writer, len(pts), final=True)
             if not pts:
                 raise InputFileError(f"{src}: contains no decodable video frames")
+            if work is not None:
+                work.finish()
             writer.commit()
             notes += writer.notes
+    except BaseException:
+        if work is not None:
+            work.abandon()  # finished scenes stay for the next run; the unfinished one goes
+        raise
     finally:
         grader.close()
+    if work is not None:
+        if work.reused:
+            notes.append(f"resumed: {len(work.reused)} finished scene(s) reused from {work.path.name}")
+        work.remove()
     # 4. report
     scenes = scenes_from_boundaries(boundaries, len(pts))
     tb = info.time_base
@@ -163,6 +189,89 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
     return StylizeResult(input=src, output=dst, engine=choice.name, engine_reason=choice.reason,
                          frames=len(pts), scenes=tuple(scenes), report=report, notes=tuple(notes),
                          seconds=time.perf_counter() - t0)
+
+
+# -- preview ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PreviewResult:
+    input: Path
+    output: Path
+    engine: str
+    scenes: tuple[Scene, ...]
+    notes: tuple[str, ...]
+    seconds: float
+
+
+def preview_file(src: str | os.PathLike, png: str | os.PathLike, preset: Preset,
+                 options: StylizeOptions = StylizeOptions()) -> PreviewResult:
+    """One stylized frame per scene (half a second in, or its last frame if shorter) as a
+    contact-sheet PNG: a look check in seconds instead of a full render."""
+    from cinefx.sheet import contact_sheet, write_png
+
+    t0 = time.perf_counter()
+    src, png = Path(src), Path(png)
+    if png.suffix.lower() != ".png":
+        raise OutputError(f"{png}: the preview is a PNG contact sheet; name it .png")
+    if png.exists() and not options.overwrite:
+        raise OutputError(f"{png}: exists; pass --overwrite to replace it")
+    info = probe(src)
+    controls = tuple(k for k, _ in preset.diffusion.controls)
+    choice = choose_engine(options.engine, options.models, controls)
+    engine = None
+    if choice.name == "diffusion":
+        engine = build_diffusion_engine(preset, options.models, dataclasses.replace(options.diffusion, seed=options.seed))
+    grader = Grader(preset.grade, info.display_size, seed=options.seed)
+    offset = max(0, round(float(info.fps) / 2))
+    detector = SceneDetector(options.detector)
+    boundaries, starts, times = [], [0], []
+    waiting: deque[Frame] = deque()  # decoded, scene not yet settled (the detector's lookahead)
+    pick: dict[int, Frame] = {}  # the open scene → its frame nearest `offset` so far
+    images, captions = [], []
+
+    def kind_of(scene: int) -> str:
+        return "start" if scene == 0 else boundaries[scene - 1].kind
+
+    def shoot(scene: int) -> None:
+        f = pick.pop(scene)
+        out = f.rgb[None]
+        if engine is not None:
+            out = engine.render(out, scene)
+        out = out if grader.is_identity else grader(out, f.index)
+        images.append(out[0])
+        captions.append(f"scene {scene + 1} - {times[f.index]:.2f}s - {kind_of(scene)}")
+
+    def settle(upto: int) -> None:
+        while waiting and waiting[0].index < upto:
+            f = waiting.popleft()
+            scene = bisect.bisect_right(starts, f.index) - 1
+            for done in [k for k in pick if k < scene]:
+                shoot(done)
+            if f.index - starts[scene] <= offset:
+                pick[scene] = f
+
+    try:
+        for frame in read_frames(info):
+            times.append(float(frame.pts * info.time_base))
+            waiting.append(frame)
+            for b in detector.push(frame.rgb):
+                starts.append(b.frame)
+                boundaries.append(b)
+            settle(detector.settled)
+        for b in detector.finish():
+            starts.append(b.frame)
+            boundaries.append(b)
+        settle(len(times))
+        if not times:
+            raise InputFileError(f"{src}: contains no decodable video frames")
+        for k in sorted(pick):
+            shoot(k)
+    finally:
+        grader.close()
+    scenes = scenes_from_boundaries(boundaries, len(times))
+    write_png(contact_sheet(images, captions), png)
+    return PreviewResult(src, png, choice.name, tuple(scenes), (f"engine: {choice.name} ({choice.reason})",),
+                         time.perf_counter() - t0)
 
 
 # -- many inputs -------------------------------------------------------------------------------

@@ -35,6 +35,11 @@ _MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
 class EncodeOptions:
     crf: float = 18.0  # x264 constant quality; 18 is visually transparent for graded material
     x264_preset: str = "medium"
+    # x264 on the PyAV wheels is not bit-exact between runs, even on one thread: now and then a
+    # frame encodes differently (its SIMD code, measured: never with asm off). `exact` trades
+    # encoder speed (one thread, no SIMD) for byte-identical files, which a resumed diffusion run
+    # needs and can afford, as the encoder stays far faster than the diffusion.
+    exact: bool = False
 
     def __post_init__(self):
         if not 0 <= self.crf <= 51:
@@ -123,8 +128,12 @@ class VideoWriter:
                               "(4:2:0 needs even sizes) so the size stays exact")
         if info.bit_depth > 8:
             self.notes.append(f"{info.bit_depth}-bit source written as 8-bit {self._pix_fmt}")
-        stream = self._container.add_stream("libx264", rate=info.fps, options={
-            "crf": f"{self.options.crf:g}", "preset": self.options.x264_preset})
+        x264 = {"crf": f"{self.options.crf:g}", "preset": self.options.x264_preset}
+        if self.options.exact:
+            x264["x264-params"] = "threads=1:asm=0"
+        stream = self._container.add_stream("libx264", rate=info.fps, options=x264)
+        if self.options.exact:
+            stream.codec_context.thread_count = 1
         stream.width, stream.height = info.coded_width, info.coded_height
         stream.pix_fmt = self._pix_fmt
         stream.time_base = info.time_base

@@ -1,0 +1,402 @@
+"""The diffusion engine on the tiny random-weight bundle: loading, temporal modes, noise priors,
+chunks and cuts, adapters, determinism, resume and error messages.
+
+Random weights say nothing about quality; these tests prove mechanics (see the brief)."""
+
+import dataclasses
+import hashlib
+import json
+
+import av
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cinefx.cli import app
+from cinefx.diffusion.models import ModelSpec
+from cinefx.engines import EngineSettings, build_diffusion_engine
+from cinefx.metrics import ssim
+from cinefx.presets import load_preset, override
+from cinefx.testing.clips import Move, render_move, write_clip
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def slow_frames():
+    """16 frames of a slow push-in over a real photograph, 160x90."""
+    return np.stack(list(render_move(Move("astronaut", 16, (0.5, 0.45, 0.9), (0.52, 0.46, 0.86)), (160, 90))))
+
+
+def preset_with(**diffusion):
+    return override(load_preset("epic"), "diffusion", **diffusion)
+
+
+def engine(bundle, seed=0, **diffusion):
+    return build_diffusion_engine(preset_with(**diffusion), ModelSpec(base=str(bundle)), EngineSettings(seed=seed))
+
+
+def t_ssim(frames):
+    return float(np.mean([ssim(a, b) for a, b in zip(frames, frames[1:])]))
+
+
+# -- loading and the CLI --------------------------------------------------------------------------
+
+def test_tiny_bundle_loads_and_models_command(tiny_bundle):
+    for sub in ("model_index.json", "unet/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                "controlnet-canny/diffusion_pytorch_model.safetensors", "depth-estimator/model.safetensors"):
+        assert (tiny_bundle / sub).is_file(), sub
+    r = runner.invoke(app, ["models", "--model", str(tiny_bundle)])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("local folder") == 4
+
+
+def test_cli_diffusion_writes_full_output_with_audio(tiny_bundle, clips, tmp_path):
+    out = tmp_path / "d.mp4"
+    r = runner.invoke(app, ["stylize", str(clips["mp4"]), "--engine", "diffusion", "--model", str(tiny_bundle),
+                            "-o", str(out), "--steps", "4", "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    assert "engine: diffusion" in r.output
+    with av.open(str(clips["mp4"])) as a, av.open(str(out)) as b:
+        pin = [p.pts for p in a.demux(video=0) if p.size]
+        pout = [p.pts for p in b.demux(video=0) if p.size]
+        assert len(pin) == len(pout) == 48
+        aud_in = [bytes(p) for p in a.demux(audio=0) if p.size]
+        aud_out = [bytes(p) for p in b.demux(audio=0) if p.size]
+        assert aud_in == aud_out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["engine"] == "diffusion" and len(report["scenes"]) == 2
+    assert not list(tmp_path.glob(".*cinefx-work"))  # work folder removed on completion
+
+
+def test_preview_contact_sheet(tiny_bundle, clips, tmp_path):
+    png = tmp_path / "p.png"
+    r = runner.invoke(app, ["stylize", str(clips["mp4"]), "--engine", "diffusion", "--model", str(tiny_bundle),
+                            "--preview", str(png), "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    import cv2
+
+    sheet = cv2.imread(str(png))
+    assert sheet is not None and sheet.shape[1] > 2 * 320  # two scenes side by side
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "/nonexistent/sd15"], "no such file or folder"),
+    (["--model", "{tmp}"], "no model_index.json"),
+    (["--model", "{tmp}/weights.ckpt"], "pickles"),
+    (["--model", "{bundle}", "--controlnet", "canny=org/not-cached"], "not in the Hugging Face cache"),
+    (["--model", "{bundle}", "--controlnet", "sketch=x"], "unknown control kind"),
+])
+def test_bad_model_messages(tiny_bundle, clips, tmp_path, args, needle):
+    (tmp_path / "weights.ckpt").write_bytes(b"not really")
+    args = [a.format(tmp=tmp_path, bundle=tiny_bundle) for a in args]
+    out = tmp_path / "o.mp4"
+    r = runner.invoke(app, ["stylize", str(clips["mp4"]), "--engine", "diffusion", "-o", str(out), *args])
+    assert r.exit_code == 1, r.output
+    assert needle in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_broken_weights_file_is_a_one_line_error(tiny_bundle, tmp_path, clips):
+    import shutil
+
+    bad = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bad)
+    (bad / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 100)
+    r = runner.invoke(app, ["stylize", str(clips["mp4"]), "--engine", "diffusion", "--model", str(bad),
+                            "-o", str(tmp_path / "o.mp4")])
+    assert r.exit_code == 1 and "base" in r.output and "cannot be loaded" in r.output, r.output
+
+
+# -- the temporal machinery -----------------------------------------------------------------------
+
+def test_temporal_attention_and_residual_prior_raise_consistency(tiny_bundle, slow_frames):
+    """Even with random weights, shared attention and shared noise make frames agree: the margin
+    is the mechanism working, not image quality."""
+    base = t_ssim(engine(tiny_bundle, temporal="none", noise_prior="independent").render(slow_frames, 0))
+    ours = t_ssim(engine(tiny_bundle, temporal="full", noise_prior="residual").render(slow_frames, 0))
+    print(f"T-SSIM per-frame baseline {base:.3f}, full+residual {ours:.3f}")
+    assert ours > base + 0.2
+
+
+@pytest.mark.parametrize("temporal", ["full", "anchor", "none"])
+@pytest.mark.parametrize("prior", ["independent", "shared", "residual", "flow"])
+def test_every_mode_and_prior_renders(tiny_bundle, slow_frames, temporal, prior):
+    out = engine(tiny_bundle, temporal=temporal, noise_prior=prior, steps=4, chunk=6).render(slow_frames[:10], 0)
+    assert out.shape == slow_frames[:10].shape and out.dtype == np.uint8
+    assert out.std() > 1  # a picture, not a constant
+
+
+def test_each_option_changes_the_output(tiny_bundle, slow_frames):
+    frames = slow_frames[:8]
+    ref = engine(tiny_bundle, steps=4).render(frames, 0)
+    for change in ({"temporal": "anchor"}, {"temporal": "none"}, {"noise_prior": "independent"},
+                   {"noise_prior": "flow"}, {"strength": 0.8}, {"guidance": 2.0}, {"keyframes": 3}):
+        other = engine(tiny_bundle, steps=4, **change).render(frames, 0)
+        assert np.abs(other.astype(int) - ref).mean() > 0.5, change
+
+
+def test_seed_determinism(tiny_bundle, slow_frames):
+    frames = slow_frames[:6]
+    a = engine(tiny_bundle, seed=3, steps=4).render(frames, 0)
+    b = engine(tiny_bundle, seed=3, steps=4).render(frames, 0)
+    c = engine(tiny_bundle, seed=4, steps=4).render(frames, 0)
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - c).mean() > 0.5
+
+
+def test_cut_resets_scene_state(tiny_bundle, slow_frames):
+    """A scene renders the same whether or not another scene ran before it: nothing carries over."""
+    other = np.stack(list(render_move(Move("coffee", 6), (160, 90))))
+    e = engine(tiny_bundle, steps=4)
+    e.render(other, 0)
+    after_cut = e.render(slow_frames[:6], 1)
+    alone = engine(tiny_bundle, steps=4).render(slow_frames[:6], 1)
+    assert np.array_equal(after_cut, alone)
+
+
+def test_chunks_carry_anchors_without_seams(tiny_bundle, slow_frames, monkeypatch):
+    """With chunk 4, calls 2+ get the scene's first frame and the previous chunk's last frame as
+    anchors, and the frame pair across a seam is about as consistent as pairs inside a chunk."""
+    from cinefx.diffusion.pipeline import TemporalControlPipeline
+
+    seen = []
+    call = TemporalControlPipeline.__call__
+
+    def spy(self, frames, controls, noise, **kw):
+        seen.append(0 if kw.get("anchors") is None else len(kw["anchors"]))
+        return call(self, frames, controls, noise, **kw)
+
+    monkeypatch.setattr(TemporalControlPipeline, "__call__", spy)
+    out = engine(tiny_bundle, chunk=4, temporal="full", noise_prior="residual").render(slow_frames, 0)
+    assert seen == [0, 2, 2, 2]
+    pairs = [ssim(a, b) for a, b in zip(out, out[1:])]
+    seams = [pairs[i] for i in (3, 7, 11)]
+    inside = [p for i, p in enumerate(pairs) if i not in (3, 7, 11)]
+    print(f"seam T-SSIM {np.mean(seams):.3f}, inside {np.mean(inside):.3f}")
+    assert np.mean(seams) > 0.8 * np.mean(inside)
+
+
+def test_attention_processors_restored(tiny_bundle, slow_frames):
+    e = engine(tiny_bundle, steps=2)
+    unet = e.pipe.unet
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    e.render(slow_frames[:4], 0)
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+    from cinefx.diffusion.attention import TemporalState, temporal_attention
+
+    with pytest.raises(RuntimeError):
+        with temporal_attention([unet], TemporalState("full", 4)):
+            assert any("SpatialTemporal" in type(v).__name__ for v in unet.attn_processors.values())
+            raise RuntimeError("boom")
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+
+
+def test_full_attention_over_identical_frames_equals_per_frame(tiny_bundle):
+    """Keys repeated for every frame leave softmax weights unchanged: a check of the reshaping."""
+    from diffusers.models.attention_processor import Attention
+
+    from cinefx.diffusion.attention import SpatialTemporalAttnProcessor, TemporalState
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8)
+    x = torch.randn(1, 10, 16).repeat(2 * 3, 1, 1)  # G=2 groups × 3 identical frames
+    plain = SpatialTemporalAttnProcessor(TemporalState("none", 3))(attn, x)
+    for mode in ("full", "anchor"):
+        joined = SpatialTemporalAttnProcessor(TemporalState(mode, 3))(attn, x)
+        assert torch.allclose(plain, joined, atol=1e-5), mode
+    y = torch.randn(6, 10, 16)
+    assert not torch.allclose(SpatialTemporalAttnProcessor(TemporalState("full", 3))(attn, y),
+                              SpatialTemporalAttnProcessor(TemporalState("none", 3))(attn, y))
+
+
+# -- noise priors ---------------------------------------------------------------------------------
+
+def test_noise_priors():
+    from cinefx.diffusion.noise import initial_noise
+
+    rng = np.random.default_rng(0)
+    still = np.repeat(rng.integers(0, 255, (1, 64, 96, 3), dtype=np.uint8), 4, axis=0)
+    moving = still.copy()
+    moving[2:, :32, :32] = 255 - moving[2:, :32, :32]  # top-left block changes at frame 2
+    shape = (4, 8, 12)
+
+    def gen():
+        return torch.Generator().manual_seed(0)
+
+    ind, _ = initial_noise("independent", still, shape, gen())
+    assert not torch.equal(ind[0], ind[1])
+    shared, _ = initial_noise("shared", moving, shape, gen())
+    assert all(torch.equal(shared[0], s) for s in shared)
+    res, carry = initial_noise("residual", moving, shape, gen())
+    assert torch.equal(res[1], res[0])  # nothing moved
+    assert not torch.equal(res[2][:, :4, :4], res[1][:, :4, :4])  # the changed block: fresh noise
+    assert torch.equal(res[2][:, 5:, 5:], res[1][:, 5:, 5:])  # the rest: copied
+    # a following chunk continues from the carry
+    more, _ = initial_noise("residual", still[:2], shape, gen(), carry)
+    assert torch.equal(more[0][:, 5:, 5:], res[3][:, 5:, 5:])
+    # every prior keeps values N(0, 1)
+    big = np.repeat(rng.integers(0, 255, (1, 256, 256, 3), dtype=np.uint8), 6, axis=0)
+    for prior in ("independent", "shared", "residual", "flow"):
+        n, _ = initial_noise(prior, big, (4, 32, 32), gen())
+        assert abs(float(n.mean())) < 0.05 and abs(float(n.std()) - 1) < 0.05, prior
+
+
+def test_flow_prior_follows_motion():
+    """A picture panning 8 px right per frame: the flow prior's noise pans with it."""
+    from cinefx.diffusion.noise import initial_noise
+    from cinefx.testing.clips import photo
+
+    import cv2
+
+    img = cv2.resize(photo("astronaut"), (400, 200))
+    frames = np.stack([img[:, 100 - 8 * i:356 - 8 * i] for i in range(3)])  # content moves right
+    n, _ = initial_noise("flow", frames, (4, 25, 32), torch.Generator().manual_seed(0))
+    # one latent pixel = 8 image pixels: frame 1's noise is frame 0's shifted one to the right
+    inner = (slice(None), slice(4, 20), slice(6, 26))
+    shifted = n[0][:, 4:20, 5:25]
+    assert (n[1][inner] == shifted).float().mean() > 0.9
+    assert (n[1][inner] == n[0][inner]).float().mean() < 0.3
+
+
+# -- adapters ---------------------------------------------------------------------------------------
+
+def _write_kohya_lora(unet_config, path, rank=4):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for block, ch in ((0, 32), (1, 64)):
+        for proj in ("to_q", "to_k", "to_v"):
+            stem = f"lora_unet_down_blocks_{block}_attentions_0_transformer_blocks_0_attn1_{proj}"
+            tensors[f"{stem}.lora_down.weight"] = torch.randn(rank, ch, generator=g) * 0.5
+            tensors[f"{stem}.lora_up.weight"] = torch.randn(ch, rank, generator=g) * 0.5
+            tensors[f"{stem}.alpha"] = torch.tensor(float(rank))
+    save_file(tensors, str(path))
+
+
+def _write_embedding(path, token="<cinefx-look>"):
+    from safetensors.torch import save_file
+
+    save_file({token: torch.randn(1, 32, generator=torch.Generator().manual_seed(2)) * 2}, str(path))
+
+
+def _preset_file(tmp_path, adapters):
+    lines = ['description = "test look"', "[prompt]", 'positive = "cinematic film still"', "[diffusion]",
+             "steps = 4"]
+    for kind, file, extra in adapters:
+        lines += ["[[diffusion.adapters]]", f'kind = "{kind}"', f'path = "{file}"', *extra]
+    p = tmp_path / "look.toml"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def test_lora_and_textual_inversion_load_and_change_output(tiny_bundle, slow_frames, tmp_path):
+    _write_kohya_lora(None, tmp_path / "look_kohya.safetensors")
+    _write_embedding(tmp_path / "look_ti.safetensors")
+    frames = slow_frames[:4]
+    spec = ModelSpec(base=str(tiny_bundle))
+    plain = build_diffusion_engine(load_preset(_preset_file(tmp_path, [])), spec, EngineSettings()).render(frames, 0)
+    lora = build_diffusion_engine(load_preset(_preset_file(tmp_path, [("lora", "look_kohya.safetensors", ["scale = 1.0"])])),
+                                  spec, EngineSettings()).render(frames, 0)
+    ti_preset = load_preset(_preset_file(tmp_path, [("textual-inversion", "look_ti.safetensors",
+                                                     ['token = "<cinefx-look>"'])]))
+    ti_engine = build_diffusion_engine(ti_preset, spec, EngineSettings())
+    assert "<cinefx-look>" in ti_engine.prompt
+    ti = ti_engine.render(frames, 0)
+    assert np.abs(lora.astype(int) - plain).mean() > 0.5
+    assert np.abs(ti.astype(int) - plain).mean() > 0.5
+    # back to no adapters on the same loaded models: the original output returns
+    again = build_diffusion_engine(load_preset(_preset_file(tmp_path, [])), spec, EngineSettings()).render(frames, 0)
+    assert np.array_equal(again, plain)
+
+
+def test_diffusers_format_lora_loads(tiny_bundle, slow_frames, tmp_path):
+    """A LoRA saved by peft/diffusers (as train-preset writes them) loads and changes the output."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_bundle / "unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              weight_name="look.safetensors")
+    from cinefx.diffusion.adapters import inspect_file
+
+    assert inspect_file(tmp_path / "look.safetensors") == ("lora", "diffusers")
+    spec = ModelSpec(base=str(tiny_bundle))
+    plain = build_diffusion_engine(load_preset(_preset_file(tmp_path, [])), spec, EngineSettings()).render(slow_frames[:4], 0)
+    lora = build_diffusion_engine(load_preset(_preset_file(tmp_path, [("lora", "look.safetensors", ["scale = 0.8"])])),
+                                  spec, EngineSettings()).render(slow_frames[:4], 0)
+    assert np.abs(lora.astype(int) - plain).mean() > 0.5
+
+
+def test_bad_adapter_files(tiny_bundle, clips, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(tmp_path / "loha.safetensors"))
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00garbage")
+    (tmp_path / "old.pt").write_bytes(b"\x80\x04pickle")
+    for file, needle in (("loha.safetensors", "LoHa/LoKr"), ("garbage.safetensors", "not a readable safetensors"),
+                         ("old.pt", "pickles")):
+        preset = _preset_file(tmp_path, [("lora", file, [])])
+        r = runner.invoke(app, ["stylize", str(clips["mp4"]), "--engine", "diffusion", "--model", str(tiny_bundle),
+                                "--preset", str(preset), "-o", str(tmp_path / "o.mp4")])
+        assert r.exit_code == 1 and needle in r.output and file in r.output, r.output
+        assert not (tmp_path / "o.mp4").exists()
+
+
+# -- resume -----------------------------------------------------------------------------------------
+
+def test_resume_after_kill_gives_the_same_file(tiny_bundle, tmp_path, monkeypatch):
+    from cinefx.diffusion import engine as E
+    from cinefx.stylize import StylizeOptions, stylize_file
+    from cinefx.testing.clips import cut
+
+    src = write_clip(tmp_path / "three.mp4", cut(Move("astronaut", 12), Move("coffee", 12), Move("rocket", 12),
+                                                 size=(96, 64)), fps=24, audio="aac")
+    opts = StylizeOptions(engine="diffusion", models=ModelSpec(base=str(tiny_bundle)), metrics=False)
+    preset = preset_with(steps=3)
+    whole = stylize_file(src, tmp_path / "whole.mp4", preset, opts)
+    assert len(whole.scenes) == 3
+
+    real = E.DiffusionEngine.render
+    rendered = []
+
+    def killed_in_scene_2(self, frames, scene):
+        rendered.append(scene)
+        if scene == 2:
+            raise KeyboardInterrupt
+        return real(self, frames, scene)
+
+    monkeypatch.setattr(E.DiffusionEngine, "render", killed_in_scene_2)
+    with pytest.raises(KeyboardInterrupt):
+        stylize_file(src, tmp_path / "resumed.mp4", preset, opts)
+    assert not (tmp_path / "resumed.mp4").exists()
+    work = tmp_path / ".resumed.mp4.cinefx-work"
+    assert sorted(p.name for p in work.glob("scene-*")) == ["scene-00000.mkv", "scene-00001.mkv"]
+
+    monkeypatch.setattr(E.DiffusionEngine, "render", lambda self, frames, scene: (rendered.append(scene), real(self, frames, scene))[1])
+    rendered.clear()
+    res = stylize_file(src, tmp_path / "resumed.mp4", preset, opts)
+    assert rendered == [2]  # only the unfinished scene was rendered again
+    assert any("resumed: 2" in n for n in res.notes)
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "whole.mp4", tmp_path / "resumed.mp4")]
+    assert digest[0] == digest[1]
+    assert not work.exists()
+
+    # a changed option starts afresh: the stored scenes are not reused
+    monkeypatch.setattr(E.DiffusionEngine, "render", killed_in_scene_2)
+    with pytest.raises(KeyboardInterrupt):
+        stylize_file(src, tmp_path / "again.mp4", preset, opts)
+    rendered.clear()
+    monkeypatch.setattr(E.DiffusionEngine, "render", lambda self, frames, scene: (rendered.append(scene), real(self, frames, scene))[1])
+    stylize_file(src, tmp_path / "again.mp4", preset_with(steps=3, strength=0.6), opts)
+    assert rendered == [0, 1, 2]

@@ -50,6 +50,21 @@ class DiffusionEngine:
         self.prompt = ", ".join(p for p in (*words, preset.prompt.positive) if p)
         self.batch = settings.batch or self.cfg.chunk
         self._scene: int | None = None
+        self._fitted: tuple[int, int] | None = None
+
+    def _fit(self, rw: int, rh: int) -> None:
+        """Size choices that depend on the render size: VAE tiling for large frames, and on a GPU
+        with `batch` left automatic, the largest batch (≤ chunk) that fits in free memory."""
+        self._fitted = (rw, rh)
+        if rw * rh > 1024 * 1024:
+            self.pipe.vae.enable_tiling()  # the VAE decoder's memory grows with the square of the side
+        if self.settings.batch or self.pipe.device.type != "cuda":
+            return
+        per_frame = self.pipe.frame_memory(rw, rh, self.cfg.guidance > 1.0, self.cfg.temporal)
+        free, _ = torch.cuda.mem_get_info(self.pipe.device)
+        anchors = 0 if self.temporal_off else 2
+        fits = int(0.85 * free // max(per_frame, 1)) - anchors
+        self.batch = max(1, min(self.cfg.chunk, fits))
 
     # -- per-scene state -------------------------------------------------------------------------
 
@@ -69,6 +84,8 @@ class DiffusionEngine:
             self.start_scene(scene)
         h, w = frames.shape[1:3]
         rw, rh = render_size(w, h, self.settings.size or self.pipe.native_size, self.pipe.size_multiple)
+        if self._fitted != (rw, rh):
+            self._fit(rw, rh)
         small = np.stack([cv2.resize(f, (rw, rh), interpolation=cv2.INTER_AREA) for f in frames])
         keys = self._keyframe_positions(len(frames))
         out_small = np.empty_like(small)

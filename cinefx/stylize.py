@@ -88,12 +88,9 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
                      f"{info.colour.matrix_name} {'full' if info.colour.full_range else 'limited'} range")
     # 2. prepare stages
     engine = work = None
-    encode = options.encode
     if choice.name == "diffusion":
         settings = dataclasses.replace(options.diffusion, seed=options.seed)
         engine = build_diffusion_engine(preset, options.models, settings)
-        # a resumed run must give the same file as an uninterrupted one (see EncodeOptions.exact)
-        encode = dataclasses.replace(encode, exact=True)
         if options.resume:
             work = WorkFolder(dst, run_key(input=file_identity(src), prompt=preset.prompt,
                                            diffusion=preset.diffusion, models=options.models,
@@ -152,7 +149,7 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
 
     # 3. one streaming pass
     try:
-        with VideoWriter(dst, info, encode, overwrite=options.overwrite, audio=options.audio) as writer:
+        with VideoWriter(dst, info, options.encode, overwrite=options.overwrite, audio=options.audio) as writer:
             for frame in read_frames(info):
                 pending.append(frame)
                 pts.append(frame.pts)

@@ -6,6 +6,7 @@ Random weights say nothing about quality; these tests prove mechanics (see the b
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 
 import av
 import numpy as np
@@ -400,3 +401,42 @@ def test_resume_after_kill_gives_the_same_file(tiny_bundle, tmp_path, monkeypatc
     monkeypatch.setattr(E.DiffusionEngine, "render", lambda self, frames, scene: (rendered.append(scene), real(self, frames, scene))[1])
     stylize_file(src, tmp_path / "again.mp4", preset_with(steps=3, strength=0.6), opts)
     assert rendered == [0, 1, 2]
+
+
+def test_hub_id_loads_from_the_huggingface_cache(tiny_bundle, clips, tmp_path):
+    """A hub id resolves to the local cache (offline) and loads through the same path."""
+    import os
+    import shutil
+
+    repo = Path(os.environ["HF_HUB_CACHE"]) / "models--cinefx-test--tiny-sd15"
+    snap = repo / "snapshots" / ("0" * 40)
+    if not snap.exists():
+        shutil.copytree(tiny_bundle, snap, ignore=shutil.ignore_patterns("controlnet-*", "depth-estimator"))
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text("0" * 40)
+    local = ["--controlnet", f"canny={tiny_bundle / 'controlnet-canny'}", "--controlnet",
+             f"depth={tiny_bundle / 'controlnet-depth'}", "--depth-model", str(tiny_bundle / "depth-estimator")]
+    r = runner.invoke(app, ["models", "--model", "cinefx-test/tiny-sd15", *local])
+    assert r.exit_code == 0 and "HF cache" in r.output, r.output
+    out = tmp_path / "hub.mp4"
+    r = runner.invoke(app, ["stylize", str(clips["mp4"]), "--engine", "diffusion", "--model", "cinefx-test/tiny-sd15",
+                            *local, "--steps", "2", "--no-metrics", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.stat().st_size > 1000
+
+
+def test_a1111_embedding_needs_a_token_and_loads(tiny_bundle, slow_frames, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(5)) * 2},
+              str(tmp_path / "a1111.safetensors"))
+    from cinefx.errors import AdapterError
+
+    spec = ModelSpec(base=str(tiny_bundle))
+    with pytest.raises(AdapterError, match="needs token"):
+        build_diffusion_engine(load_preset(_preset_file(tmp_path, [("textual-inversion", "a1111.safetensors", [])])),
+                               spec, EngineSettings())
+    e = build_diffusion_engine(load_preset(_preset_file(tmp_path, [("textual-inversion", "a1111.safetensors",
+                                                                    ['token = "<a1111-look>"'])])), spec, EngineSettings())
+    plain = build_diffusion_engine(load_preset(_preset_file(tmp_path, [])), spec, EngineSettings())
+    assert np.abs(e.render(slow_frames[:4], 0).astype(int) - plain.render(slow_frames[:4], 0)).mean() > 0.5

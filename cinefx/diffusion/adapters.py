@@ -60,13 +60,14 @@ def apply_adapters(host, adapters, allow_pickle: bool = False) -> None:
     loaded before. LoRA scales are set per adapter; a textual inversion's scale multiplies its
     embedding rows."""
     adapters = tuple(adapters)
-    if getattr(host, "_cinefx_adapters", ()) == adapters:
+    current = getattr(host, "_cinefx_adapters", ())
+    if current == adapters:
         return
-    if getattr(host, "_cinefx_adapters", ()):
+    if current != ():  # a tuple of adapters, or None after a load that failed half-way
         host.unload_lora_weights()
         if hasattr(host, "unload_textual_inversion"):
             host.unload_textual_inversion()
-    host._cinefx_adapters = ()
+    host._cinefx_adapters = None
     names, weights = [], []
     for i, a in enumerate(adapters):
         kind, fmt = inspect_file(Path(a.path), allow_pickle)

@@ -66,8 +66,8 @@ def _info(text: str) -> None:
 class _Progress:
     """A rich progress bar on a terminal; plain log lines every few seconds otherwise."""
 
-    def __init__(self, label: str, total: int):
-        self.label, self.total = label, total
+    def __init__(self, label: str, total: int, unit: str = "frames"):
+        self.label, self.total, self.unit = label, total, unit
         self.tty = sys.stderr.isatty() and not _state["quiet"]
         self.t0 = self.last_log = time.monotonic()
         self.bar = None
@@ -76,7 +76,7 @@ class _Progress:
                                        TimeRemainingColumn)
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[fps]:.1f} fps"), TimeRemainingColumn(),
+                                TextColumn("{task.fields[fps]:.1f} " + ("fps" if unit == "frames" else f"{unit}/s")), TimeRemainingColumn(),
                                 console=_console(), transient=True)
             self.task = self.bar.add_task(label, total=total or None, fps=0.0)
             self.bar.start()
@@ -88,7 +88,8 @@ class _Progress:
         elif not _state["quiet"] and time.monotonic() - self.last_log >= 5:
             self.last_log = time.monotonic()
             pct = f" ({100 * done / total:.0f}%)" if total else ""
-            _console().print(f"{self.label}: {done}/{total or '?'} frames{pct}, {fps:.1f} fps", markup=False)
+            rate = "fps" if self.unit == "frames" else f"{self.unit}/s"
+            _console().print(f"{self.label}: {done}/{total or '?'} {self.unit}{pct}, {fps:.1f} {rate}", markup=False)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -327,6 +328,80 @@ def models(
         _console(stderr=False).print(t)
         if not all(r.ok for r in found):
             raise typer.Exit(EXIT_FAILED)
+
+    _run(run)
+
+
+@app.command("train-preset")
+def train_preset(
+    stills: Annotated[Path, typer.Argument(help="Folder of images (+ .txt captions), kohya N_name/ folders, or metadata.jsonl.")],
+    name: Annotated[str, typer.Option(help="Preset name (also the output folder's name).")],
+    method: Annotated[str, typer.Option(help="lora | ti (textual inversion).")] = "lora",
+    model: Annotated[Optional[str], typer.Option(help="Base model: folder, .safetensors or hub id (default $CINEFX_MODEL, else SD1.5).")] = None,
+    trigger: Annotated[Optional[str], typer.Option(help="Trigger word the look binds to (default <NAME>).")] = None,
+    caption: Annotated[str, typer.Option(help="Caption for images without a caption file; {trigger} is replaced.")] = "{trigger}, film still",
+    steps: Annotated[int, typer.Option(help="Training steps (0 = images × repeats × epochs ÷ batch).")] = 0,
+    epochs: Annotated[int, typer.Option(help="Passes over the (repeated) images.")] = 10,
+    repeats: Annotated[int, typer.Option(help="Repeats per image per epoch (0 = the kohya folder's number, else 1).")] = 0,
+    batch: Annotated[int, typer.Option(help="Images per step.")] = 1,
+    resolution: Annotated[int, typer.Option(help="Training resolution (aspect-ratio buckets of about this squared).")] = 512,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / rank).")] = 16.0,
+    vectors: Annotated[int, typer.Option(help="Textual inversion: vectors behind the trigger.")] = 4,
+    lr: Annotated[float, typer.Option(help="Learning rate (0 = 1e-4 LoRA, 5e-4 TI).")] = 0.0,
+    min_snr: Annotated[float, typer.Option("--min-snr", help="Min-SNR loss weighting gamma (0 = off).")] = 5.0,
+    noise_offset: Annotated[float, typer.Option(help="Offset noise (e.g. 0.05) for deeper blacks and brighter whites.")] = 0.0,
+    no_flip: Annotated[bool, typer.Option("--no-flip", help="Do not add mirrored copies.")] = False,
+    min_side: Annotated[int, typer.Option(help="Skip images whose short side is below this.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same weights.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps (0 = only when stopped).")] = 100,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in the output folder.")] = False,
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Preset folder to write (default: the user presets folder / NAME).")] = None,
+    precision: Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16.")] = "auto",
+    validation: Annotated[bool, typer.Option(help="Render the base-vs-preset validation sheet.")] = True,
+):
+    """Train a preset (LoRA or textual inversion) on your own stills; `stylize --preset NAME` uses it."""
+
+    def run():
+        import dataclasses
+
+        from cinefx.presets import user_dir
+        from cinefx.train.data import scan_dataset
+        from cinefx.train.export import export_preset, validation_sheet
+        from cinefx.train.loop import TrainConfig, total_steps, train
+
+        word = trigger or f"<{name}>"
+        cfg = TrainConfig(method=method, model=model or "", trigger=word, steps=steps, epochs=epochs,
+                          repeats=repeats, batch=batch, resolution=resolution, rank=rank, alpha=alpha,
+                          vectors=vectors, lr=lr, min_snr_gamma=min_snr, noise_offset=noise_offset,
+                          flip=not no_flip, seed=seed, checkpoint_every=checkpoint_every, precision=precision)
+        cfg.check()
+        data = scan_dataset(stills, word, caption, min_side=min_side)
+        for note in data.notes:
+            _info(f"{stills}: {note}")
+        n = total_steps(cfg, data)
+        per_epoch = sum(cfg.repeats or i.repeats for i in data.items)
+        natural = total_steps(dataclasses.replace(cfg, steps=0), data)
+        _info(f"steps: {len(data.items)} images → {per_epoch} samples per epoch × {epochs} epochs ÷ batch {batch} "
+              f"= {natural} steps" + (f"; --steps {steps} used instead" if steps else ""))
+        folder = out or user_dir() / name
+        work = folder / ".train"
+        progress = _Progress(f"train {name}", n, unit="steps")
+        try:
+            host, state = train(cfg, data, work, resume=resume,
+                                progress=lambda done, total, loss: progress(done, total, None))
+        finally:
+            progress.close()
+        toml = export_preset(host, cfg, state, folder, name)
+        if validation:
+            validation_sheet(host, word, folder / "validation.png", size=min(resolution, host.vae_scale_factor
+                             * host.unet.config.sample_size))
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        _info(f"preset {name!r} written to {toml} ({state.step} steps, final loss "
+              f"{state.losses[-1] if state.losses else float('nan'):.4f}); use it with --preset "
+              f"{name if out is None else toml}")
 
     _run(run)
 

@@ -60,13 +60,14 @@ def choose_engine(requested: str, models=None, controls: tuple[str, ...] = ("can
         return EngineChoice("diffusion", f"requested with --engine diffusion, on the {where}")
     why = list(missing)
     if not why:
+        found = resolve_models(models, controls)
+        why += [f"{r.role} {r.spec!r} {'not downloaded' if r.how == 'hub' else r.detail}"
+                for r in found if r.how in ("missing", "hub")]
+    if not why:  # only now import torch (hundreds of MB): a grade run without weights never needs it
         import torch
 
         if not torch.cuda.is_available():
             why.append("no CUDA GPU (diffusion on a CPU is very slow; force it with --engine diffusion)")
-        found = resolve_models(models, controls)
-        why += [f"{r.role} {r.spec!r} {'not downloaded' if r.how == 'hub' else r.detail}"
-                for r in found if r.how in ("missing", "hub")]
     if why:
         return EngineChoice("grade", "diffusion not usable: " + "; ".join(why))
     return EngineChoice("diffusion", "GPU and model weights found")

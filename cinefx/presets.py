@@ -79,6 +79,7 @@ class DiffusionConfig:
     keyframes: int = _num(0, 0, 1000, "diffuse every K-th frame and propagate (0 = every frame)")
     colour_anchor: float = _num(0.5, 0.0, 1.0, "hold colour to the scene's first stylized frame")
     adapters: tuple[Adapter, ...] = field(default=(), metadata={"doc": "LoRA / textual-inversion files"})
+    base_model: str = field(default="", metadata={"doc": "base model the adapters were trained on (used when --model is not given)"})
 
 
 @dataclass(frozen=True)

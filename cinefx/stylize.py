@@ -69,6 +69,13 @@ class StylizeResult:
     seconds: float
 
 
+def _with_preset_model(options: StylizeOptions, preset: Preset) -> StylizeOptions:
+    """A preset trained on a particular base model names it; --model still wins."""
+    if preset.diffusion.base_model and not options.models.base:
+        return dataclasses.replace(options, models=dataclasses.replace(options.models, base=preset.diffusion.base_model))
+    return options
+
+
 def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
                  options: StylizeOptions = StylizeOptions(), progress: Progress | None = None) -> StylizeResult:
     """Render `src` in the look of `preset` to `dst`. The input is only read; `dst` appears only
@@ -81,6 +88,7 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
         raise OutputError(f"{dst}: output would overwrite the input")
     info = probe(src)
     controls = tuple(k for k, _ in preset.diffusion.controls)
+    options = _with_preset_model(options, preset)
     choice = choose_engine(options.engine, options.models, controls)
     notes = [f"engine: {choice.name} ({choice.reason})"]
     if info.colour.assumed:
@@ -217,6 +225,7 @@ def preview_file(src: str | os.PathLike, png: str | os.PathLike, preset: Preset,
         raise OutputError(f"{png}: exists; pass --overwrite to replace it")
     info = probe(src)
     controls = tuple(k for k, _ in preset.diffusion.controls)
+    options = _with_preset_model(options, preset)
     choice = choose_engine(options.engine, options.models, controls)
     engine = None
     if choice.name == "diffusion":

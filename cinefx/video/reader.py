@@ -39,12 +39,14 @@ class Frame:
 
 
 def read_frames(info: VideoInfo, size: tuple[int, int] | None = None,
-                threads: int = 0) -> Iterator[Frame]:
+                threads: int = 0, exact: bool = True) -> Iterator[Frame]:
     """Yield every frame of `info.path` in display order.
 
     size: (width, height) in display orientation to scale to while converting (swscale, area
     filter), or None for the source size. The colour matrix and range come from `info.colour`
     explicitly, so untagged or BT.601 sources convert without a shift.
+    exact: swscale's accurate rounding (see below); thumbnails for analysis can do without it,
+    at a third of the conversion cost.
     Raises `InputFileError` if the file turns out truncated or corrupt part way.
     """
     path = info.path
@@ -53,12 +55,13 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None,
         size = (size[1], size[0])  # scale in coded orientation, rotate after
     # swscale's default fast path shifts colours by 1-2 levels (more for 10-bit input); accurate
     # rounding with full horizontal chroma interpolation keeps it within a fraction of a level.
-    exact = Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
+    flags = Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT if exact else Interpolation(0)
     convert = dict(format="rgb24", src_colorspace=info.colour.matrix_name,
                    src_color_range="JPEG" if info.colour.full_range else "MPEG",
-                   dst_color_range="JPEG", interpolation=Interpolation.BICUBIC | exact)
+                   dst_color_range="JPEG", interpolation=Interpolation.BICUBIC | flags)
     if size is not None:
-        convert.update(width=size[0], height=size[1], interpolation=Interpolation.AREA | exact)
+        convert.update(width=size[0], height=size[1],
+                       interpolation=(Interpolation.AREA if exact else Interpolation.FAST_BILINEAR) | flags)
 
     step = _nominal_step(info)
     heap: list[tuple[int, int, np.ndarray, int]] = []

@@ -1,0 +1,1 @@
+"""`cinefx train-preset`: datasets (`data`), the training loop (`loop`), preset export (`export`)."""

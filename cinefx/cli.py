@@ -446,6 +446,59 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or path."
     _run(run)
 
 
+@presets_app.command("import")
+def presets_import(
+    file: Annotated[Path, typer.Argument(help="A LoRA (.safetensors, diffusers or kohya/A1111) or textual-inversion embedding.")],
+    name: Annotated[Optional[str], typer.Option(help="Preset name (default: the file's stem).")] = None,
+    trigger: Annotated[str, typer.Option(help="Trigger word(s) the LoRA was trained with.")] = "",
+    token: Annotated[str, typer.Option(help="Token an embedding binds to (default <NAME>).")] = "",
+    scale: Annotated[float, typer.Option(help="Recommended scale (default 0.8 LoRA, 1.0 embedding).")] = 0.0,
+    base_model: Annotated[str, typer.Option(help="Base model it was trained on (folder or hub id).")] = "",
+    kind: Annotated[str, typer.Option(help="lora | textual-inversion: needed for pickles, whose contents cannot be checked.")] = "",
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .pt/.ckpt/.bin pickles (they can run code).")] = False,
+):
+    """Wrap a downloaded LoRA or embedding into a preset in the user presets folder."""
+
+    def run():
+        from cinefx.presets import load_preset, user_dir
+        from cinefx.train.export import import_adapter
+
+        preset_name = name or file.stem
+        toml = import_adapter(file, preset_name, user_dir() / preset_name, token=token, trigger=trigger,
+                              scale=scale, base_model=base_model, allow_pickle=allow_pickle, kind=kind)
+        load_preset(toml)  # what was written must load
+        _info(f"preset {preset_name!r} written to {toml}; use it with --preset {preset_name}")
+
+    _run(run)
+
+
+@app.command()
+def storyboard(
+    shots: Annotated[Path, typer.Argument(help="Text file: one shot description per line.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Contact sheet PNG; each still is written beside it.")],
+    preset: Annotated[list[str], typer.Option("--preset", "-p", help="Preset(s), combined as in stylize.")] = ["medium-shot"],
+    model: Annotated[Optional[str], typer.Option(help="Base model (default: the preset's, $CINEFX_MODEL, else SD1.5).")] = None,
+    size: Annotated[int, typer.Option(help="Short side of each still (0 = the model's native size).")] = 0,
+    aspect: Annotated[float, typer.Option(help="Width ÷ height of each still.")] = 16 / 9,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
+    seed: Annotated[int, typer.Option(help="Seed of the first still (the next shots use the following seeds).")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing files.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle")] = False,
+):
+    """Turn shot descriptions into stills in a preset's look, and a contact sheet."""
+
+    def run():
+        from cinefx import presets as P
+        from cinefx.storyboard import render_storyboard
+
+        look = P.combine([P.load_preset(n) for n in preset])
+        written = render_storyboard(shots, output, look, model=model, size=size, aspect=aspect, steps=steps,
+                                    seed=seed, overwrite=overwrite, allow_pickle=allow_pickle)
+        _info(f"{shots.name} → {output}: {len(written)} stills")
+
+    _run(run)
+
+
 def main() -> None:
     try:
         app()

@@ -100,3 +100,44 @@ def test_bad_training_folders(tiny_bundle, tmp_path):
     r = train(tmp_path / "missing", tmp_path / "o", tiny_bundle)
     assert r.exit_code == 1 and "not found" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_presets_import(tiny_bundle, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("CINEFX_PRESETS_DIR", str(tmp_path / "user"))
+    emb = tmp_path / "grainy.safetensors"
+    save_file({"<grainy>": torch.randn(2, 32)}, str(emb))
+    r = runner.invoke(app, ["presets", "import", str(emb)])
+    assert r.exit_code == 0, r.output
+    from cinefx.presets import load_preset
+
+    p = load_preset("grainy")
+    assert p.diffusion.adapters[0].kind == "textual-inversion" and p.diffusion.adapters[0].token == "<grainy>"
+    assert (tmp_path / "user" / "grainy" / "grainy.safetensors").is_file()
+    loha = tmp_path / "loha.safetensors"
+    save_file({"lora_unet_a.hada_w1_a": torch.zeros(2, 2)}, str(loha))
+    pt = tmp_path / "old.pt"
+    pt.write_bytes(b"\x80\x04pickle")
+    for args, needle in (([str(loha)], "LoHa/LoKr"), ([str(pt)], "pickles"),
+                         ([str(pt), "--allow-pickle"], "--kind lora"), ([str(emb)], "already exists")):
+        r = runner.invoke(app, ["presets", "import", *args])
+        assert r.exit_code == 1 and needle in r.output, (args, r.output)
+
+
+def test_storyboard(tiny_bundle, tmp_path):
+    shots = tmp_path / "shots.txt"
+    shots.write_text("# scene one\na detective in the rain\n\nclose on her eyes, neon reflections\n")
+    board = tmp_path / "board.png"
+    r = runner.invoke(app, ["storyboard", str(shots), "-o", str(board), "--model", str(tiny_bundle), "--steps", "2",
+                            "--preset", "noir"])
+    assert r.exit_code == 0, r.output
+    stills = [cv2.imread(str(tmp_path / f"board_{i:02d}.png")) for i in (1, 2)]
+    assert all(s is not None and s.shape[1] > s.shape[0] for s in stills)  # 16:9 frames
+    assert np.abs(stills[0].astype(int) - stills[1]).mean() > 0.5  # each shot is its own picture
+    assert cv2.imread(str(board)) is not None
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    r = runner.invoke(app, ["storyboard", str(tmp_path / "empty.txt"), "-o", str(tmp_path / "b2.png"),
+                            "--model", str(tiny_bundle)])
+    assert r.exit_code == 1 and "no shot descriptions" in r.output

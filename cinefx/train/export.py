@@ -58,18 +58,63 @@ def export_preset(host, cfg: TrainConfig, state: TrainState, out: Path, name: st
         save_file({cfg.trigger: rows.contiguous()}, str(out / "embedding.safetensors"))
         adapters.append(f'[[diffusion.adapters]]\nkind = "textual-inversion"\npath = "embedding.safetensors"\n'
                         f'token = "{cfg.trigger}"\nscale = 1.0')
-    base = cfg.model or "(the default base model)"
-    toml = "\n".join([
-        f'# Trained by `cinefx train-preset` ({cfg.method}, {state.step} steps) on base model {base}.',
-        f'name = "{name}"',
-        f'description = "{description or f"{cfg.method} look trained on your stills"}"',
-        "", "[prompt]", f'positive = "cinematic film still"', f'trigger = ["{cfg.trigger}"]',
-        "", "[diffusion]", f'base_model = "{cfg.model}"', "", *adapters, ""])
-    (out / "preset.toml").write_text(toml, encoding="utf-8")
+    write_preset_toml(out, name, description or f"{cfg.method} look trained on your stills", cfg.trigger,
+                      cfg.model, adapters, f"Trained by `cinefx train-preset` ({cfg.method}, {state.step} steps) "
+                      f"on base model {cfg.model or '(the default)'}.")
     (out / "train_config.json").write_text(json.dumps({**config_dict(cfg), "steps_done": state.step,
                                                        "lora_targets": list(LORA_TARGETS)}, indent=2))
     _loss_plot(state.losses, out / "loss.png")
     return out / "preset.toml"
+
+
+def write_preset_toml(out: Path, name: str, description: str, trigger: str, base_model: str,
+                      adapters: list[str], comment: str) -> Path:
+    """preset.toml for a folder of weights; `adapters` are ready [[diffusion.adapters]] tables."""
+    def q(text: str) -> str:
+        return json.dumps(text)  # a JSON string is a valid TOML basic string
+
+    lines = [f"# {comment}", f"name = {q(name)}", f"description = {q(description)}", "", "[prompt]",
+             'positive = "cinematic film still"']
+    if trigger:
+        lines.append(f"trigger = [{q(trigger)}]")
+    lines += ["", "[diffusion]"]
+    if base_model:
+        lines.append(f"base_model = {q(base_model)}")
+    lines += ["", *adapters, ""]
+    path = out / "preset.toml"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def import_adapter(file: Path, name: str, folder: Path, token: str = "", trigger: str = "", scale: float = 0.0,
+                   base_model: str = "", allow_pickle: bool = False, kind: str = "") -> Path:
+    """Wrap a downloaded LoRA or embedding file into a preset folder `folder` (created): the file
+    is copied in, its format detected (`inspect_file`), and preset.toml written. Returns the TOML."""
+    import shutil
+
+    from cinefx.diffusion.adapters import inspect_file
+    from cinefx.errors import AdapterError, OutputError
+
+    found, fmt = inspect_file(Path(file), allow_pickle)
+    if found == "unknown":
+        if kind not in ("lora", "textual-inversion"):
+            raise AdapterError(f"{file}: a pickle's contents cannot be checked before loading; "
+                               "say what it is with --kind lora or --kind textual-inversion")
+        found = kind
+    if found == "textual-inversion" and not token:
+        token = f"<{name}>"
+    if folder.exists() and any(folder.iterdir()):
+        raise OutputError(f"{folder}: already exists; pick another --name or remove it")
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / Path(file).name
+    shutil.copy2(file, dest)
+    entry = [f'[[diffusion.adapters]]', f'kind = "{found}"', f"path = {json.dumps(dest.name)}",
+             f"scale = {scale or (0.8 if found == 'lora' else 1.0):g}"]
+    if found == "textual-inversion":
+        entry.append(f"token = {json.dumps(token)}")
+    return write_preset_toml(folder, name, f"imported {found} ({fmt} format) from {Path(file).name}",
+                             trigger or token, base_model, ["\n".join(entry)],
+                             f"Imported by `cinefx presets import` from {file}.")
 
 
 def _loss_plot(losses: list[float], path: Path) -> None:

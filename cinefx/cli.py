@@ -336,7 +336,7 @@ def models(
 def train_preset(
     stills: Annotated[Path, typer.Argument(help="Folder of images (+ .txt captions), kohya N_name/ folders, or metadata.jsonl.")],
     name: Annotated[str, typer.Option(help="Preset name (also the output folder's name).")],
-    method: Annotated[str, typer.Option(help="lora | ti (textual inversion).")] = "lora",
+    method: Annotated[str, typer.Option(help="lora | ti (textual inversion) | dreambooth-lora (with prior preservation).")] = "lora",
     model: Annotated[Optional[str], typer.Option(help="Base model: folder, .safetensors or hub id (default $CINEFX_MODEL, else SD1.5).")] = None,
     trigger: Annotated[Optional[str], typer.Option(help="Trigger word the look binds to (default <NAME>).")] = None,
     caption: Annotated[str, typer.Option(help="Caption for images without a caption file; {trigger} is replaced.")] = "{trigger}, film still",
@@ -351,6 +351,9 @@ def train_preset(
     lr: Annotated[float, typer.Option(help="Learning rate (0 = 1e-4 LoRA, 5e-4 TI).")] = 0.0,
     min_snr: Annotated[float, typer.Option("--min-snr", help="Min-SNR loss weighting gamma (0 = off).")] = 5.0,
     noise_offset: Annotated[float, typer.Option(help="Offset noise (e.g. 0.05) for deeper blacks and brighter whites.")] = 0.0,
+    class_prompt: Annotated[str, typer.Option(help="DreamBooth: the class the look belongs to.")] = "a cinematic film still",
+    class_images: Annotated[int, typer.Option(help="DreamBooth: class images generated for prior preservation.")] = 100,
+    prior_loss_weight: Annotated[float, typer.Option(help="DreamBooth: weight of the prior-preservation loss.")] = 1.0,
     no_flip: Annotated[bool, typer.Option("--no-flip", help="Do not add mirrored copies.")] = False,
     min_side: Annotated[int, typer.Option(help="Skip images whose short side is below this.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same weights.")] = 0,
@@ -374,7 +377,8 @@ def train_preset(
         cfg = TrainConfig(method=method, model=model or "", trigger=word, steps=steps, epochs=epochs,
                           repeats=repeats, batch=batch, resolution=resolution, rank=rank, alpha=alpha,
                           vectors=vectors, lr=lr, min_snr_gamma=min_snr, noise_offset=noise_offset,
-                          flip=not no_flip, seed=seed, checkpoint_every=checkpoint_every, precision=precision)
+                          flip=not no_flip, seed=seed, checkpoint_every=checkpoint_every, precision=precision,
+                          class_prompt=class_prompt, class_images=class_images, prior_loss_weight=prior_loss_weight)
         cfg.check()
         data = scan_dataset(stills, word, caption, min_side=min_side)
         for note in data.notes:

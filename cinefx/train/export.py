@@ -43,7 +43,7 @@ def export_preset(host, cfg: TrainConfig, state: TrainState, out: Path, name: st
 
     out.mkdir(parents=True, exist_ok=True)
     adapters = []
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "dreambooth-lora"):
         from diffusers import StableDiffusionPipeline
         from peft.utils import get_peft_model_state_dict
 

@@ -1,9 +1,9 @@
 """The per-pixel colour part of a grade, as one function of a colour.
 
 `colour_transform(grade)` returns f: (..., 3) float32 RGB in [0, 1] → same. Because it depends on
-nothing but the pixel's own colour, the grader bakes it once into a 33³ 3D LUT and applies that to
-frames (FFmpeg's lut3d, tetrahedral): one pass per frame whatever the grade, and no frame-to-frame
-state, so the grade cannot introduce flicker.
+nothing but the pixel's own colour, the grader bakes it once into a 33³ 3D LUT, expands that to
+every 8-bit colour (`lut.dense_table`) and looks frames up in it: one pass per frame whatever the
+grade, and no frame-to-frame state, so the grade cannot introduce flicker.
 
 Order, as a colourist's node tree: balance (exposure, white balance, in linear light) → contrast →
 highlight roll-off → look LUT → saturation → split toning → black lift.

@@ -79,10 +79,19 @@ def scenes_time(src):
 
 
 def rss_of(args):
-    proc = subprocess.Popen([sys.executable, "-m", "cinefx", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    assert status == 0, args
-    return usage.ru_maxrss / 1024  # MiB
+    """Peak RSS (MiB) of `cinefx ARGS` in a fresh process. Read from the child's own VmHWM: the
+    ru_maxrss that wait4 reports counts the parent's memory at fork, before exec (this script
+    holds ~1 GB by then), which made the first measurement meaningless."""
+    out = Path(tempfile.mkstemp(suffix=".hwm")[1])
+    code = ("import runpy, sys\n"
+            "sys.argv = ['cinefx', *sys.argv[2:]]\n"
+            "try:\n"
+            "    runpy.run_module('cinefx', run_name='__main__')\n"
+            "finally:\n"
+            f"    open({str(out)!r}, 'w').write(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n")
+    subprocess.run([sys.executable, "-c", code, "x", *args], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return int(out.read_text()) / 1024
 
 
 def main():

@@ -77,19 +77,21 @@ class _Progress:
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[fps]:.1f} " + ("fps" if unit == "frames" else f"{unit}/s")), TimeRemainingColumn(),
+                                TextColumn("{task.fields[note]}"),
                                 console=_console(), transient=True)
-            self.task = self.bar.add_task(label, total=total or None, fps=0.0)
+            self.task = self.bar.add_task(label, total=total or None, fps=0.0, note="")
             self.bar.start()
 
     def __call__(self, done: int, total: int, message: str | None) -> None:
         fps = done / max(1e-6, time.monotonic() - self.t0)
         if self.bar is not None:
-            self.bar.update(self.task, completed=done, total=total or None, fps=fps)
+            self.bar.update(self.task, completed=done, total=total or None, fps=fps, note=message or "")
         elif not _state["quiet"] and time.monotonic() - self.last_log >= 5:
             self.last_log = time.monotonic()
             pct = f" ({100 * done / total:.0f}%)" if total else ""
             rate = "fps" if self.unit == "frames" else f"{self.unit}/s"
-            _console().print(f"{self.label}: {done}/{total or '?'} {self.unit}{pct}, {fps:.1f} {rate}", markup=False)
+            extra = f", {message}" if message else ""
+            _console().print(f"{self.label}: {done}/{total or '?'} {self.unit}{pct}, {fps:.1f} {rate}{extra}", markup=False)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -355,6 +357,8 @@ def train_preset(
     class_images: Annotated[int, typer.Option(help="DreamBooth: class images generated for prior preservation.")] = 100,
     prior_loss_weight: Annotated[float, typer.Option(help="DreamBooth: weight of the prior-preservation loss.")] = 1.0,
     no_flip: Annotated[bool, typer.Option("--no-flip", help="Do not add mirrored copies.")] = False,
+    random_crop: Annotated[bool, typer.Option("--random-crop", help="Random crops each step instead of cached centre crops (slower).")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade speed for memory.")] = False,
     min_side: Annotated[int, typer.Option(help="Skip images whose short side is below this.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same weights.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps (0 = only when stopped).")] = 100,
@@ -377,7 +381,8 @@ def train_preset(
         cfg = TrainConfig(method=method, model=model or "", trigger=word, steps=steps, epochs=epochs,
                           repeats=repeats, batch=batch, resolution=resolution, rank=rank, alpha=alpha,
                           vectors=vectors, lr=lr, min_snr_gamma=min_snr, noise_offset=noise_offset,
-                          flip=not no_flip, seed=seed, checkpoint_every=checkpoint_every, precision=precision,
+                          flip=not no_flip, random_crop=random_crop, gradient_checkpointing=gradient_checkpointing,
+                          seed=seed, checkpoint_every=checkpoint_every, precision=precision,
                           class_prompt=class_prompt, class_images=class_images, prior_loss_weight=prior_loss_weight)
         cfg.check()
         data = scan_dataset(stills, word, caption, min_side=min_side)
@@ -393,7 +398,7 @@ def train_preset(
         progress = _Progress(f"train {name}", n, unit="steps")
         try:
             host, state = train(cfg, data, work, resume=resume,
-                                progress=lambda done, total, loss: progress(done, total, None))
+                                progress=lambda done, total, loss: progress(done, total, f"loss {loss:.4f}"))
         finally:
             progress.close()
         toml = export_preset(host, cfg, state, folder, name)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from cinefx.errors import CinefxError, OptionError
-from cinefx.train.data import Dataset, bucket_sizes, load_image, nearest_bucket
+from cinefx.train.data import Dataset, Item, bucket_sizes, load_image, nearest_bucket
 
 METHODS = ("lora", "ti", "dreambooth-lora")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out")
@@ -133,21 +133,33 @@ def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
     for p in params:
         p.data = p.data.float()  # trainable weights stay fp32 whatever the model's precision
 
-    # 3. cached latents: every image (and its mirror when flipping) encoded once, centre-cropped
+    # 3. samples: cached latents of every image (and its mirror when flipping), centre-cropped;
+    # with random crops the image itself, encoded at each step
     buckets = bucket_sizes(cfg.resolution)
     rng = np.random.default_rng(cfg.seed)
-    cache: list[tuple[torch.Tensor, str, tuple[int, int]]] = []
+    cache: list[tuple[torch.Tensor | Item, str, tuple[int, int]]] = []
     with torch.no_grad():
         for item in data.items:
             bucket = nearest_bucket(item.size, buckets)
+            copies = cfg.repeats or item.repeats
+            if cfg.random_crop:
+                cache += [(item, item.caption, bucket)] * copies
+                continue
             for flip in ((False, True) if cfg.flip else (False,)):
                 img = load_image(item, bucket, rng, random_crop=False, flip=False)
                 if flip:
                     img = img[:, ::-1].copy()
                 x = torch.from_numpy(img).permute(2, 0, 1)[None].to(device, dtype)
                 z = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
-                for _ in range(cfg.repeats or item.repeats):
-                    cache.append((z[0].float().cpu(), item.caption, bucket))
+                cache += [(z[0].float().cpu(), item.caption, bucket)] * copies
+
+    def latent(source, bucket) -> torch.Tensor:
+        if isinstance(source, torch.Tensor):
+            return source
+        img = load_image(source, bucket, rng, random_crop=True, flip=cfg.flip)
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].to(device, dtype)
+        with torch.no_grad():  # the posterior mean: a sample would need the global RNG, which resume cannot restore
+            return (vae.encode(x).latent_dist.mean * vae.config.scaling_factor)[0].float()
 
     # 4. optimizer and schedule (constant after a linear warm-up)
     steps = total_steps(cfg, data)
@@ -161,7 +173,7 @@ def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
     # 5. the steps
     def diffusion_loss(samples) -> torch.Tensor:
         """Denoising loss of a batch of (latent, caption, bucket) samples, Min-SNR weighted."""
-        z0 = torch.stack([z for z, _, _ in samples]).to(device)
+        z0 = torch.stack([latent(z, b) for z, _, b in samples]).to(device)
         noise = torch.randn(z0.shape, generator=gen)
         if cfg.noise_offset:  # brighter brights, darker darks (Guttenberg's offset noise)
             noise += cfg.noise_offset * torch.randn((z0.shape[0], z0.shape[1], 1, 1), generator=gen)

@@ -62,14 +62,20 @@ class DetectorOptions:
 
 
 class _Features:
-    __slots__ = ("lab", "luma", "std", "flat")
+    __slots__ = ("lab", "luma", "mean_l", "std", "flat")
 
     def __init__(self, small_rgb: np.ndarray, flat_std: float):
         self.lab = cv2.cvtColor(small_rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
         lum = self.lab[..., 0]
-        self.std = float(lum.std())
-        self.luma = (lum - lum.mean()) / (self.std + 1e-3)
+        mean, std = cv2.meanStdDev(lum)
+        self.mean_l, self.std = float(mean[0, 0]), float(std[0, 0])
+        self.luma = (lum - self.mean_l) / (self.std + 1e-3)
         self.flat = self.std < flat_std
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference of two equal-shape arrays (OpenCV: one pass, no temporaries)."""
+    return cv2.norm(a, b, cv2.NORM_L1) / a.size
 
 
 def thumbnail_size(width: int, height: int) -> tuple[int, int]:
@@ -106,7 +112,7 @@ class SceneDetector:
         small = rgb if rgb.shape[1] == self._size[0] else cv2.resize(rgb, self._size, interpolation=cv2.INTER_AREA)
         f = _Features(small, self.o.flat_std)
         if self._feat:
-            self._diff[self.n] = float(np.abs(f.lab - self._feat[-1].lab).mean())
+            self._diff[self.n] = _mad(f.lab, self._feat[-1].lab)
         self._feat.append(f)
         self.n += 1
         out = []
@@ -203,11 +209,11 @@ class SceneDetector:
             return False  # brightness changed, structure did not: a light change, not a cut
         for k in range(t + 1, t + o.flash_frames + 1):
             nxt = self._f(k)
-            if nxt is not None and float(np.abs(nxt.lab - prev.lab).mean()) < 0.35 * d:
+            if nxt is not None and _mad(nxt.lab, prev.lab) < 0.35 * d:
                 return False  # the picture comes back after t: t starts a flash
         for k in range(t - 2, t - o.flash_frames - 2, -1):
             old = self._f(k)
-            if old is not None and float(np.abs(cur.lab - old.lab).mean()) < 0.35 * d:
+            if old is not None and _mad(cur.lab, old.lab) < 0.35 * d:
                 return False  # the picture is back to what it was before: t ends a flash
         return True
 
@@ -218,10 +224,10 @@ class SceneDetector:
             a, m, b = self._f(c - h), self._f(c), self._f(c + h)
             if a is None or b is None or any(self._f(k).flat for k in range(c - h, c + h + 1)):
                 continue  # a flat frame inside: that is a fade, handled by _fade
-            la, lb = float(a.lab[..., 0].mean()), float(b.lab[..., 0].mean())
+            la, lb = a.mean_l, b.mean_l
             if min(la, lb) < 0.4 * max(la, lb):
                 continue  # one end much darker: a fade to or from black, not a cross-dissolve
-            change = float(np.abs(a.lab - b.lab).mean())
+            change = _mad(a.lab, b.lab)
             if change < o.dissolve_min or self._same_shot(a, b):
                 continue
             if any(self._diff.get(k, 0) > 0.6 * change for k in range(c - h + 1, c + h + 1)):
@@ -230,7 +236,7 @@ class SceneDetector:
             for frac in (0.25, 0.5, 0.75):
                 q = self._f(c - h + round(2 * h * frac))
                 blend = (1 - frac) * a.lab + frac * b.lab
-                worst = max(worst, float(np.abs(q.lab - blend).mean()))
+                worst = max(worst, _mad(q.lab, blend))
             if worst <= o.dissolve_linearity * change:
                 return h, change
         return 0, 0.0

@@ -105,6 +105,8 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None,
                     last_pts = pts
                     if fast is not None and frame.format.name == "yuv420p":
                         rgb = _yuv420_to_rgb(frame, fast)
+                    elif size is not None and not exact and frame.format.name in ("yuv420p", "yuvj420p"):
+                        rgb = _yuv420_thumbnail(frame, size)
                     else:
                         rgb = frame.to_ndarray(**convert)
                     if k:
@@ -157,6 +159,17 @@ def _yuv420_to_rgb(frame: av.VideoFrame, m: np.ndarray) -> np.ndarray:
     rgb = cv2.transform(cv2.merge([y, u, v]).astype(np.float32), m)
     np.clip(rgb, 0, 255, out=rgb)
     return rgb.astype(np.uint8)
+
+
+def _yuv420_thumbnail(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
+    """A small RGB picture for analysis, shrunk plane by plane before any colour conversion. The
+    colour is approximate (BT.601 full range whatever the source): scene detection compares
+    frames with each other, never with the truth."""
+    w, h = frame.width, frame.height
+    y = cv2.resize(_plane(frame.planes[0], w, h), size, interpolation=cv2.INTER_AREA)
+    u = cv2.resize(_plane(frame.planes[1], (w + 1) // 2, (h + 1) // 2), size, interpolation=cv2.INTER_AREA)
+    v = cv2.resize(_plane(frame.planes[2], (w + 1) // 2, (h + 1) // 2), size, interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(cv2.merge([y, v, u]), cv2.COLOR_YCrCb2RGB)
 
 
 def _nominal_step(info: VideoInfo) -> int:

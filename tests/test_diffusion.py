@@ -440,3 +440,11 @@ def test_a1111_embedding_needs_a_token_and_loads(tiny_bundle, slow_frames, tmp_p
                                                                     ['token = "<a1111-look>"'])])), spec, EngineSettings())
     plain = build_diffusion_engine(load_preset(_preset_file(tmp_path, [])), spec, EngineSettings())
     assert np.abs(e.render(slow_frames[:4], 0).astype(int) - plain.render(slow_frames[:4], 0)).mean() > 0.5
+
+
+@pytest.mark.parametrize("scheduler", ["dpm++", "ddim", "euler", "unipc"])
+def test_every_scheduler_renders(tiny_bundle, slow_frames, scheduler):
+    preset = preset_with(steps=3)
+    e = build_diffusion_engine(preset, ModelSpec(base=str(tiny_bundle)), EngineSettings(scheduler=scheduler))
+    out = e.render(slow_frames[:3], 0)
+    assert out.shape == slow_frames[:3].shape and out.std() > 1

@@ -61,8 +61,10 @@ def choose_engine(requested: str, models=None, controls: tuple[str, ...] = ("can
     why = list(missing)
     if not why:
         found = resolve_models(models, controls)
-        why += [f"{r.role} {r.spec!r} {'not downloaded' if r.how == 'hub' else r.detail}"
-                for r in found if r.how in ("missing", "hub")]
+        absent = [r.role for r in found if r.how == "hub"]
+        if absent:
+            why.append(f"model weights not downloaded ({', '.join(absent)}; see `cinefx models`)")
+        why += [f"{r.role} {r.spec!r}: {r.detail}" for r in found if r.how == "missing"]
     if not why:  # only now import torch (hundreds of MB): a grade run without weights never needs it
         import torch
 

@@ -448,3 +448,15 @@ def test_every_scheduler_renders(tiny_bundle, slow_frames, scheduler):
     e = build_diffusion_engine(preset, ModelSpec(base=str(tiny_bundle)), EngineSettings(scheduler=scheduler))
     out = e.render(slow_frames[:3], 0)
     assert out.shape == slow_frames[:3].shape and out.std() > 1
+
+
+@pytest.mark.parametrize("kind", ["odd", "portrait", "10bit"])
+def test_diffusion_keeps_odd_sizes_rotation_and_10bit(tiny_bundle, clips, tmp_path, kind):
+    from cinefx.video.probe import probe
+
+    out = tmp_path / f"{kind}.mp4"
+    r = runner.invoke(app, ["stylize", str(clips[kind]), "--engine", "diffusion", "--model", str(tiny_bundle),
+                            "--steps", "2", "--no-metrics", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    a, b = probe(clips[kind]), probe(out)
+    assert (b.display_size, b.rotation, b.frame_count) == (a.display_size, a.rotation, a.frame_count)

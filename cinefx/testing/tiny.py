@@ -70,15 +70,15 @@ def write_tokenizer(folder: Path) -> int:
 
 def write_tiny_bundle(folder: str | Path, seed: int = 0) -> Path:
     """Write the tiny bundle into `folder` (created) and return it."""
+    from cinefx.diffusion.models import quiet_libraries
+
+    quiet_libraries()  # before the imports below, which print advice about torchvision
     import torch
     from diffusers import (AutoencoderKL, ControlNetModel, DPMSolverMultistepScheduler,
                            StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, DPTConfig,
                               DPTForDepthEstimation, DPTImageProcessor)
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # the image processor warns that torchvision is absent; it is not needed
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

@@ -338,7 +338,7 @@ def models(
 def train_preset(
     stills: Annotated[Path, typer.Argument(help="Folder of images (+ .txt captions), kohya N_name/ folders, or metadata.jsonl.")],
     name: Annotated[str, typer.Option(help="Preset name (also the output folder's name).")],
-    method: Annotated[str, typer.Option(help="lora | ti (textual inversion) | dreambooth-lora (with prior preservation).")] = "lora",
+    method: Annotated[str, typer.Option(help="lora | ti (textual inversion) | dreambooth-lora (with prior preservation) | pivotal (ti + lora).")] = "lora",
     model: Annotated[Optional[str], typer.Option(help="Base model: folder, .safetensors or hub id (default $CINEFX_MODEL, else SD1.5).")] = None,
     trigger: Annotated[Optional[str], typer.Option(help="Trigger word the look binds to (default <NAME>).")] = None,
     caption: Annotated[str, typer.Option(help="Caption for images without a caption file; {trigger} is replaced.")] = "{trigger}, film still",

@@ -41,7 +41,7 @@ def stylize_with(bundle, preset_toml, tmp_path):
     return build_diffusion_engine(preset, ModelSpec(base=str(bundle)), EngineSettings()).render(frames, 0)
 
 
-@pytest.mark.parametrize("method", ["lora", "ti", "dreambooth-lora"])
+@pytest.mark.parametrize("method", ["lora", "ti", "dreambooth-lora", "pivotal"])
 def test_method_trains_and_its_preset_changes_the_output(tiny_bundle, stills, tmp_path, method):
     out = tmp_path / method
     r = train(stills, out, tiny_bundle, "--method", method, "--steps", "4", "--class-images", "2")
@@ -50,6 +50,9 @@ def test_method_trains_and_its_preset_changes_the_output(tiny_bundle, stills, tm
     assert "20 samples per epoch" in r.output  # 4 images × 5 repeats
     toml = out / "preset.toml"
     assert toml.is_file() and (out / "loss.png").is_file() and (out / "train_config.json").is_file()
+    if method in ("pivotal", "ti"):
+        emb = load_file(str(out / "embedding.safetensors"))
+        assert list(emb) == ["<look>"] and emb["<look>"].shape == (4, 32)
     if method != "ti":
         kohya = load_file(str(out / "lora_kohya.safetensors"))
         assert any(k.startswith("lora_unet_") and k.endswith(".alpha") for k in kohya)
@@ -57,9 +60,6 @@ def test_method_trains_and_its_preset_changes_the_output(tiny_bundle, stills, tm
 
         assert inspect_file(out / "lora_kohya.safetensors") == ("lora", "kohya")
         assert inspect_file(out / "lora.safetensors") == ("lora", "diffusers")
-    else:
-        emb = load_file(str(out / "embedding.safetensors"))
-        assert list(emb) == ["<look>"] and emb["<look>"].shape == (4, 32)
     # the preset goes through the stylize path (it names its base model) and changes the output
     from cinefx.presets import load_preset
 

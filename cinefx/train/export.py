@@ -43,7 +43,7 @@ def export_preset(host, cfg: TrainConfig, state: TrainState, out: Path, name: st
 
     out.mkdir(parents=True, exist_ok=True)
     adapters = []
-    if cfg.method in ("lora", "dreambooth-lora"):
+    if cfg.trains_lora:
         from diffusers import StableDiffusionPipeline
         from peft.utils import get_peft_model_state_dict
 
@@ -51,7 +51,7 @@ def export_preset(host, cfg: TrainConfig, state: TrainState, out: Path, name: st
         StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=sd, weight_name="lora.safetensors")
         save_file(kohya_state_dict(sd, cfg.alpha), str(out / "lora_kohya.safetensors"))
         adapters.append('[[diffusion.adapters]]\nkind = "lora"\npath = "lora.safetensors"\nscale = 0.8')
-    else:
+    if cfg.trains_tokens:
         tok, enc = host.tokenizer, host.text_encoder
         tokens = [cfg.trigger] + [f"{cfg.trigger}_{i}" for i in range(1, cfg.vectors)]
         rows = enc.get_input_embeddings().weight[tok.convert_tokens_to_ids(tokens)].detach().float().cpu()

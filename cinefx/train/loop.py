@@ -1,4 +1,5 @@
-"""The training loop for `cinefx train-preset`: LoRA, textual inversion or DreamBooth-LoRA on SD1.5.
+"""The training loop for `cinefx train-preset`: LoRA, textual inversion, DreamBooth-LoRA, or pivotal
+tuning (new tokens and LoRA together) on SD1.5.
 
 Read it top to bottom: models → what trains → cached latents → optimizer → steps → checkpoint.
 Everything a resumed run needs (trainable weights, optimizer, LR schedule, both RNG states, the
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from cinefx.errors import CinefxError, OptionError
 from cinefx.train.data import Dataset, Item, bucket_sizes, load_image, nearest_bucket
 
-METHODS = ("lora", "ti", "dreambooth-lora")
+METHODS = ("lora", "ti", "dreambooth-lora", "pivotal")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out")
 
 
@@ -42,7 +43,7 @@ class TrainConfig:
     rank: int = 16
     alpha: float = 16.0
     vectors: int = 4  # textual inversion: embedding vectors behind the trigger token
-    lr: float = 0.0  # 0 = 1e-4 for LoRA, 5e-4 for textual inversion
+    lr: float = 0.0  # 0 = 1e-4 for LoRA, 5e-4 for textual inversion (pivotal: LoRA's; its tokens keep 5e-4)
     warmup: int = 0
     min_snr_gamma: float = 5.0  # 0 turns Min-SNR weighting off
     noise_offset: float = 0.0
@@ -58,8 +59,13 @@ class TrainConfig:
     class_images: int = 100
     prior_loss_weight: float = 1.0
 
-    def learning_rate(self) -> float:
-        return self.lr or (1e-4 if self.method == "lora" else 5e-4)
+    @property
+    def trains_lora(self) -> bool:
+        return self.method in ("lora", "dreambooth-lora", "pivotal")
+
+    @property
+    def trains_tokens(self) -> bool:
+        return self.method in ("ti", "pivotal")
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -105,17 +111,19 @@ def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
     noise_scheduler = DDPMScheduler.from_config(host.scheduler.config)
     torch.manual_seed(cfg.seed)
 
-    # 2. what trains
+    # 2. what trains: LoRA layers in the UNet, new token embeddings, or both (pivotal tuning)
     class_cache = _class_latents(host, cfg, work, device, dtype) if cfg.method == "dreambooth-lora" else []
-    if cfg.method in ("lora", "dreambooth-lora"):
+    groups = []
+    if cfg.trains_lora:
         from peft import LoraConfig
 
         unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
                                     target_modules=list(LORA_TARGETS)))
-        params = [p for p in unet.parameters() if p.requires_grad]
+        groups.append({"params": [p for p in unet.parameters() if p.requires_grad],
+                       "lr": cfg.lr or 1e-4, "weight_decay": 1e-2})
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-    else:
+    if cfg.trains_tokens:
         tokens = [cfg.trigger] + [f"{cfg.trigger}_{i}" for i in range(1, cfg.vectors)]
         if tokenizer.add_tokens(tokens) != len(tokens):
             raise OptionError(f"--trigger {cfg.trigger!r}: already a word of the tokenizer; pick a new one like <my-look>")
@@ -129,7 +137,8 @@ def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
         frozen_rows = emb.detach().clone()
         new_rows = torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)
         new_rows[ids] = True
-        params = [emb]
+        groups.append({"params": [emb], "lr": (cfg.lr if cfg.method == "ti" else 0) or 5e-4, "weight_decay": 0.0})
+    params = [p for g in groups for p in g["params"]]
     for p in params:
         p.data = p.data.float()  # trainable weights stay fp32 whatever the model's precision
 
@@ -163,7 +172,7 @@ def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
 
     # 4. optimizer and schedule (constant after a linear warm-up)
     steps = total_steps(cfg, data)
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate(), weight_decay=0.0 if cfg.method == "ti" else 1e-2)
+    opt = torch.optim.AdamW(groups)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     gen = torch.Generator().manual_seed(cfg.seed)
     state = TrainState()
@@ -182,7 +191,7 @@ def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
         zt = noise_scheduler.add_noise(z0, noise, t).to(dtype)
         ids = tokenizer([c for _, c, _ in samples], padding="max_length", truncation=True,
                         max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
-        with torch.set_grad_enabled(cfg.method == "ti"):
+        with torch.set_grad_enabled(cfg.trains_tokens):
             text = text_encoder(ids)[0]
         pred = unet(zt, t, encoder_hidden_states=text.to(dtype)).sample.float()
         v_pred = noise_scheduler.config.prediction_type == "v_prediction"
@@ -212,7 +221,7 @@ def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if cfg.method == "ti":  # only the new tokens' rows may change
+        if cfg.trains_tokens:  # only the new tokens' rows may change
             with torch.no_grad():
                 emb[~new_rows] = frozen_rows[~new_rows].to(emb.dtype)
         state.step += 1

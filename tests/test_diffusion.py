@@ -460,3 +460,19 @@ def test_diffusion_keeps_odd_sizes_rotation_and_10bit(tiny_bundle, clips, tmp_pa
     assert r.exit_code == 0, r.output
     a, b = probe(clips[kind]), probe(out)
     assert (b.display_size, b.rotation, b.frame_count) == (a.display_size, a.rotation, a.frame_count)
+
+
+def test_single_file_checkpoint_offline_says_what_it_needs(tiny_bundle, clips, tmp_path):
+    """Companions are found beside a single-file checkpoint; offline, its missing hub config is
+    named in one line with the way out."""
+    import shutil
+
+    for sub in ("controlnet-canny", "controlnet-depth", "depth-estimator"):
+        shutil.copytree(tiny_bundle / sub, tmp_path / sub)
+    ckpt = tmp_path / "model.safetensors"
+    shutil.copy(tiny_bundle / "unet" / "diffusion_pytorch_model.safetensors", ckpt)
+    r = runner.invoke(app, ["models", "--model", str(ckpt)])
+    assert r.exit_code == 0 and r.output.count("local folder") == 3 and "local file" in r.output, r.output
+    r = runner.invoke(app, ["stylize", str(clips["mp4"]), "--engine", "diffusion", "--model", str(ckpt),
+                            "-o", str(tmp_path / "o.mp4")])
+    assert r.exit_code == 1 and "single-file checkpoint" in r.output and len(r.output.strip().splitlines()) == 1

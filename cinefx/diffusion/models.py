@@ -7,9 +7,9 @@ A model is named by any of
   - a Hugging Face hub id (``org/name``), taken from the local cache, or downloaded when the machine
     is online and ``HF_HUB_OFFLINE`` is not set.
 
-Companions default to what sits beside a local base model (``controlnet-canny/``,
-``controlnet-depth/``, ``depth-estimator/``: the layout of the tiny test bundle and of a bundle a
-user assembles), else to well-known hub ids. `resolve_models` answers "what would load, from
+Companions default to what sits in a local base model folder or beside a single-file checkpoint
+(``controlnet-canny/``, ``controlnet-depth/``, ``depth-estimator/``: the layout of the tiny test
+bundle and of a bundle a user assembles), else to well-known hub ids. `resolve_models` answers "what would load, from
 where" without importing torch; `load_components` loads.
 """
 
@@ -105,7 +105,9 @@ def resolve_models(spec: ModelSpec, controls: tuple[str, ...]) -> list[Resolved]
     """Resolve the base model, one ControlNet per control kind, and the depth estimator if needed."""
     base = spec.base or default_base()
     out = [resolve("base", base, spec.allow_pickle)]
-    base_dir = Path(base).expanduser() if Path(base).expanduser().is_dir() else None
+    base_path = Path(base).expanduser()
+    # companions sit inside a base model folder, or beside a single-file checkpoint
+    base_dir = base_path if base_path.is_dir() else base_path.parent if base_path.is_file() else None
     overrides = dict(spec.controlnets)
     unknown = set(overrides) - set(DEFAULT_CONTROLNETS)
     if unknown:
@@ -149,7 +151,11 @@ def _load_error(r: Resolved, ex: Exception) -> ModelError:
     if r.how == "hub":
         return ModelError(f"{r.role} {r.spec!r}: could not be downloaded ({first}); check the network, or "
                           f"download it elsewhere with `huggingface-cli download {r.spec}` and copy the cache")
-    return ModelError(f"{r.role} {r.spec!r}: cannot be loaded ({first})")
+    hint = ""
+    if r.how == "file" and r.role == "base":
+        hint = ("; a single-file checkpoint also needs its architecture's config from the Hugging Face hub "
+                "(cached, or online once), or use a diffusers folder")
+    return ModelError(f"{r.role} {r.spec!r}: cannot be loaded ({first[:300]}){hint}")
 
 
 def _kwargs(r: Resolved, allow_pickle: bool) -> dict:

@@ -178,3 +178,34 @@ def test_random_crop_trains_and_resumes_exactly(tiny_bundle, stills, tmp_path):
     resumed, state = run(cfg, data, tmp_path / "b", resume=True)
     b = get_peft_model_state_dict(resumed.unet)
     assert state.step == 4 and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_default_output_is_usable_by_name_with_validation_sheet(tiny_bundle, stills, clips, tmp_path, monkeypatch):
+    """Without -o the preset lands in the user presets folder, so `stylize --preset NAME` finds it;
+    the validation sheet (base vs preset, fixed prompts and seeds) is written beside it."""
+    monkeypatch.setenv("CINEFX_PRESETS_DIR", str(tmp_path / "user"))
+    r = runner.invoke(app, ["train-preset", str(stills), "--name", "my-look", "--model", str(tiny_bundle),
+                            "--resolution", "64", "--min-side", "64", "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    folder = tmp_path / "user" / "my-look"
+    sheet = cv2.imread(str(folder / "validation.png"))
+    assert sheet is not None and sheet.shape[0] > 3 * 64  # 3 prompts × 2 seeds × (base, preset)
+    assert not (folder / ".train").exists()  # checkpoints removed once the preset is complete
+    out = tmp_path / "styled.mp4"
+    r = runner.invoke(app, ["stylize", str(clips["mp4"]), "--engine", "diffusion", "--preset", "my-look",
+                            "--steps", "2", "--no-metrics", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.is_file()
+
+
+def test_nan_guard_stops_a_diverging_run(tiny_bundle, stills, tmp_path, monkeypatch):
+    import torch.nn.functional as F
+
+    from cinefx.train import loop
+    from cinefx.train.data import scan_dataset
+
+    real = F.mse_loss
+    monkeypatch.setattr(loop.F, "mse_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    cfg = loop.TrainConfig(model=str(tiny_bundle), trigger="<look>", steps=10, resolution=64)
+    with pytest.raises(loop.TrainingDiverged, match="5 steps running"):
+        loop.train(cfg, scan_dataset(stills, "<look>", min_side=64), tmp_path / "w")

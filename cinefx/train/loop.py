@@ -124,6 +124,9 @@ def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
     if cfg.trains_tokens:
+        # gradients flow through the whole text encoder to the new rows: keep it in fp32 (it is
+        # small), or half-precision layers would meet the fp32 embedding
+        text_encoder.to(torch.float32)
         tokens = [cfg.trigger] + [f"{cfg.trigger}_{i}" for i in range(1, cfg.vectors)]
         if tokenizer.add_tokens(tokens) != len(tokens):
             raise OptionError(f"--trigger {cfg.trigger!r}: already a word of the tokenizer; pick a new one like <my-look>")

@@ -141,6 +141,7 @@ def validation_sheet(host, trigger: str, path: Path, size: int, steps: int = 20,
     """Base model vs trained preset on fixed prompts and seeds, as a contact sheet."""
     from cinefx.sheet import contact_sheet, write_png
 
+    host.text_encoder.to(host.unet.dtype)  # training may have kept it in fp32; sampling wants one dtype
     images, captions = [], []
     for prompt in VALIDATION_PROMPTS:
         for seed in seeds:

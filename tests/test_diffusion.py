@@ -476,3 +476,36 @@ def test_single_file_checkpoint_offline_says_what_it_needs(tiny_bundle, clips, t
     r = runner.invoke(app, ["stylize", str(clips["mp4"]), "--engine", "diffusion", "--model", str(ckpt),
                             "-o", str(tmp_path / "o.mp4")])
     assert r.exit_code == 1 and "single-file checkpoint" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_depth_anything_estimator(tiny_bundle, slow_frames, tmp_path):
+    """The default depth estimator's family (Depth Anything: DINOv2 backbone, sides a multiple of 14,
+    aspect kept), tiny and random, through --depth-model: a depth map per frame in [0, 1], with
+    one range per scene."""
+    import json
+
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+
+    from cinefx.controls import DepthExtractor
+    from cinefx.diffusion.models import load_components
+
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                            image_size=28, patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"],
+                            reshape_hidden_states=False)
+    model = DepthAnythingForDepthEstimation(DepthAnythingConfig(
+        backbone_config=backbone, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8,
+        reassemble_hidden_size=32, patch_size=14))
+    model.save_pretrained(tmp_path / "da", safe_serialization=True)
+    (tmp_path / "da" / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "DPTImageProcessor", "size": {"height": 28, "width": 28}, "keep_aspect_ratio": True,
+        "ensure_multiple_of": 14, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    comps = load_components(ModelSpec(base=str(tiny_bundle), depth=str(tmp_path / "da")), ("depth",), "cpu",
+                            torch.float32)
+    ex = DepthExtractor(model=comps.depth)
+    maps = ex(slow_frames[:4])
+    assert maps.shape == (4, 3, 90, 160) and 0 <= float(maps.min()) and float(maps.max()) <= 1
+    first_range = ex.range
+    ex(slow_frames[4:8])
+    assert ex.range == first_range  # one range per scene
+    ex.reset()
+    assert ex.range is None

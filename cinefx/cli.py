@@ -367,7 +367,7 @@ def train_preset(
     precision: Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16.")] = "auto",
     validation: Annotated[bool, typer.Option(help="Render the base-vs-preset validation sheet.")] = True,
 ):
-    """Train a preset (LoRA or textual inversion) on your own stills; `stylize --preset NAME` uses it."""
+    """Train a preset (LoRA, textual inversion, DreamBooth-LoRA or pivotal) on your own stills."""
 
     def run():
         import dataclasses

@@ -509,3 +509,10 @@ def test_depth_anything_estimator(tiny_bundle, slow_frames, tmp_path):
     assert ex.range == first_range  # one range per scene
     ex.reset()
     assert ex.range is None
+
+
+def test_strength_edges(tiny_bundle, slow_frames):
+    frames = slow_frames[:3]
+    assert np.array_equal(engine(tiny_bundle, strength=0.0).render(frames, 0), frames)
+    out = engine(tiny_bundle, strength=0.05, steps=2).render(frames, 0)  # rounds to zero steps: still one
+    assert out.shape == frames.shape

@@ -82,6 +82,8 @@ class DiffusionEngine:
         """(F, H, W, 3) uint8 display-size frames of scene `scene` → the same, stylized."""
         if scene != self._scene:
             self.start_scene(scene)
+        if self.cfg.strength == 0:
+            return frames.copy()  # img2img at strength 0 is the source itself
         h, w = frames.shape[1:3]
         rw, rh = render_size(w, h, self.settings.size or self.pipe.native_size, self.pipe.size_multiple)
         if self._fitted != (rw, rh):

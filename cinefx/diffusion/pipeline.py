@@ -135,7 +135,7 @@ class TemporalControlPipeline:
 
     def timesteps(self, scheduler, steps: int, strength: float) -> torch.Tensor:
         scheduler.set_timesteps(steps, device=self.device)
-        keep = min(int(round(steps * strength)), steps)
+        keep = min(max(1, int(round(steps * strength))), steps)  # any strength > 0 runs at least one step
         start = (steps - keep) * scheduler.order
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)

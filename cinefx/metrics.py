@@ -28,7 +28,7 @@ DEFAULT_METRIC_WIDTH = 512
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """a, b: (H, W, 3) uint8. Returns inf for identical frames."""
-    mse = float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2))
+    mse = cv2.norm(a, b, cv2.NORM_L2SQR) / a.size
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
@@ -39,14 +39,15 @@ _PAD = (_TAPS - 1) // 2
 
 
 class FrameStats:
-    """Local Gaussian mean and second moment of one frame, reusable across the pairs it is in."""
+    """Local Gaussian mean and variance of one frame, reusable across the pairs it is in."""
 
-    __slots__ = ("x", "mu", "sq")
+    __slots__ = ("x", "mu", "mu2", "var")
 
     def __init__(self, frame: np.ndarray):
         self.x = frame.astype(np.float32)
         self.mu = _blur(self.x)
-        self.sq = _blur(self.x * self.x)
+        self.mu2 = self.mu * self.mu
+        self.var = _blur(self.x * self.x) - self.mu2
 
 
 def _blur(x: np.ndarray) -> np.ndarray:
@@ -57,9 +58,7 @@ def ssim_stats(a: FrameStats, b: FrameStats) -> float:
     """Mean SSIM of two frames (averaged over channels), Wang et al. 2004 with a Gaussian window."""
     mu_ab = a.mu * b.mu
     cov = _blur(a.x * b.x) - mu_ab
-    var_a = a.sq - a.mu * a.mu
-    var_b = b.sq - b.mu * b.mu
-    s = ((2 * mu_ab + _C1) * (2 * cov + _C2)) / ((a.mu * a.mu + b.mu * b.mu + _C1) * (var_a + var_b + _C2))
+    s = ((2 * mu_ab + _C1) * (2 * cov + _C2)) / ((a.mu2 + b.mu2 + _C1) * (a.var + b.var + _C2))
     return float(s[_PAD:-_PAD, _PAD:-_PAD].mean())
 
 

@@ -281,7 +281,7 @@ def _scenes(path: Path, as_json: bool):
     det = SceneDetector()
     bounds, times = [], []
     # decode straight to thumbnail size: swscale shrinks while converting, far cheaper than full RGB
-    for f in read_frames(info, size=thumbnail_size(info.width, info.height)):
+    for f in read_frames(info, size=thumbnail_size(info.width, info.height), exact=False):
         times.append(float(f.pts * info.time_base))
         bounds += det.push(f.rgb)
     bounds += det.finish()

@@ -56,3 +56,19 @@ def test_matches_pyscenedetect_adaptive_on_hard_cuts(tmp_path):
     assert ev["cut"] in their_cuts and ev["cut"] in ours
     near_flash = lambda cuts: any(abs(c - ev["flash"]) <= 3 for c in cuts)  # noqa: E731
     assert not near_flash(ours)
+
+
+def test_fast_thumbnails_find_the_same_scenes_as_full_frames():
+    """`cinefx scenes` reads cheap thumbnails (no deblocking, shrunk before colour conversion);
+    stylize sees full frames. Both must split the shipped sample (cut, dissolve, fade) alike."""
+    from pathlib import Path
+
+    from cinefx.scenes import detect_scenes, thumbnail_size
+    from cinefx.video.probe import probe
+    from cinefx.video.reader import read_frames
+
+    info = probe(Path(__file__).resolve().parents[1] / "samples" / "sample.mp4")
+    fast = detect_scenes(f.rgb for f in read_frames(info, size=thumbnail_size(info.width, info.height), exact=False))
+    full = detect_scenes(f.rgb for f in read_frames(info))
+    assert [(s.start, s.kind) for s in fast] == [(s.start, s.kind) for s in full]
+    assert {s.kind for s in full} >= {"cut", "dissolve", "fade"}

@@ -129,6 +129,15 @@ _SECTIONS = {"prompt": PromptConfig, "diffusion": DiffusionConfig, "grade": Grad
 _TOP_KEYS = {"name", "description", *_SECTIONS}
 
 
+def prompt_text(preset: Preset) -> str:
+    """The positive prompt the preset renders with: its trigger words, the tokens its textual
+    inversions bind to (which must appear to take effect), then its prompt."""
+    words = list(preset.prompt.trigger)
+    words += [a.token for a in preset.diffusion.adapters
+              if a.kind == "textual-inversion" and a.token and a.token not in words]
+    return ", ".join(w for w in (*words, preset.prompt.positive) if w)
+
+
 # -- lookup ------------------------------------------------------------------------------------
 
 def bundled_dir() -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cinefx.errors import InputFileError, MissingFileError, OutputError
-from cinefx.presets import Preset
+from cinefx.presets import Preset, prompt_text
 
 
 def read_shots(path: Path) -> list[str]:
@@ -35,7 +35,7 @@ def render_storyboard(shots_file: str | Path, output: str | Path, preset: Preset
     Returns the stills' paths."""
     import torch
 
-    from cinefx.diffusion.adapters import apply_adapters, embedding_tokens
+    from cinefx.diffusion.adapters import apply_adapters
     from cinefx.diffusion.engine import render_size
     from cinefx.diffusion.models import ModelSpec, load_components, pick_device_dtype
     from cinefx.grade.grader import Grader
@@ -59,9 +59,7 @@ def render_storyboard(shots_file: str | Path, output: str | Path, preset: Preset
     native = vae_scale * host.unet.config.sample_size
     multiple = vae_scale * 2 ** (len(host.unet.config.block_out_channels) - 1)
     w, h = render_size(round(1000 * aspect), 1000, size or native, multiple)
-    words = [*preset.prompt.trigger]
-    words += [t for t in embedding_tokens(preset.diffusion.adapters) if t not in words]
-    style = ", ".join(p for p in (*words, preset.prompt.positive) if p)
+    style = prompt_text(preset)
     grader = Grader(preset.grade, (w, h), seed=seed)
     images = []
     try:

@@ -69,11 +69,17 @@ class StylizeResult:
     seconds: float
 
 
-def _with_preset_model(options: StylizeOptions, preset: Preset) -> StylizeOptions:
-    """A preset trained on a particular base model names it; --model still wins."""
+def _prepare_engine(preset: Preset, options: StylizeOptions):
+    """(options, choice, engine): the engine chosen for `preset`, built when it is diffusion (None
+    for the grade engine). A preset trained on a particular base model names it; --model wins."""
     if preset.diffusion.base_model and not options.models.base:
-        return dataclasses.replace(options, models=dataclasses.replace(options.models, base=preset.diffusion.base_model))
-    return options
+        options = dataclasses.replace(options, models=dataclasses.replace(options.models, base=preset.diffusion.base_model))
+    choice = choose_engine(options.engine, options.models, tuple(k for k, _ in preset.diffusion.controls))
+    engine = None
+    if choice.name == "diffusion":
+        settings = dataclasses.replace(options.diffusion, seed=options.seed)
+        engine = build_diffusion_engine(preset, options.models, settings)
+    return options, choice, engine
 
 
 def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
@@ -87,23 +93,18 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
     if dst.exists() and dst.resolve() == src.resolve():
         raise OutputError(f"{dst}: output would overwrite the input")
     info = probe(src)
-    controls = tuple(k for k, _ in preset.diffusion.controls)
-    options = _with_preset_model(options, preset)
-    choice = choose_engine(options.engine, options.models, controls)
+    options, choice, engine = _prepare_engine(preset, options)
     notes = [f"engine: {choice.name} ({choice.reason})"]
     if info.colour.assumed:
         notes.append(f"colour {'/'.join(info.colour.assumed)} untagged: assumed "
                      f"{info.colour.matrix_name} {'full' if info.colour.full_range else 'limited'} range")
     # 2. prepare stages
-    engine = work = None
-    if choice.name == "diffusion":
-        settings = dataclasses.replace(options.diffusion, seed=options.seed)
-        engine = build_diffusion_engine(preset, options.models, settings)
-        if options.resume:
-            work = WorkFolder(dst, run_key(input=file_identity(src), prompt=preset.prompt,
-                                           diffusion=preset.diffusion, models=options.models,
-                                           settings=settings, detector=options.detector))
-            work.open()
+    work = None
+    if engine is not None and options.resume:
+        work = WorkFolder(dst, run_key(input=file_identity(src), prompt=preset.prompt,
+                                       diffusion=preset.diffusion, models=options.models,
+                                       settings=engine.settings, detector=options.detector))
+        work.open()
     grader = Grader(preset.grade, info.display_size, seed=options.seed)
     detector = SceneDetector(options.detector)
     meter = TemporalMeter(options.metric_width) if options.metrics else None
@@ -114,22 +115,25 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
 
     starts: list[int] = []  # boundary frames; the detector emits them in increasing order
 
+    def found(new: list) -> None:
+        boundaries.extend(new)
+        starts.extend(b.frame for b in new)
+
     def scene_of(index: int) -> int:
         return bisect.bisect_right(starts, index)
 
     def render(chunk: list[Frame], scene: int, writer: VideoWriter) -> None:
         nonlocal done
-        frames = np.stack([f.rgb for f in chunk])
         if work is not None:
             work.begin(scene)
         if work is not None and work.has(scene):
             out = work.read(scene, len(chunk))
         elif engine is not None:
-            out = engine.render(frames, scene)
+            out = engine.render(np.stack([f.rgb for f in chunk]), scene)
             if work is not None:
                 work.record(scene, out)
         else:
-            out = frames
+            out = np.stack([f.rgb for f in chunk])
         out = out if grader.is_identity else grader(out, chunk[0].index)
         for f, o in zip(chunk, out):
             writer.write(o, f.pts, f.duration)
@@ -161,13 +165,9 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
             for frame in read_frames(info):
                 pending.append(frame)
                 pts.append(frame.pts)
-                new = detector.push(frame.rgb)
-                boundaries += new
-                starts.extend(b.frame for b in new)
+                found(detector.push(frame.rgb))
                 flush(writer, detector.settled, final=False)
-            new = detector.finish()
-            boundaries += new
-            starts.extend(b.frame for b in new)
+            found(detector.finish())
             flush(writer, len(pts), final=True)
             if not pts:
                 raise InputFileError(f"{src}: contains no decodable video frames")
@@ -224,12 +224,7 @@ def preview_file(src: str | os.PathLike, png: str | os.PathLike, preset: Preset,
     if png.exists() and not options.overwrite:
         raise OutputError(f"{png}: exists; pass --overwrite to replace it")
     info = probe(src)
-    controls = tuple(k for k, _ in preset.diffusion.controls)
-    options = _with_preset_model(options, preset)
-    choice = choose_engine(options.engine, options.models, controls)
-    engine = None
-    if choice.name == "diffusion":
-        engine = build_diffusion_engine(preset, options.models, dataclasses.replace(options.diffusion, seed=options.seed))
+    options, choice, engine = _prepare_engine(preset, options)
     grader = Grader(preset.grade, info.display_size, seed=options.seed)
     offset = max(0, round(float(info.fps) / 2))
     detector = SceneDetector(options.detector)

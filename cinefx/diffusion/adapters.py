@@ -103,8 +103,3 @@ def _load_embedding(host, a, fmt: str) -> None:
         with torch.no_grad():
             rows = host.text_encoder.get_input_embeddings().weight
             rows[before:len(host.tokenizer)] *= a.scale
-
-
-def embedding_tokens(adapters) -> list[str]:
-    """Tokens textual inversions bind to, which the prompt must contain to take effect."""
-    return [a.token for a in adapters if a.kind == "textual-inversion" and a.token]

@@ -17,7 +17,7 @@ from cinefx.controls import EXTRACTORS
 from cinefx.diffusion.noise import NoiseCarry, initial_noise
 from cinefx.diffusion.pipeline import Anchors, TemporalControlPipeline
 from cinefx.engines import EngineSettings
-from cinefx.presets import Preset
+from cinefx.presets import Preset, prompt_text
 
 
 def scene_seed(seed: int, scene: int) -> int:
@@ -43,11 +43,7 @@ class DiffusionEngine:
         kinds = [k for k, _ in self.cfg.controls]
         self.extractors = {k: EXTRACTORS[k](device=pipe.device, model=depth_model) for k in kinds}
         self.scales = dict(self.cfg.controls)
-        from cinefx.diffusion.adapters import embedding_tokens
-
-        words = [*preset.prompt.trigger]
-        words += [t for t in embedding_tokens(self.cfg.adapters) if t not in words]
-        self.prompt = ", ".join(p for p in (*words, preset.prompt.positive) if p)
+        self.prompt = prompt_text(preset)
         self.batch = settings.batch or self.cfg.chunk
         self._scene: int | None = None
         self._fitted: tuple[int, int] | None = None

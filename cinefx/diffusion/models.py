@@ -52,6 +52,11 @@ class Resolved:
     def ok(self) -> bool:
         return self.how != "missing"
 
+    @property
+    def where(self) -> str:
+        """What to hand `from_pretrained`: the hub id to download, else the local path."""
+        return self.spec if self.how == "hub" else str(self.path)
+
 
 def default_base() -> str:
     return os.environ.get("CINEFX_MODEL") or DEFAULT_BASE
@@ -158,8 +163,19 @@ def _load_error(r: Resolved, ex: Exception) -> ModelError:
     return ModelError(f"{r.role} {r.spec!r}: cannot be loaded ({first[:300]}){hint}")
 
 
-def _kwargs(r: Resolved, allow_pickle: bool) -> dict:
-    return {"local_files_only": r.how != "hub", "use_safetensors": None if allow_pickle else True}
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
+
+
+def _load(cls, r: Resolved, allow_pickle: bool, **kwargs):
+    """`cls` (a diffusers pipeline or model class) from a single file or a folder / hub id, with
+    failures turned into one `ModelError` naming the model."""
+    try:
+        if r.how == "file":
+            return cls.from_single_file(str(r.path), local_files_only=True, **kwargs)
+        return cls.from_pretrained(r.where, local_files_only=r.how != "hub",
+                                   use_safetensors=None if allow_pickle else True, **kwargs)
+    except _LOAD_ERRORS as ex:
+        raise _load_error(r, ex) from ex
 
 
 def load_components(spec: ModelSpec, controls: tuple[str, ...], device: str, dtype) -> Components:
@@ -172,29 +188,12 @@ def load_components(spec: ModelSpec, controls: tuple[str, ...], device: str, dty
     check_resolved(found)
     by_role = {r.role: r for r in found}
     base = by_role["base"]
-    common = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False, "dtype": dtype}
-    try:
-        if base.how == "file":
-            host = StableDiffusionPipeline.from_single_file(str(base.path), local_files_only=True, **common)
-        else:
-            host = StableDiffusionPipeline.from_pretrained(base.spec if base.how == "hub" else str(base.path),
-                                                           **_kwargs(base, spec.allow_pickle), **common)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as ex:
-        raise _load_error(base, ex) from ex
+    host = _load(StableDiffusionPipeline, base, spec.allow_pickle, safety_checker=None, feature_extractor=None,
+                 requires_safety_checker=False, dtype=dtype)
     host.to(device)
     host.set_progress_bar_config(disable=True)
-    controlnets = {}
-    for kind in controls:
-        r = by_role[f"controlnet-{kind}"]
-        try:
-            if r.how == "file":
-                cn = ControlNetModel.from_single_file(str(r.path), local_files_only=True, dtype=dtype)
-            else:
-                cn = ControlNetModel.from_pretrained(r.spec if r.how == "hub" else str(r.path), dtype=dtype,
-                                                     **_kwargs(r, spec.allow_pickle))
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as ex:
-            raise _load_error(r, ex) from ex
-        controlnets[kind] = cn.to(device).eval()
+    controlnets = {kind: _load(ControlNetModel, by_role[f"controlnet-{kind}"], spec.allow_pickle, dtype=dtype)
+                   .to(device).eval() for kind in controls}
     depth = None
     if "depth" in controls:
         r = by_role["depth-estimator"]
@@ -219,15 +218,13 @@ def _load_depth(r: Resolved, allow_pickle: bool, device: str, dtype):
     from transformers import AutoModelForDepthEstimation
     from transformers.utils import cached_file
 
-    where = r.spec if r.how == "hub" else str(r.path)
+    model = _load(AutoModelForDepthEstimation, r, allow_pickle, dtype=dtype)  # a folder or hub id, never a file
     try:
-        model = AutoModelForDepthEstimation.from_pretrained(
-            where, dtype=dtype, local_files_only=r.how != "hub", use_safetensors=None if allow_pickle else True)
         # The preprocessing numbers only: resizing and normalising happen on the GPU in batches,
         # not through the (PIL-based) image processor class.
-        cfg = json.loads(Path(cached_file(where, "preprocessor_config.json",
+        cfg = json.loads(Path(cached_file(r.where, "preprocessor_config.json",
                                           local_files_only=r.how != "hub")).read_text())
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as ex:
+    except _LOAD_ERRORS as ex:
         raise _load_error(r, ex) from ex
     size = cfg.get("size", {})
     side = int(size.get("height") or size.get("shortest_edge") or 518)

@@ -141,6 +141,19 @@ class TemporalControlPipeline:
             scheduler.set_begin_index(start)
         return scheduler.timesteps[start:]
 
+    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, conds: dict[str, torch.Tensor],
+                      scales: dict[str, float]) -> torch.Tensor:
+        """One UNet evaluation guided by every ControlNet (their residuals summed): x (B, 4, h, w)
+        latents, text (B, L, D), conds kind → (B, 3, H, W); returns the predicted noise (B, 4, h, w)."""
+        down, mid = None, None
+        for kind, net in self.controlnets.items():
+            d, md = net(x, t, encoder_hidden_states=text, controlnet_cond=conds[kind],
+                        conditioning_scale=scales.get(kind, 1.0), return_dict=False)
+            down = d if down is None else [p + q for p, q in zip(down, d)]
+            mid = md if mid is None else mid + md
+        return self.unet(x, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid, return_dict=False)[0]
+
     def frame_memory(self, width: int, height: int, cfg: bool, temporal: str) -> int:
         """Peak CUDA bytes one more frame costs in a denoising step, measured: a UNet + ControlNets
         evaluation at batch 1 and 2 (× CFG), whose difference is the per-frame cost."""
@@ -157,13 +170,9 @@ class TemporalControlPipeline:
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
             with torch.inference_mode(), temporal_attention([self.unet, *self.controlnets.values()], self.state):
-                down, mid = None, None
-                for net in self.controlnets.values():
-                    down, mid = net(x, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
-                self.unet(x, t, encoder_hidden_states=text, down_block_additional_residuals=down,
-                          mid_block_additional_residual=mid, return_dict=False)
+                self.predict_noise(x, t, text, {k: cond for k in self.controlnets}, {})
             peaks.append(torch.cuda.max_memory_allocated(self.device) - base)
-            del x, text, cond, down, mid
+            del x, text, cond
         return max(peaks[1] - peaks[0], peaks[0] // 2)
 
     # -- the call --------------------------------------------------------------------------------
@@ -181,7 +190,7 @@ class TemporalControlPipeline:
         if h % m or w % m:
             raise ValueError(f"frames are {w}x{h}: both sides must be multiples of {m}")
         if noise.shape != (n, 4, h // self.vae_scale, w // self.vae_scale):
-            raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {(n, 4, h // 8, w // 8)}")
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {(n, 4, h // self.vae_scale, w // self.vae_scale)}")
         missing = set(self.controlnets) - set(controls)
         if missing:
             raise ValueError(f"no control maps given for {sorted(missing)}")
@@ -218,14 +227,7 @@ class TemporalControlPipeline:
                 if a:
                     latents[:a] = scheduler.add_noise(a_clean, a_noise, t.reshape(1))
                 x = scheduler.scale_model_input(torch.cat([latents] * groups), t)
-                down, mid = None, None
-                for kind, net in self.controlnets.items():
-                    d, md = net(x, t, encoder_hidden_states=text, controlnet_cond=conds[kind],
-                                conditioning_scale=scales[kind], return_dict=False)
-                    down = d if down is None else [p + q for p, q in zip(down, d)]
-                    mid = md if mid is None else mid + md
-                eps = self.unet(x, t, encoder_hidden_states=text, down_block_additional_residuals=down,
-                                mid_block_additional_residual=mid, return_dict=False)[0]
+                eps = self.predict_noise(x, t, text, conds, scales)
                 if cfg:
                     uncond, cond = eps.chunk(2)
                     eps = uncond + guidance * (cond - uncond)

@@ -1,12 +1,14 @@
 """The grade engine: a real colour grade of frames, no model needed.
 
-Per frame, in order: colour (baked 3D LUT, expanded to a table of every 8-bit colour) → bloom and halation → vignette
-→ grain → letterbox. Everything but grain is a fixed function of the pixel and its neighbourhood,
-so a still shot stays still; grain changes every frame, seeded by (seed, frame index), so a re-run
-or a resumed run gives the same file.
+Per frame, in order: colour (baked 3D LUT, expanded to a table of every 8-bit colour) → bloom
+and halation → vignette → grain → letterbox. Everything but grain is a fixed function of the pixel
+and its neighbourhood, so a still shot stays still; grain changes every frame, seeded by (seed,
+frame index), so a re-run or a resumed run gives the same file.
 """
 
 from __future__ import annotations
+
+import functools
 
 import cv2
 import numpy as np
@@ -32,9 +34,7 @@ class Grader:
         self.grade = grade
         self.width, self.height = size
         self.seed = seed
-        # 0.5 s to build, then one gather per pixel: about 9× cheaper per frame than FFmpeg's lut3d,
-        # which the grade engine's speed goal (≤ 1.5× a plain transcode) needs.
-        self._table = None if colour_is_identity(grade) else lutlib.dense_table(bake(grade, LUT_SIZE))
+        self._table = None if colour_is_identity(grade) else _colour_table(grade)
         self._vignette = self._vignette_mask() if grade.vignette else None
         self._grain = self._grain_plates() if grade.grain else None
         self._bars = self._letterbox_rows() if grade.letterbox else (0, 0)
@@ -132,7 +132,15 @@ class Grader:
         return top, bars - top
 
     def close(self) -> None:
-        self._table = None  # 64 MiB: free it as soon as the run ends
+        self._table = None
+
+
+@functools.lru_cache(maxsize=1)
+def _colour_table(grade: GradeConfig) -> np.ndarray:
+    """The grade's colour as a table of every 8-bit colour: 0.5 s to build, then one gather per
+    pixel, about 9× cheaper per frame than FFmpeg's lut3d. Kept for the next file of a batch,
+    which almost always has the same grade."""
+    return lutlib.dense_table(bake(grade, LUT_SIZE))
 
 
 _v = np.arange(256, dtype=np.float32) / 255

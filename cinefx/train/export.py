@@ -53,8 +53,7 @@ def export_preset(host, cfg: TrainConfig, state: TrainState, out: Path, name: st
         adapters.append('[[diffusion.adapters]]\nkind = "lora"\npath = "lora.safetensors"\nscale = 0.8')
     if cfg.trains_tokens:
         tok, enc = host.tokenizer, host.text_encoder
-        tokens = [cfg.trigger] + [f"{cfg.trigger}_{i}" for i in range(1, cfg.vectors)]
-        rows = enc.get_input_embeddings().weight[tok.convert_tokens_to_ids(tokens)].detach().float().cpu()
+        rows = enc.get_input_embeddings().weight[tok.convert_tokens_to_ids(cfg.tokens)].detach().float().cpu()
         save_file({cfg.trigger: rows.contiguous()}, str(out / "embedding.safetensors"))
         adapters.append(f'[[diffusion.adapters]]\nkind = "textual-inversion"\npath = "embedding.safetensors"\n'
                         f'token = "{cfg.trigger}"\nscale = 1.0')

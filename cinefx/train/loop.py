@@ -60,6 +60,11 @@ class TrainConfig:
     prior_loss_weight: float = 1.0
 
     @property
+    def tokens(self) -> list[str]:
+        """The tokens a textual inversion adds: the trigger, then trigger_1 … for more vectors."""
+        return [self.trigger] + [f"{self.trigger}_{i}" for i in range(1, self.vectors)]
+
+    @property
     def trains_lora(self) -> bool:
         return self.method in ("lora", "dreambooth-lora", "pivotal")
 
@@ -112,7 +117,7 @@ def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
     torch.manual_seed(cfg.seed)
 
     # 2. what trains: LoRA layers in the UNet, new token embeddings, or both (pivotal tuning)
-    class_cache = _class_latents(host, cfg, work, device, dtype) if cfg.method == "dreambooth-lora" else []
+    class_cache = _class_latents(host, cfg, work, device) if cfg.method == "dreambooth-lora" else []
     groups = []
     if cfg.trains_lora:
         from peft import LoraConfig
@@ -127,7 +132,7 @@ def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
         # gradients flow through the whole text encoder to the new rows: keep it in fp32 (it is
         # small), or half-precision layers would meet the fp32 embedding
         text_encoder.to(torch.float32)
-        tokens = [cfg.trigger] + [f"{cfg.trigger}_{i}" for i in range(1, cfg.vectors)]
+        tokens = cfg.tokens
         if tokenizer.add_tokens(tokens) != len(tokens):
             raise OptionError(f"--trigger {cfg.trigger!r}: already a word of the tokenizer; pick a new one like <my-look>")
         text_encoder.resize_token_embeddings(len(tokenizer))
@@ -159,19 +164,14 @@ def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
                 continue
             for flip in ((False, True) if cfg.flip else (False,)):
                 img = load_image(item, bucket, rng, random_crop=False, flip=False)
-                if flip:
-                    img = img[:, ::-1].copy()
-                x = torch.from_numpy(img).permute(2, 0, 1)[None].to(device, dtype)
-                z = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
-                cache += [(z[0].float().cpu(), item.caption, bucket)] * copies
+                z = _encode(vae, img[:, ::-1] if flip else img, sample=True)
+                cache += [(z.cpu(), item.caption, bucket)] * copies
 
     def latent(source, bucket) -> torch.Tensor:
         if isinstance(source, torch.Tensor):
             return source
-        img = load_image(source, bucket, rng, random_crop=True, flip=cfg.flip)
-        x = torch.from_numpy(img).permute(2, 0, 1)[None].to(device, dtype)
-        with torch.no_grad():  # the posterior mean: a sample would need the global RNG, which resume cannot restore
-            return (vae.encode(x).latent_dist.mean * vae.config.scaling_factor)[0].float()
+        # the posterior mean: a sample would need the global RNG, which resume cannot restore
+        return _encode(vae, load_image(source, bucket, rng, random_crop=True, flip=cfg.flip))
 
     # 4. optimizer and schedule (constant after a linear warm-up)
     steps = total_steps(cfg, data)
@@ -239,7 +239,7 @@ def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
     return host, state
 
 
-def _class_latents(host, cfg: TrainConfig, work: Path, device, dtype) -> list:
+def _class_latents(host, cfg: TrainConfig, work: Path, device) -> list:
     """Generate (or reuse from `work`) the class images with the base model, and encode them."""
     import cv2
 
@@ -254,13 +254,18 @@ def _class_latents(host, cfg: TrainConfig, work: Path, device, dtype) -> list:
                        output_type="np").images[0]
             cv2.imwrite(str(f), cv2.cvtColor((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), cv2.COLOR_RGB2BGR))
     out = []
-    with torch.no_grad():
-        for i in range(cfg.class_images):
-            img = cv2.cvtColor(cv2.imread(str(folder / f"{i:04d}.png")), cv2.COLOR_BGR2RGB)
-            x = torch.from_numpy(img.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(device, dtype)
-            z = host.vae.encode(x).latent_dist.mean * host.vae.config.scaling_factor
-            out.append((z[0].float().cpu(), cfg.class_prompt, (side, side)))
+    for i in range(cfg.class_images):
+        img = cv2.cvtColor(cv2.imread(str(folder / f"{i:04d}.png")), cv2.COLOR_BGR2RGB)
+        out.append((_encode(host.vae, img.astype(np.float32) / 127.5 - 1).cpu(), cfg.class_prompt, (side, side)))
     return out
+
+
+@torch.no_grad()
+def _encode(vae, img: np.ndarray, sample: bool = False) -> torch.Tensor:
+    """(h, w, 3) float32 image in [-1, 1] → (4, h/8, w/8) fp32 latent: a posterior sample or its mean."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].to(vae.device, vae.dtype)
+    dist = vae.encode(x).latent_dist
+    return ((dist.sample() if sample else dist.mean) * vae.config.scaling_factor)[0].float()
 
 
 def _batch(cache, size: int, rng: np.random.Generator) -> list[int]:

@@ -64,7 +64,8 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None,
                        interpolation=(Interpolation.AREA if exact else Interpolation.FAST_BILINEAR) | flags)
 
     matrix = _fast_matrix(info.colour.matrix_name, info.colour.full_range)
-    fast = matrix if size is None and exact else None
+    # our own conversion for exact full-size frames and for cheap thumbnails; swscale otherwise
+    own = matrix is not None and (size is None) == exact
     step = _nominal_step(info)
     heap: list[tuple[int, int, np.ndarray, int]] = []
     seq = itertools.count()
@@ -107,10 +108,8 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None,
                     if pts is None:
                         pts = (last_pts + step) if last_pts is not None else 0
                     last_pts = pts
-                    if fast is not None and frame.format.name == "yuv420p":
-                        rgb = _yuv420_to_rgb(frame, fast)
-                    elif size is not None and not exact and matrix is not None and frame.format.name == "yuv420p":
-                        rgb = _yuv420_thumbnail(frame, size, matrix)
+                    if own and frame.format.name == "yuv420p":
+                        rgb = _yuv420_to_rgb(frame, matrix, size)
                     else:
                         rgb = frame.to_ndarray(**convert)
                     if k:
@@ -150,28 +149,23 @@ def _plane(p, width: int, height: int) -> np.ndarray:
     return np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[:height, :width]
 
 
-def _yuv420_to_rgb(frame: av.VideoFrame, m: np.ndarray) -> np.ndarray:
-    """8-bit 4:2:0 → RGB in float with exact rounding, at a third of the cost of swscale's
-    accurate path (whose fast path is off by 1–2 levels): flat colours come out identical to the
-    accurate path; chroma is upsampled bilinearly rather than bicubically, so at sharp colour
-    edges the two differ by a few levels."""
+def _yuv420_to_rgb(frame: av.VideoFrame, m: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """8-bit 4:2:0 → RGB through the float matrix `m` (see `_fast_matrix`), with exact rounding.
+
+    At full size (`size` None) this costs a third of swscale's accurate path (whose fast path is
+    off by 1–2 levels): flat colours come out identical to the accurate path; chroma is upsampled
+    bilinearly rather than bicubically, so at sharp colour edges the two differ by a few levels.
+    With `size` (analysis thumbnails) every plane is shrunk first, and the conversion runs on a few
+    thousand pixels instead of millions.
+    """
     w, h = frame.width, frame.height
     cw, ch = (w + 1) // 2, (h + 1) // 2
     y = _plane(frame.planes[0], w, h)
-    u = cv2.resize(_plane(frame.planes[1], cw, ch), (w, h), interpolation=cv2.INTER_LINEAR)
-    v = cv2.resize(_plane(frame.planes[2], cw, ch), (w, h), interpolation=cv2.INTER_LINEAR)
-    rgb = cv2.transform(cv2.merge([y, u, v]).astype(np.float32), m)
-    np.clip(rgb, 0, 255, out=rgb)
-    return rgb.astype(np.uint8)
-
-
-def _yuv420_thumbnail(frame: av.VideoFrame, size: tuple[int, int], m: np.ndarray) -> np.ndarray:
-    """A small RGB picture for analysis, shrunk plane by plane before the colour conversion (`m`,
-    see `_fast_matrix`), which is then done on a few thousand pixels instead of millions."""
-    w, h = frame.width, frame.height
-    y = cv2.resize(_plane(frame.planes[0], w, h), size, interpolation=cv2.INTER_AREA)
-    u = cv2.resize(_plane(frame.planes[1], (w + 1) // 2, (h + 1) // 2), size, interpolation=cv2.INTER_AREA)
-    v = cv2.resize(_plane(frame.planes[2], (w + 1) // 2, (h + 1) // 2), size, interpolation=cv2.INTER_AREA)
+    u, v = _plane(frame.planes[1], cw, ch), _plane(frame.planes[2], cw, ch)
+    if size is None:
+        u, v = (cv2.resize(c, (w, h), interpolation=cv2.INTER_LINEAR) for c in (u, v))
+    else:
+        y, u, v = (cv2.resize(c, size, interpolation=cv2.INTER_AREA) for c in (y, u, v))
     rgb = cv2.transform(cv2.merge([y, u, v]).astype(np.float32), m)
     np.clip(rgb, 0, 255, out=rgb)
     return rgb.astype(np.uint8)

@@ -133,9 +133,10 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
             if work is not None:
                 work.record(scene, out)
         else:
-            out = np.stack([f.rgb for f in chunk])
-        out = out if grader.is_identity else grader(out, chunk[0].index)
+            out = [f.rgb for f in chunk]  # the grade engine streams frame by frame: no copies
         for f, o in zip(chunk, out):
+            if not grader.is_identity:
+                o = grader.grade_frame(o, f.index)
             writer.write(o, f.pts, f.duration)
             if meter is not None:
                 meter.add(scene, f.rgb, o)

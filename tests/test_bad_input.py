@@ -156,6 +156,29 @@ def test_interrupted_run_leaves_nothing(tmp_path, clips, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_encoder_failure_reaches_the_caller(tmp_path, clips, monkeypatch):
+    """The encoder runs on its own thread: an error there (here, a full disk) still ends the run
+    with a one-line message naming the output, exit 1, and nothing left behind."""
+    import cinefx.video.writer as writer
+
+    real = writer.VideoWriter._encode
+    calls = {"n": 0}
+
+    def full_disk(self, frame):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(28, "No space left on device")
+        return real(self, frame)
+
+    monkeypatch.setattr(writer.VideoWriter, "_encode", full_disk)
+    out = tmp_path / "o.mp4"
+    r = runner.invoke(app, ["stylize", str(clips["mp4"]), "-o", str(out), "--engine", "grade"])
+    assert r.exit_code == 1, r.output
+    assert f"{out}: encoding failed: [Errno 28] No space left on device" in r.output
+    assert "Traceback" not in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_killed_process_leaves_no_output(tmp_path, clips):
     """A real SIGINT to a real process, mid-run."""
     import signal

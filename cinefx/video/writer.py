@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import io
 import os
+import queue
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +118,14 @@ class VideoWriter:
     Use as a context manager; `commit()` renames the finished file into place. Frames come in as
     (H, W, 3) uint8 RGB in display orientation with their source pts; they are rotated back and the
     source's display rotation is tagged, so players show them as the source.
+
+    Colour conversion, encoding and muxing run on a thread of their own, a few frames behind
+    `write`: PyAV lets go of the GIL inside x264, so the caller grades (or renders) the next frames
+    while x264 waits on its own threads, which on a small machine leave a core partly idle. The
+    file is the same as a serial encode's: one thread feeds x264 the frames in order.
     """
+
+    QUEUE_FRAMES = 4  # frames waiting for the encoder thread: enough to ride out uneven frames
 
     def __init__(self, target: str | os.PathLike, info: VideoInfo,
                  options: EncodeOptions = EncodeOptions(), overwrite: bool = False,
@@ -135,11 +144,16 @@ class VideoWriter:
         self._audio_map: dict[int, tuple] = {}
         self._pending_audio = None
         self._done = False
+        self._queue: queue.Queue = queue.Queue(self.QUEUE_FRAMES)
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
         try:
             self._open(audio)
         except BaseException:
             self.abort()
             raise
+        self._thread = threading.Thread(target=self._encode_loop, name="cinefx-encode", daemon=True)
+        self._thread.start()
 
     # -- setup -----------------------------------------------------------------------------
     def _open(self, audio: bool) -> None:
@@ -201,26 +215,73 @@ class VideoWriter:
 
     # -- writing ---------------------------------------------------------------------------
     def write(self, rgb: np.ndarray, pts: int, duration: int = 0) -> None:
-        """Encode one frame: `rgb` (H, W, 3) uint8 in display orientation; `pts` and `duration` in
-        the source time base (the duration matters for the last frame of variable-rate video)."""
+        """Queue one frame for encoding: `rgb` (H, W, 3) uint8 in display orientation; `pts` and
+        `duration` in the source time base (the duration matters for the last frame of
+        variable-rate video). The array may be reused as soon as this returns."""
         if rgb.shape != (self.info.height, self.info.width, 3) or rgb.dtype != np.uint8:
             raise ValueError(f"frame of shape {rgb.shape} {rgb.dtype}, expected "
                              f"{(self.info.height, self.info.width, 3)} uint8")
+        self._check_encoder()
         k = (self.info.rotation // 90) % 4
         if k:
             rgb = np.ascontiguousarray(np.rot90(rgb, -k))
-        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-        frame = frame.reformat(format=self._pix_fmt, src_colorspace="ITU709", dst_colorspace="ITU709",
-                               src_color_range="JPEG", dst_color_range="MPEG",
-                               interpolation=Interpolation.BICUBIC | Interpolation.ACCURATE_RND)
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")  # a copy: the caller keeps `rgb`
         frame.pts = pts
         frame.time_base = self.info.time_base
         if duration:
             frame.duration = duration
-        for packet in self._video.encode(frame):
-            self._container.mux(packet)
+        self._put(frame)
         self.frames_written += 1
-        self._feed_audio(float(pts * self.info.time_base))
+
+    def _put(self, item) -> None:
+        # A bounded wait, so a dead encoder thread turns into its error instead of a hang.
+        while True:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                self._check_encoder()
+
+    def _check_encoder(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._thread is None or not self._thread.is_alive():
+            raise OutputError(f"{self.target}: the encoder has stopped")
+
+    def _encode_loop(self) -> None:
+        """The encoder thread: convert, encode and mux queued frames, with the audio up to each,
+        until None arrives. After a failure it only drains the queue, so `write` never blocks."""
+        while True:
+            frame = self._queue.get()
+            if frame is None:
+                return
+            if self._failure is not None:
+                continue
+            try:
+                self._encode(frame)
+            except OutputError as e:
+                self._failure = e
+            except Exception as e:  # a full disk, a muxer refusing a timestamp: handed to the caller
+                self._failure = OutputError(f"{self.target}: encoding failed: {e}")
+                self._failure.__cause__ = e
+
+    def _encode(self, frame: av.VideoFrame) -> None:
+        yuv = frame.reformat(format=self._pix_fmt, src_colorspace="ITU709", dst_colorspace="ITU709",
+                             src_color_range="JPEG", dst_color_range="MPEG",
+                             interpolation=Interpolation.BICUBIC | Interpolation.ACCURATE_RND)
+        yuv.pts, yuv.time_base = frame.pts, frame.time_base
+        if frame.duration:
+            yuv.duration = frame.duration
+        for packet in self._video.encode(yuv):
+            self._container.mux(packet)
+        self._feed_audio(float(frame.pts * frame.time_base))
+
+    def _stop_encoder(self) -> None:
+        """Let the encoder thread finish what is queued and end."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._thread = None
 
     def _feed_audio(self, until: float | None) -> None:
         """Mux source audio up to `until` seconds (None: to the end) so the file stays interleaved."""
@@ -256,6 +317,9 @@ class VideoWriter:
     # -- finishing -------------------------------------------------------------------------
     def commit(self) -> Path:
         """Flush the encoders, close the file and rename it over the target."""
+        self._stop_encoder()
+        if self._failure is not None:
+            raise self._failure
         for packet in self._video.encode(None):
             self._container.mux(packet)
         self._feed_audio(None)
@@ -286,6 +350,7 @@ class VideoWriter:
 
     def abort(self) -> None:
         """Drop everything written so far; the target is left as it was."""
+        self._stop_encoder()
         self._close()
         if not self._done:
             try:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -39,7 +40,7 @@ def _console(stderr: bool = True):
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
-    _console().print(f"[bold red]cinefx: error:[/] {message}", markup=True)
+    _console().print(f"[bold red]cinefx: error:[/] {escape(message)}", markup=True)
     return typer.Exit(code)
 
 
@@ -114,6 +115,7 @@ def stylize(
     model: Annotated[Optional[str], typer.Option(help="Diffusion base model: folder, .safetensors or hub id (default $CINEFX_MODEL, else SD1.5).")] = None,
     controlnet: Annotated[list[str], typer.Option(help="ControlNet for a control, KIND=folder|file|hub-id; repeatable.")] = [],
     depth_model: Annotated[Optional[str], typer.Option(help="Depth estimator (transformers folder or hub id).")] = None,
+    annotators: Annotated[Optional[str], typer.Option(help="controlnet-aux annotator weights for lineart, softedge, openpose, normal, mlsd (folder or hub id; default lllyasviel/Annotators).")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled .ckpt/.pt/.bin weights (they can run code).")] = False,
     strength: Annotated[Optional[float], typer.Option(help="Diffusion: img2img strength 0-1 (0 keeps the source).", rich_help_panel="Diffusion")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Diffusion: denoising steps.", rich_help_panel="Diffusion")] = None,
@@ -137,19 +139,20 @@ def stylize(
     report: Annotated[Optional[Path], typer.Option(help="Write the temporal report as JSON (a folder in batch mode).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a per-frame PSNR / T-SSIM plot PNG (a folder in batch mode).")] = None,
     no_metrics: Annotated[bool, typer.Option("--no-metrics", help="Skip the temporal report (faster).")] = False,
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="Diffusion: keep no finished scenes beside the output (no disk used; a crash starts over).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the batch summary.")] = False,
 ):
     """Render videos in a preset's cinematic look."""
     _state["quiet"] = quiet
     diffusion = dict(strength=strength, steps=steps, guidance=guidance, temporal=temporal,
                      noise_prior=noise_prior, chunk=chunk, keyframes=keyframes)
-    _run(lambda: _stylize(inputs, output, preset, engine, _model_spec(model, controlnet, depth_model, allow_pickle),
+    _run(lambda: _stylize(inputs, output, preset, engine, _model_spec(model, controlnet, depth_model, annotators, allow_pickle),
                           diffusion, dict(size=size, batch=batch, scheduler=scheduler, precision=precision),
                           crf, x264_preset, seed, letterbox, grain, overwrite, skip_existing, report, plot,
-                          no_metrics, preview))
+                          no_metrics, no_resume, preview))
 
 
-def _model_spec(model, controlnet, depth_model, allow_pickle):
+def _model_spec(model, controlnet, depth_model, annotators, allow_pickle):
     from cinefx.diffusion.models import ModelSpec
 
     pairs = []
@@ -158,11 +161,12 @@ def _model_spec(model, controlnet, depth_model, allow_pickle):
         if not sep or not kind or not spec:
             raise _fail(f"--controlnet {item!r}: expected KIND=MODEL, e.g. canny=./controlnet-canny", EXIT_USAGE)
         pairs.append((kind.strip(), spec.strip()))
-    return ModelSpec(base=model, controlnets=tuple(pairs), depth=depth_model, allow_pickle=allow_pickle)
+    return ModelSpec(base=model, controlnets=tuple(pairs), depth=depth_model, annotators=annotators,
+                     allow_pickle=allow_pickle)
 
 
 def _stylize(inputs, output, preset_names, engine, models, diffusion, settings, crf, x264_preset, seed,
-             letterbox, grain, overwrite, skip_existing, report, plot, no_metrics, preview):
+             letterbox, grain, overwrite, skip_existing, report, plot, no_metrics, no_resume, preview):
     from cinefx import presets as P
     from cinefx.engines import EngineSettings
     from cinefx.errors import OptionError
@@ -176,7 +180,7 @@ def _stylize(inputs, output, preset_names, engine, models, diffusion, settings, 
         raise OptionError("--size and --batch must be 0 (automatic) or positive")
     options = StylizeOptions(engine=engine, models=models, diffusion=EngineSettings(**settings),
                              encode=EncodeOptions(crf=crf, x264_preset=x264_preset),
-                             overwrite=overwrite, seed=seed, metrics=not no_metrics)
+                             overwrite=overwrite, seed=seed, metrics=not no_metrics, resume=not no_resume)
     if preview is not None:
         from cinefx.stylize import preview_file
 
@@ -221,7 +225,7 @@ def _stylize(inputs, output, preset_names, engine, models, diffusion, settings, 
         elif item.status == "skipped":
             _info(f"{item.input}: skipped ({item.error})")
         else:
-            _console().print(f"[bold red]cinefx: error:[/] {item.error}", markup=True)
+            _console().print(f"[bold red]cinefx: error:[/] {escape(str(item.error))}", markup=True)
 
     progress_holder = []
 
@@ -309,6 +313,8 @@ def models(
     model: Annotated[Optional[str], typer.Option(help="Base model: folder, .safetensors or hub id (default $CINEFX_MODEL, else SD1.5).")] = None,
     controlnet: Annotated[list[str], typer.Option(help="ControlNet for a control, KIND=folder|file|hub-id; repeatable.")] = [],
     depth_model: Annotated[Optional[str], typer.Option(help="Depth estimator (transformers folder or hub id).")] = None,
+    annotators: Annotated[Optional[str], typer.Option(help="controlnet-aux annotator weights (folder or hub id).")] = None,
+    control: Annotated[list[str], typer.Option(help="Control kinds to check (default canny and depth; also lineart, softedge, openpose, normal, mlsd).")] = [],
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickled .ckpt/.pt/.bin weights.")] = False,
 ):
     """Show which diffusion weights resolve, from where, and what is missing (nothing is loaded)."""
@@ -316,17 +322,21 @@ def models(
     def run():
         from rich.table import Table
 
-        from cinefx.diffusion.models import DEFAULT_CONTROLNETS, resolve_models
+        from cinefx.controls import BUILTIN_KINDS, CONTROLNETS
+        from cinefx.diffusion.models import resolve_models
 
-        spec = _model_spec(model, controlnet, depth_model, allow_pickle)
-        found = resolve_models(spec, tuple(DEFAULT_CONTROLNETS))
+        for kind in control:
+            if kind not in CONTROLNETS:
+                raise _fail(f"--control {kind!r}: unknown control (known: {', '.join(CONTROLNETS)})", EXIT_USAGE)
+        spec = _model_spec(model, controlnet, depth_model, annotators, allow_pickle)
+        found = resolve_models(spec, tuple(control) or BUILTIN_KINDS)
         t = Table(title="cinefx diffusion models")
         for col in ("role", "model", "status", "where / what to do"):
             t.add_column(col)
         status = {"folder": "[green]local folder[/]", "file": "[green]local file[/]", "cache": "[green]HF cache[/]",
                   "hub": "[yellow]to download[/]", "missing": "[red]missing[/]"}
         for r in found:
-            t.add_row(r.role, r.spec, status[r.how], str(r.path) if r.path and r.ok else r.detail)
+            t.add_row(r.role, escape(r.spec), status[r.how], escape(str(r.path) if r.path and r.ok else r.detail))
         _console(stderr=False).print(t)
         if not all(r.ok for r in found):
             raise typer.Exit(EXIT_FAILED)
@@ -435,7 +445,7 @@ def _presets(ctx: typer.Context):
                 desc = load_preset(path).description
             except Exception as ex:  # one broken user preset must not hide the others
                 desc = f"[invalid: {ex}]"
-            t.add_row(name, desc, str(path))
+            t.add_row(escape(name), escape(desc), escape(str(path)))
         _console(stderr=False).print(t)
 
     _run(run)

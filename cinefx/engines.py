@@ -97,4 +97,4 @@ def build_diffusion_engine(preset, models, settings: EngineSettings):
     comps = _loaded[key]
     apply_adapters(comps.host, preset.diffusion.adapters)
     pipe = TemporalControlPipeline.from_components(comps, settings.scheduler)
-    return DiffusionEngine(pipe, preset, settings, depth_model=comps.depth)
+    return DiffusionEngine(pipe, preset, settings, control_models=comps.control_models)

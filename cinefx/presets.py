@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cinefx.controls import CONTROLNETS
 from cinefx.errors import PresetError
 
 
@@ -62,7 +63,7 @@ class Adapter:
 
 TEMPORAL_MODES = ("full", "anchor", "none")
 NOISE_PRIORS = ("independent", "shared", "residual", "flow")
-CONTROL_KINDS = ("canny", "depth")
+CONTROL_KINDS = tuple(CONTROLNETS)  # canny, depth, and the controlnet-aux annotators
 
 
 @dataclass(frozen=True)

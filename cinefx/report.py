@@ -109,9 +109,10 @@ def _fmt(v: float | None, digits: int = 2, signed: bool = False) -> str:
 
 def render_table(report: Report):
     """A rich Table: per scene and overall, input vs output and their difference."""
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"Temporal consistency — {Path(report.output).name} ({report.engine}, {report.preset})",
+    t = Table(title=escape(f"Temporal consistency — {Path(report.output).name} ({report.engine}, {report.preset})"),
               caption="adjacent-frame PSNR (dB) and T-SSIM within scenes; Δ = output − input, ≈ 0 is ideal")
     for col, just in (("scene", "right"), ("kind", "left"), ("time", "left"), ("frames", "right"),
                       ("PSNR in", "right"), ("PSNR out", "right"), ("Δ", "right"),

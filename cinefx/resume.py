@@ -45,6 +45,16 @@ def run_key(**parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+# FFV1 keeps natural frames in about half their raw bgr0 size; rendered frames, with their fine
+# detail, rarely do better.
+FFV1_BYTES_PER_PIXEL = 2.0
+
+
+def space_needed(frames: int, width: int, height: int) -> int:
+    """Bytes a work folder needs to hold `frames` frames of (width, height), all scenes kept."""
+    return int(frames * width * height * FFV1_BYTES_PER_PIXEL)
+
+
 def file_identity(path: Path) -> dict:
     st = path.stat()
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import os
+import shutil
 import time
 from array import array
 from collections import deque
@@ -26,7 +27,7 @@ from cinefx.grade.grader import Grader
 from cinefx.metrics import DEFAULT_METRIC_WIDTH, TemporalMeter
 from cinefx.presets import Preset
 from cinefx.report import Report, build_report
-from cinefx.resume import WorkFolder, file_identity, run_key
+from cinefx.resume import WorkFolder, file_identity, run_key, space_needed
 from cinefx.scenes import DetectorOptions, Scene, SceneDetector, scenes_from_boundaries
 from cinefx.video.probe import VideoInfo, probe
 from cinefx.video.reader import Frame, read_frames
@@ -82,6 +83,19 @@ def _prepare_engine(preset: Preset, options: StylizeOptions):
     return options, choice, engine
 
 
+def _room_for_resume(info: VideoInfo, dst: Path, notes: list[str]) -> bool:
+    """Whether the output's disk can hold every finished scene (lossless) beside the output; if
+    not, say so and run without resume rather than fill the disk half way through."""
+    frames = info.frame_count or round(info.duration * float(info.fps or 0))
+    need = space_needed(frames, *info.display_size)
+    free = shutil.disk_usage(dst.parent).free
+    if need <= 0.8 * free:
+        return True
+    notes.append(f"resume off: keeping finished scenes would take about {need / 1e9:.1f} GB and "
+                 f"{dst.parent} has {free / 1e9:.1f} GB free (a crash would mean starting over)")
+    return False
+
+
 def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
                  options: StylizeOptions = StylizeOptions(), progress: Progress | None = None) -> StylizeResult:
     """Render `src` in the look of `preset` to `dst`. The input is only read; `dst` appears only
@@ -100,7 +114,7 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
                      f"{info.colour.matrix_name} {'full' if info.colour.full_range else 'limited'} range")
     # 2. prepare stages
     work = None
-    if engine is not None and options.resume:
+    if engine is not None and options.resume and _room_for_resume(info, dst, notes):
         work = WorkFolder(dst, run_key(input=file_identity(src), prompt=preset.prompt,
                                        diffusion=preset.diffusion, models=options.models,
                                        settings=engine.settings, detector=options.detector))

@@ -109,6 +109,14 @@ def test_missing_output_folder(tmp_path, clips):
     assert r.exit_code == 1 and "does not exist" in r.output and "nope" in r.output
 
 
+def test_names_with_brackets_survive_in_messages(tmp_path):
+    """Editors name takes "shot [v2].mp4"; the terminal's markup must not eat the brackets."""
+    bad = tmp_path / "shot [v2] [bold].mp4"
+    bad.write_text("not a video")
+    r = runner.invoke(app, ["stylize", str(bad), "-o", str(tmp_path / "o.mp4")])
+    assert r.exit_code == 1 and str(bad) in r.output, r.output
+
+
 def test_existing_output_needs_overwrite(tmp_path, clips):
     out = tmp_path / "o.mp4"
     out.write_bytes(b"keep me")

@@ -403,6 +403,31 @@ def test_resume_after_kill_gives_the_same_file(tiny_bundle, tmp_path, monkeypatc
     assert rendered == [0, 1, 2]
 
 
+def test_resume_is_turned_off_when_the_disk_is_too_small(tiny_bundle, clips, tmp_path, monkeypatch):
+    """Lossless scenes of a long 4K clip take tens of GB: with too little room, run without resume
+    and say so, instead of filling the disk half way; --no-resume keeps no work folder at all."""
+    import collections
+
+    import cinefx.stylize as S
+
+    class NoWorkFolder:
+        def __init__(self, *a, **k):
+            raise AssertionError("no work folder expected")
+
+    monkeypatch.setattr(S, "WorkFolder", NoWorkFolder)
+    monkeypatch.setattr(S.shutil, "disk_usage", lambda p: collections.namedtuple("U", "total used free")(10**6, 0, 10**6))
+    args = ["stylize", str(clips["mp4"]), "--engine", "diffusion", "--model", str(tiny_bundle), "--steps", "1",
+            "--no-metrics"]
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "a.mp4")])
+    assert r.exit_code == 0, r.output
+    assert "resume off: keeping finished scenes would take about" in r.output
+    monkeypatch.undo()
+    monkeypatch.setattr(S, "WorkFolder", NoWorkFolder)
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "b.mp4"), "--no-resume"])
+    assert r.exit_code == 0 and "resume off" not in r.output, r.output
+    assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+
+
 def test_hub_id_loads_from_the_huggingface_cache(tiny_bundle, clips, tmp_path):
     """A hub id resolves to the local cache (offline) and loads through the same path."""
     import os
@@ -501,7 +526,7 @@ def test_depth_anything_estimator(tiny_bundle, slow_frames, tmp_path):
         "ensure_multiple_of": 14, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
     comps = load_components(ModelSpec(base=str(tiny_bundle), depth=str(tmp_path / "da")), ("depth",), "cpu",
                             torch.float32)
-    ex = DepthExtractor(model=comps.depth)
+    ex = DepthExtractor(model=comps.control_models["depth"])
     maps = ex(slow_frames[:4])
     assert maps.shape == (4, 3, 90, 160) and 0 <= float(maps.min()) and float(maps.max()) <= 1
     first_range = ex.range
@@ -516,3 +541,97 @@ def test_strength_edges(tiny_bundle, slow_frames):
     assert np.array_equal(engine(tiny_bundle, strength=0.0).render(frames, 0), frames)
     out = engine(tiny_bundle, strength=0.05, steps=2).render(frames, 0)  # rounds to zero steps: still one
     assert out.shape == frames.shape
+
+
+# -- controlnet-aux annotators (an optional extra) ----------------------------------------------
+
+FAKE_AUX = '''
+"""A stand-in for controlnet-aux with its LineartDetector's interface: controlnet-aux itself cannot
+be installed on the test machines (its torchvision wheels need CUDA)."""
+import os
+import cv2
+import numpy as np
+
+
+class LineartDetector:
+    def __init__(self, path):
+        self.path, self.device = path, "cpu"
+
+    @classmethod
+    def from_pretrained(cls, where, local_files_only=False):
+        if not os.path.isfile(os.path.join(where, "sk_model.pth")):
+            raise OSError(f"{where} has no sk_model.pth")
+        return cls(where)
+
+    def to(self, device):
+        self.device = device
+        return self
+
+    def __call__(self, image, detect_resolution=512, image_resolution=512, output_type="pil", coarse=False):
+        assert output_type == "np" and not coarse
+        h, w = image.shape[:2]
+        k = image_resolution / min(h, w)
+        size = (max(64, round(w * k / 64) * 64), max(64, round(h * k / 64) * 64))  # as controlnet-aux rounds
+        lines = 255 - cv2.Canny(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), 40, 120)
+        return cv2.resize(lines, size, interpolation=cv2.INTER_LINEAR)
+'''
+
+
+@pytest.fixture
+def lineart(tmp_path, tiny_bundle):
+    """A preset using only the lineart control, an annotators folder, and the CLI arguments."""
+    preset = tmp_path / "lines.toml"
+    preset.write_text('[diffusion]\ncontrols = { lineart = 0.9 }\nsteps = 2\n')
+    ann = tmp_path / "annotators"
+    ann.mkdir()
+    (ann / "sk_model.pth").write_bytes(b"pickled weights")
+    args = ["--engine", "diffusion", "--model", str(tiny_bundle), "--preset", str(preset),
+            "--controlnet", f"lineart={tiny_bundle / 'controlnet-canny'}", "--annotators", str(ann)]
+    return args
+
+
+def test_annotator_controls_need_the_extra_and_allow_pickle(clips, tmp_path, lineart):
+    out = tmp_path / "o.mp4"
+    for extra, needle in (([], "are a pickle"), (["--allow-pickle"], "pip install 'cinefx[aux]'")):
+        r = runner.invoke(app, ["stylize", str(clips["mp4"]), "-o", str(out), *lineart, *extra])
+        assert r.exit_code == 1, r.output
+        assert "annotator-lineart" in r.output and needle in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
+        assert not out.exists()
+    # --engine auto falls back to the grade engine and says why
+    auto = [a if a != "diffusion" else "auto" for a in lineart]
+    r = runner.invoke(app, ["stylize", str(clips["mp4"]), "-o", str(out), *auto, "--allow-pickle"])
+    assert r.exit_code == 0 and "engine: grade" in r.output and "controlnet-aux" in r.output, r.output
+
+
+def test_annotator_control_renders_through_controlnet_aux(clips, tmp_path, lineart, monkeypatch):
+    pkg = tmp_path / "site" / "controlnet_aux"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(FAKE_AUX)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    r = runner.invoke(app, ["models", "--control", "lineart", "--annotators", str(tmp_path / "annotators"),
+                            "--controlnet", f"lineart={lineart[lineart.index('--model') + 1]}/controlnet-canny",
+                            "--model", lineart[lineart.index("--model") + 1], "--allow-pickle"])
+    assert r.exit_code == 0 and "annotator-lineart" in r.output, r.output
+    out = tmp_path / "o.mp4"
+    r = runner.invoke(app, ["stylize", str(clips["mp4"]), "-o", str(out), *lineart, "--allow-pickle"])
+    assert r.exit_code == 0, r.output
+    assert "engine: diffusion" in r.output
+    with av.open(str(out)) as c:
+        assert c.streams.video[0].frames == 48
+
+
+def test_annotator_extractor_maps_match_the_frames(monkeypatch, tmp_path, slow_frames):
+    from cinefx.controls import EXTRACTORS
+
+    ns: dict = {}
+    exec(FAKE_AUX, ns)
+    ann = tmp_path / "a"
+    ann.mkdir()
+    (ann / "sk_model.pth").write_bytes(b"x")
+    ex = EXTRACTORS["lineart"](device="cpu", model=ns["LineartDetector"].from_pretrained(str(ann)))
+    maps = ex(slow_frames[:3])
+    assert maps.shape == (3, 3, 90, 160) and maps.dtype == torch.float32
+    assert 0 <= float(maps.min()) and float(maps.max()) <= 1
+    # white lines on black, where the image has edges: what the lineart ControlNet was trained on
+    assert 0.0 < float((maps < 0.5).float().mean()) < 0.5

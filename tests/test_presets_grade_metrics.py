@@ -32,7 +32,7 @@ def test_bundled_presets_all_load():
     ('[grade]\nlut = "missing.cube"\n', "file not found"),
     ('[diffusion]\ntemporal = "sideways"\n', "must be one of full, anchor, none"),
     ('[diffusion]\nsteps = 2.5\n', "whole number"),
-    ('[diffusion.controls]\nnormal = 1\n', "unknown control"),
+    ('[diffusion.controls]\nsketch = 1\n', "unknown control"),
     ('colour = 1\n', "unknown key 'colour'"),
     ('[grade\n', "not valid TOML"),
 ])

@@ -37,11 +37,13 @@ class DiffusionEngine:
 
     name = "diffusion"
 
-    def __init__(self, pipe: TemporalControlPipeline, preset: Preset, settings: EngineSettings, depth_model=None):
+    def __init__(self, pipe: TemporalControlPipeline, preset: Preset, settings: EngineSettings,
+                 control_models: dict | None = None):
         self.pipe, self.preset, self.settings = pipe, preset, settings
         self.cfg = preset.diffusion
         kinds = [k for k, _ in self.cfg.controls]
-        self.extractors = {k: EXTRACTORS[k](device=pipe.device, model=depth_model) for k in kinds}
+        models = control_models or {}
+        self.extractors = {k: EXTRACTORS[k](device=pipe.device, model=models.get(k)) for k in kinds}
         self.scales = dict(self.cfg.controls)
         self.prompt = prompt_text(preset)
         self.batch = settings.batch or self.cfg.chunk

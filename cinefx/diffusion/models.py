@@ -8,8 +8,8 @@ A model is named by any of
     is online and ``HF_HUB_OFFLINE`` is not set.
 
 Companions default to what sits in a local base model folder or beside a single-file checkpoint
-(``controlnet-canny/``, ``controlnet-depth/``, ``depth-estimator/``: the layout of the tiny test
-bundle and of a bundle a user assembles), else to well-known hub ids. `resolve_models` answers "what would load, from
+(``controlnet-canny/``, ``controlnet-depth/``, ``depth-estimator/``, ``annotators/``: the layout of
+the tiny test bundle and of a bundle a user assembles), else to well-known hub ids. `resolve_models` answers "what would load, from
 where" without importing torch; `load_components` loads.
 """
 
@@ -19,13 +19,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cinefx.controls import CONTROLNETS
+from cinefx.controls.annotators import AUX_KINDS, DEFAULT_ANNOTATORS, INSTALL_HINT
 from cinefx.errors import ModelError, OptionError
 
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-DEFAULT_CONTROLNETS = {
-    "canny": "lllyasviel/control_v11p_sd15_canny",
-    "depth": "lllyasviel/control_v11f1p_sd15_depth",
-}
 DEFAULT_DEPTH = "depth-anything/Depth-Anything-V2-Small-hf"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 
@@ -37,6 +35,7 @@ class ModelSpec:
     base: str | None = None
     controlnets: tuple[tuple[str, str], ...] = ()  # (kind, spec) overrides
     depth: str | None = None
+    annotators: str | None = None  # controlnet-aux's weights: a folder or hub id
     allow_pickle: bool = False
 
 
@@ -71,18 +70,20 @@ def _looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "~", "/")) and "\\" not in spec
 
 
-def resolve(role: str, spec: str, allow_pickle: bool = False) -> Resolved:
-    """Where `spec` would load from, or why it cannot. Never imports torch, never downloads."""
+def resolve(role: str, spec: str, allow_pickle: bool = False, marker: str | None = None) -> Resolved:
+    """Where `spec` would load from, or why it cannot. Never imports torch, never downloads.
+    `marker`: the file a folder or hub repo must hold (default: the diffusers/transformers config)."""
     path = Path(spec).expanduser()
-    marker = "model_index.json" if role == "base" else "config.json"
+    what = "a file cinefx needs" if marker else "not a diffusers/transformers model folder"
+    marker = marker or ("model_index.json" if role == "base" else "config.json")
     if path.is_dir():
         if (path / marker).is_file():
             return Resolved(role, spec, "folder", path)
-        return Resolved(role, spec, "missing", path, f"folder has no {marker}: not a diffusers/transformers model folder")
+        return Resolved(role, spec, "missing", path, f"folder has no {marker}: {what}")
     if path.is_file():
         suffix = path.suffix.lower()
-        if role != "base" and role.startswith("depth"):
-            return Resolved(role, spec, "missing", path, "a depth estimator must be a model folder or hub id")
+        if role.startswith(("depth", "annotator")):
+            return Resolved(role, spec, "missing", path, f"the {role} must be a folder or hub id, not a file")
         if suffix == ".safetensors":
             return Resolved(role, spec, "file", path)
         if suffix in PICKLE_SUFFIXES:
@@ -114,19 +115,42 @@ def resolve_models(spec: ModelSpec, controls: tuple[str, ...]) -> list[Resolved]
     # companions sit inside a base model folder, or beside a single-file checkpoint
     base_dir = base_path if base_path.is_dir() else base_path.parent if base_path.is_file() else None
     overrides = dict(spec.controlnets)
-    unknown = set(overrides) - set(DEFAULT_CONTROLNETS)
+    unknown = set(overrides) - set(CONTROLNETS)
     if unknown:
         raise OptionError(f"--controlnet {sorted(unknown)[0]}=…: unknown control kind "
-                          f"(known: {', '.join(DEFAULT_CONTROLNETS)})")
+                          f"(known: {', '.join(CONTROLNETS)})")
     for kind in controls:
         local = base_dir / f"controlnet-{kind}" if base_dir else None
-        cn = overrides.get(kind) or (str(local) if local and local.is_dir() else DEFAULT_CONTROLNETS[kind])
+        cn = overrides.get(kind) or (str(local) if local and local.is_dir() else CONTROLNETS[kind])
         out.append(resolve(f"controlnet-{kind}", cn, spec.allow_pickle))
     if "depth" in controls:
         local = base_dir / "depth-estimator" if base_dir else None
         depth = spec.depth or (str(local) if local and local.is_dir() else DEFAULT_DEPTH)
         out.append(resolve("depth-estimator", depth, spec.allow_pickle))
+    local = base_dir / "annotators" if base_dir else None
+    annotators = spec.annotators or (str(local) if local and local.is_dir() else DEFAULT_ANNOTATORS)
+    for kind in controls:
+        if kind in AUX_KINDS:
+            out.append(_resolve_annotator(kind, annotators, spec.allow_pickle))
     return out
+
+
+def _resolve_annotator(kind: str, spec: str, allow_pickle: bool) -> Resolved:
+    """controlnet-aux's weights for `kind`: installed package, file present, pickles allowed."""
+    role = f"annotator-{kind}"
+    weights = AUX_KINDS[kind].weights
+    r = resolve(role, spec, allow_pickle, marker=weights)
+    if not r.ok:
+        return r
+    if not allow_pickle:
+        return Resolved(role, spec, "missing", r.path,
+                        f"the {kind} annotator's weights ({weights}) are a pickle, which can run code when "
+                        "loaded; pass --allow-pickle if you trust them")
+    import importlib.util
+
+    if importlib.util.find_spec("controlnet_aux") is None:
+        return Resolved(role, spec, "missing", r.path, f"the {kind} control needs controlnet-aux: {INSTALL_HINT}")
+    return r
 
 
 def check_resolved(found: list[Resolved]) -> None:
@@ -146,7 +170,9 @@ class Components:
 
     host: object  # diffusers StableDiffusionPipeline
     controlnets: dict[str, object]  # kind -> ControlNetModel
-    depth: object | None  # (model, mean, std, size) for the depth extractor
+    # what each kind's extractor needs, by kind: (model, mean, std, size) for depth, a
+    # controlnet-aux detector for the annotator kinds
+    control_models: dict[str, object]
     device: object
     dtype: object
 
@@ -194,11 +220,14 @@ def load_components(spec: ModelSpec, controls: tuple[str, ...], device: str, dty
     host.set_progress_bar_config(disable=True)
     controlnets = {kind: _load(ControlNetModel, by_role[f"controlnet-{kind}"], spec.allow_pickle, dtype=dtype)
                    .to(device).eval() for kind in controls}
-    depth = None
+    control_models = {}
     if "depth" in controls:
-        r = by_role["depth-estimator"]
-        depth = _load_depth(r, spec.allow_pickle, device, dtype)
-    return Components(host=host, controlnets=controlnets, depth=depth, device=torch.device(device), dtype=dtype)
+        control_models["depth"] = _load_depth(by_role["depth-estimator"], spec.allow_pickle, device, dtype)
+    for kind in controls:
+        if kind in AUX_KINDS:
+            control_models[kind] = _load_annotator(kind, by_role[f"annotator-{kind}"], device)
+    return Components(host=host, controlnets=controlnets, control_models=control_models,
+                      device=torch.device(device), dtype=dtype)
 
 
 def quiet_libraries() -> None:
@@ -230,6 +259,18 @@ def _load_depth(r: Resolved, allow_pickle: bool, device: str, dtype):
     side = int(size.get("height") or size.get("shortest_edge") or 518)
     return (model.to(device).eval(), tuple(cfg.get("image_mean", (0.5,) * 3)),
             tuple(cfg.get("image_std", (0.5,) * 3)), side)
+
+
+def _load_annotator(kind: str, r: Resolved, device: str):
+    from cinefx.controls.annotators import load_annotator
+
+    try:
+        return load_annotator(kind, r.where, r.how != "hub", device)
+    except ImportError as ex:  # installed but broken, typically a CUDA torchvision without a driver
+        raise ModelError(f"{r.role}: controlnet-aux cannot be imported ({str(ex).splitlines()[0]}); "
+                         f"{INSTALL_HINT}") from ex
+    except _LOAD_ERRORS as ex:
+        raise _load_error(r, ex) from ex
 
 
 def pick_device_dtype(precision: str = "auto"):

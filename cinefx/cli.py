@@ -322,6 +322,7 @@ def models(
     def run():
         from rich.table import Table
 
+        from cinefx.config import config_path
         from cinefx.controls import BUILTIN_KINDS, CONTROLNETS
         from cinefx.diffusion.models import resolve_models
 
@@ -337,6 +338,8 @@ def models(
                   "hub": "[yellow]to download[/]", "missing": "[red]missing[/]"}
         for r in found:
             t.add_row(r.role, escape(r.spec), status[r.how], escape(str(r.path) if r.path and r.ok else r.detail))
+        if config_path().is_file():
+            t.caption = escape(f"defaults from {config_path()}")
         _console(stderr=False).print(t)
         if not all(r.ok for r in found):
             raise typer.Exit(EXIT_FAILED)
@@ -385,10 +388,13 @@ def train_preset(
         from cinefx.presets import user_dir
         from cinefx.train.data import scan_dataset
         from cinefx.train.export import export_preset, validation_sheet
+        from cinefx.diffusion.models import ModelSpec, with_user_defaults
         from cinefx.train.loop import TrainConfig, total_steps, train
 
         word = trigger or f"<{name}>"
-        cfg = TrainConfig(method=method, model=model or "", trigger=word, steps=steps, epochs=epochs,
+        # the preset records the base it was trained on, also when it came from $CINEFX_MODEL or the config
+        base = with_user_defaults(ModelSpec(base=model)).base or ""
+        cfg = TrainConfig(method=method, model=base, trigger=word, steps=steps, epochs=epochs,
                           repeats=repeats, batch=batch, resolution=resolution, rank=rank, alpha=alpha,
                           vectors=vectors, lr=lr, min_snr_gamma=min_snr, noise_offset=noise_offset,
                           flip=not no_flip, random_crop=random_crop, gradient_checkpointing=gradient_checkpointing,

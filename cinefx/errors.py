@@ -45,3 +45,7 @@ class ModelError(CinefxError, OSError):
 
 class AdapterError(CinefxError, ValueError):
     """A LoRA or textual-inversion file is malformed, unsupported (LoHa/LoKr) or refused (pickle)."""
+
+
+class ConfigError(CinefxError, ValueError):
+    """The user's config file is malformed (names the file, the key and the value)."""

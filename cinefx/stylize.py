@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cinefx.diffusion.models import ModelSpec
+from cinefx.diffusion.models import ModelSpec, with_user_defaults
 from cinefx.engines import EngineSettings, build_diffusion_engine, choose_engine
 from cinefx.errors import CinefxError, InputFileError, MissingFileError, OutputError
 from cinefx.grade.grader import Grader
@@ -75,6 +75,8 @@ def _prepare_engine(preset: Preset, options: StylizeOptions):
     for the grade engine). A preset trained on a particular base model names it; --model wins."""
     if preset.diffusion.base_model and not options.models.base:
         options = dataclasses.replace(options, models=dataclasses.replace(options.models, base=preset.diffusion.base_model))
+    if options.engine != "grade":  # the grade engine reads no weights, so no config either
+        options = dataclasses.replace(options, models=with_user_defaults(options.models))
     choice = choose_engine(options.engine, options.models, tuple(k for k, _ in preset.diffusion.controls))
     engine = None
     if choice.name == "diffusion":

@@ -17,8 +17,12 @@ SIZE = (160, 90)
 
 
 @pytest.fixture(autouse=True)
-def _no_user_model(monkeypatch):
+def _no_user_settings(monkeypatch, tmp_path_factory):
+    """The user's own model, config file and presets never leak into a test."""
     monkeypatch.delenv("CINEFX_MODEL", raising=False)
+    monkeypatch.delenv("CINEFX_CONFIG", raising=False)
+    monkeypatch.delenv("CINEFX_PRESETS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.getbasetemp() / "xdg-config"))
 
 
 @pytest.fixture(scope="session")

@@ -635,3 +635,53 @@ def test_annotator_extractor_maps_match_the_frames(monkeypatch, tmp_path, slow_f
     assert 0 <= float(maps.min()) and float(maps.max()) <= 1
     # white lines on black, where the image has edges: what the lineart ControlNet was trained on
     assert 0.0 < float((maps < 0.5).float().mean()) < 0.5
+
+
+# -- the user's config file ----------------------------------------------------------------------
+
+def test_config_file_sets_the_models(tiny_bundle, clips, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny_bundle, tmp_path / "weights" / "sd15")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[models]\nbase = "weights/sd15"\n'
+                   f'[models.controlnets]\ncanny = "{tiny_bundle / "controlnet-canny"}"\n')
+    monkeypatch.setenv("CINEFX_CONFIG", str(cfg))
+    r = runner.invoke(app, ["models"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("local folder") == 4 and "defaults from" in r.output
+    # the command line wins over the config, the config over the defaults
+    r = runner.invoke(app, ["models", "--model", "/nonexistent/sd15"])
+    assert r.exit_code == 1 and "no such file or folder" in r.output
+    out = tmp_path / "o.mp4"
+    r = runner.invoke(app, ["stylize", str(clips["mp4"]), "--engine", "diffusion", "--steps", "1", "-o", str(out),
+                            "--no-metrics"])
+    assert r.exit_code == 0 and "engine: diffusion" in r.output, r.output
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("[models]\nbase = 3\n", "models.base = 3: must be a path or hub id"),
+    ("[models]\nmodel = 'x'\n", "unknown key models.model"),
+    ("[render]\nsteps = 3\n", "unknown section [render]"),
+    ("[models.controlnets]\nsketch = 'x'\n", "models.controlnets.sketch: unknown control"),
+    ("[models]\nallow_pickle = 'yes'\n", "models.allow_pickle = 'yes': must be true or false"),
+    ("[models\n", "not valid TOML"),
+])
+def test_malformed_config_is_a_one_line_error(clips, tmp_path, monkeypatch, body, needle):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(body)
+    monkeypatch.setenv("CINEFX_CONFIG", str(cfg))
+    out = tmp_path / "o.mp4"
+    r = runner.invoke(app, ["stylize", str(clips["mp4"]), "--engine", "diffusion", "-o", str(out)])
+    assert r.exit_code == 1, r.output
+    assert str(cfg) in r.output and needle in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not out.exists()
+    # the grade engine reads no weights, so a broken config does not stop it
+    r = runner.invoke(app, ["stylize", str(clips["mp4"]), "--engine", "grade", "-o", str(out), "--no-metrics"])
+    assert r.exit_code == 0, r.output
+
+
+def test_config_named_by_env_must_exist(clips, tmp_path, monkeypatch):
+    monkeypatch.setenv("CINEFX_CONFIG", str(tmp_path / "nope.toml"))
+    r = runner.invoke(app, ["models"])
+    assert r.exit_code == 1 and "nope.toml: config file not found" in r.output, r.output

@@ -57,8 +57,16 @@ class Resolved:
         return self.spec if self.how == "hub" else str(self.path)
 
 
-def default_base() -> str:
-    return os.environ.get("CINEFX_MODEL") or DEFAULT_BASE
+def with_user_defaults(spec: ModelSpec) -> ModelSpec:
+    """`spec` with what the user left unset filled from ``$CINEFX_MODEL`` and the config file
+    (`cinefx.config`), so the result names everything a run depends on (resume keys on it)."""
+    from cinefx.config import model_defaults
+
+    cfg = model_defaults()
+    return ModelSpec(base=spec.base or os.environ.get("CINEFX_MODEL") or cfg.base,
+                     controlnets=tuple({**dict(cfg.controlnets), **dict(spec.controlnets)}.items()),
+                     depth=spec.depth or cfg.depth, annotators=spec.annotators or cfg.annotators,
+                     allow_pickle=spec.allow_pickle or cfg.allow_pickle)
 
 
 def _offline() -> bool:
@@ -109,7 +117,8 @@ def resolve(role: str, spec: str, allow_pickle: bool = False, marker: str | None
 
 def resolve_models(spec: ModelSpec, controls: tuple[str, ...]) -> list[Resolved]:
     """Resolve the base model, one ControlNet per control kind, and the depth estimator if needed."""
-    base = spec.base or default_base()
+    spec = with_user_defaults(spec)
+    base = spec.base or DEFAULT_BASE
     out = [resolve("base", base, spec.allow_pickle)]
     base_path = Path(base).expanduser()
     # companions sit inside a base model folder, or beside a single-file checkpoint
@@ -210,6 +219,7 @@ def load_components(spec: ModelSpec, controls: tuple[str, ...], device: str, dty
     import torch
     from diffusers import ControlNetModel, StableDiffusionPipeline
 
+    spec = with_user_defaults(spec)
     found = resolve_models(spec, controls)
     check_resolved(found)
     by_role = {r.role: r for r in found}

@@ -1,0 +1,93 @@
+"""The user's config file: where their weights live, set once instead of on every command line.
+
+``$CINEFX_CONFIG`` or ``~/.config/cinefx/config.toml`` (``$XDG_CONFIG_HOME`` respected)::
+
+    [models]
+    base = "/models/sd15"                      # folder, .safetensors file or hub id
+    depth = "/models/depth-anything-small"
+    annotators = "/models/annotators"
+    allow_pickle = false
+    [models.controlnets]
+    canny = "/models/control_v11p_sd15_canny"
+
+Precedence, highest first: the command line, ``$CINEFX_MODEL`` (base model only), this file,
+companions found inside a local base model folder, the well-known hub ids. Relative paths are
+relative to the config file. A missing file is an empty config; a malformed one is an error naming
+the file, the key and the value.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cinefx.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    base: str | None = None
+    controlnets: tuple[tuple[str, str], ...] = ()
+    depth: str | None = None
+    annotators: str | None = None
+    allow_pickle: bool = False
+
+
+def config_path() -> Path:
+    if os.environ.get("CINEFX_CONFIG"):
+        return Path(os.environ["CINEFX_CONFIG"]).expanduser()
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "cinefx" / "config.toml"
+
+
+def model_defaults() -> ModelDefaults:
+    """The ``[models]`` section of the config file (empty when there is no file)."""
+    path = config_path()
+    if not path.is_file():
+        if os.environ.get("CINEFX_CONFIG"):
+            raise ConfigError(f"{path}: config file not found (named by $CINEFX_CONFIG)")
+        return ModelDefaults()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as ex:
+        raise ConfigError(f"{path}: not valid TOML ({ex})") from None
+    except (OSError, UnicodeDecodeError) as ex:
+        raise ConfigError(f"{path}: cannot be read ({ex})") from None
+    for key in data:
+        if key != "models":
+            raise ConfigError(f"{path}: unknown section [{key}] (expected [models])")
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError(f"{path}: models must be a table")
+
+    def where(key: str, value) -> str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: models.{key} = {value!r}: must be a path or hub id (a string)")
+        p = Path(value).expanduser()
+        local = p if p.is_absolute() else path.parent / p
+        return str(local) if local.exists() else value  # a hub id stays as written
+
+    out = {}
+    for key, value in models.items():
+        if key in ("base", "depth", "annotators"):
+            out[key] = where(key, value)
+        elif key == "allow_pickle":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}: models.allow_pickle = {value!r}: must be true or false")
+            out[key] = value
+        elif key == "controlnets":
+            from cinefx.controls import CONTROLNETS
+
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: models.controlnets must be a table of kind = model")
+            for kind in value:
+                if kind not in CONTROLNETS:
+                    raise ConfigError(f"{path}: models.controlnets.{kind}: unknown control "
+                                      f"(known: {', '.join(CONTROLNETS)})")
+            out[key] = tuple((k, where(f"controlnets.{k}", v)) for k, v in value.items())
+        else:
+            raise ConfigError(f"{path}: unknown key models.{key} (expected base, controlnets, depth, "
+                              "annotators, allow_pickle)")
+    return ModelDefaults(**out)

@@ -39,6 +39,10 @@ def _console(stderr: bool = True):
     return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
     _console().print(f"[bold red]cinefx: error:[/] {escape(message)}", markup=True)
     return typer.Exit(code)
@@ -170,7 +174,7 @@ def _stylize(inputs, output, preset_names, engine, models, diffusion, settings, 
     from cinefx import presets as P
     from cinefx.engines import EngineSettings
     from cinefx.errors import OptionError
-    from cinefx.stylize import StylizeOptions, expand_inputs, stylize_batch, stylize_file
+    from cinefx.stylize import StylizeOptions, expand_inputs, output_for, stylize_batch, stylize_file
     from cinefx.video.writer import EncodeOptions
 
     preset = P.combine([P.load_preset(n) for n in preset_names])
@@ -189,7 +193,7 @@ def _stylize(inputs, output, preset_names, engine, models, diffusion, settings, 
         res = preview_file(inputs[0], preview, preset, options)
         for note in res.notes:
             _info(f"{inputs[0].name}: {note}")
-        _info(f"{inputs[0].name} → {preview}: {len(res.scenes)} scenes previewed in {res.seconds:.1f}s")
+        _info(f"{inputs[0].name} → {preview}: {_count(len(res.scenes), 'scene')} previewed in {res.seconds:.1f}s")
         return
     if (report or plot) and no_metrics:
         raise OptionError("--report/--plot need the metrics; drop --no-metrics")
@@ -197,9 +201,9 @@ def _stylize(inputs, output, preset_names, engine, models, diffusion, settings, 
     batch = len(inputs) > 1 or any(p.is_dir() for p in inputs)
     if not batch:
         src = files[0]
-        dst = output or src.with_name(f"{src.stem}.{preset.name.replace('+', '-')}.mp4")
+        dst = output or output_for(src, src.parent, preset.name, ".mp4")
         if dst.is_dir():
-            dst = dst / f"{src.stem}.mp4"
+            dst = output_for(src, dst, preset.name, ".mp4")
         progress = _Progress(src.name, 0)
         try:
             res = stylize_file(src, dst, preset, options, progress)
@@ -263,7 +267,7 @@ def _finish_one(res, report_path, plot_path):
     if res.report is not None and plot_path:
         write_plot(res.report, plot_path)
     fps = res.frames / max(res.seconds, 1e-6)
-    _info(f"{res.input.name} → {res.output}: {res.frames} frames, {len(res.scenes)} scenes, "
+    _info(f"{res.input.name} → {res.output}: {_count(res.frames, 'frame')}, {_count(len(res.scenes), 'scene')}, "
           f"{res.seconds:.1f}s ({fps:.1f} fps)")
 
 
@@ -299,7 +303,7 @@ def _scenes(path: Path, as_json: bool):
         return
     from rich.table import Table
 
-    t = Table(title=f"{path.name}: {len(rows)} scenes, {len(times)} frames")
+    t = Table(title=escape(f"{path.name}: {_count(len(rows), 'scene')}, {_count(len(times), 'frame')}"))
     for col in ("scene", "begins with", "frames", "start", "end"):
         t.add_column(col)
     for r in rows:

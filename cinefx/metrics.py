@@ -59,7 +59,10 @@ def ssim_stats(a: FrameStats, b: FrameStats) -> float:
     mu_ab = a.mu * b.mu
     cov = _blur(a.x * b.x) - mu_ab
     s = ((2 * mu_ab + _C1) * (2 * cov + _C2)) / ((a.mu2 + b.mu2 + _C1) * (a.var + b.var + _C2))
-    return float(s[_PAD:-_PAD, _PAD:-_PAD].mean())
+    if min(s.shape[:2]) > 2 * _PAD:
+        s = s[_PAD:-_PAD, _PAD:-_PAD]  # as scikit-image: drop the border the window overhangs
+    # (frames narrower than the window, which scikit-image refuses, are averaged whole)
+    return float(s.mean())
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:

@@ -18,8 +18,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import av
 import numpy as np
 
+from cinefx import __version__
 from cinefx.diffusion.models import ModelSpec, with_user_defaults
 from cinefx.engines import EngineSettings, build_diffusion_engine, choose_engine
 from cinefx.errors import CinefxError, InputFileError, MissingFileError, OutputError
@@ -178,7 +180,8 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
 
     # 3. one streaming pass
     try:
-        with VideoWriter(dst, info, options.encode, overwrite=options.overwrite, audio=options.audio) as writer:
+        with VideoWriter(dst, info, options.encode, overwrite=options.overwrite, audio=options.audio,
+                         comment=output_comment(preset)) as writer:
             for frame in read_frames(info):
                 pending.append(frame)
                 pts.append(frame.pts)
@@ -306,21 +309,41 @@ class BatchItem:
     result: StylizeResult | None = None
 
 
+def output_comment(preset: Preset) -> str:
+    """The comment tag of every file cinefx writes; `is_cinefx_output` looks for it."""
+    return f"{_OUTPUT_TAG}{__version__}, preset {preset.name}"
+
+
+_OUTPUT_TAG = "rendered by cinefx "
+
+
+def is_cinefx_output(path: Path) -> bool:
+    try:
+        with av.open(str(path), metadata_errors="ignore") as c:
+            return any(k.lower() == "comment" and str(v).startswith(_OUTPUT_TAG) for k, v in c.metadata.items())
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError):
+        return False  # not ours to judge: the run itself will say what is wrong with it
+
+
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given; folders expand to the videos directly inside them (sorted)."""
+    """Files as given; folders expand to the videos directly inside them (sorted), less the files
+    cinefx itself wrote, so a batch re-run over a folder that holds its outputs does not restyle
+    them. A file named explicitly is always taken."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             out += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS
-                          and not f.name.startswith("."))
+                          and not f.name.startswith(".") and not is_cinefx_output(f))
         else:
             out.append(p)
     return out
 
 
-def output_for(src: Path, out_dir: Path, suffix: str | None = None) -> Path:
+def output_for(src: Path, out_dir: Path, preset_name: str, suffix: str | None = None) -> Path:
+    """`out_dir/NAME.ext`, or `NAME.PRESET.ext` when `out_dir` is the input's own folder."""
     ext = suffix or (src.suffix.lower() if src.suffix.lower() in OUTPUT_EXTENSIONS else ".mp4")
-    return out_dir / f"{src.stem}{ext}"
+    same = out_dir.resolve() == src.parent.resolve()
+    return out_dir / (f"{src.stem}.{preset_name.replace('+', '-')}{ext}" if same else f"{src.stem}{ext}")
 
 
 def stylize_batch(inputs: list[Path], out_dir: Path, preset: Preset, options: StylizeOptions,
@@ -331,7 +354,7 @@ def stylize_batch(inputs: list[Path], out_dir: Path, preset: Preset, options: St
         raise MissingFileError(f"{out_dir}: output folder does not exist")
     items = []
     for src in inputs:
-        dst = output_for(src, out_dir)
+        dst = output_for(src, out_dir, preset.name)
         if skip_existing and dst.exists():
             item = BatchItem(src, dst, "skipped", "output exists")
         else:

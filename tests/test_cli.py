@@ -3,8 +3,10 @@
 import subprocess
 import sys
 
+import av
 from typer.testing import CliRunner
 
+from cinefx import __version__
 from cinefx.cli import app
 
 runner = CliRunner()
@@ -43,6 +45,33 @@ def test_batch_carries_on_past_a_bad_file(tmp_path, clips):
     assert r.exit_code == 0, r.output
     assert "0 done, 2 skipped, 0 failed of 2" in r.output
     assert (out / "a.mp4").stat().st_mtime_ns == first
+
+
+def test_batch_into_the_footage_folder_and_rerun(tmp_path, clips):
+    """Outputs written beside their inputs get the preset in their name, carry the source's tags,
+    and a later run over the same folder neither restyles them nor counts them as inputs."""
+    footage = tmp_path / "footage"
+    footage.mkdir()
+    src = footage / "a.mp4"
+    with av.open(str(clips["mp4"])) as cin, av.open(str(src), "w") as cout:
+        cout.metadata.update({"title": "Take 3", "comment": "from the B camera"})
+        streams = {s.index: cout.add_stream_from_template(s) for s in cin.streams}
+        for pkt in cin.demux():
+            if pkt.dts is not None:
+                pkt.stream = streams[pkt.stream.index]
+                cout.mux(pkt)
+    args = ["stylize", str(footage), "-o", str(footage), "--engine", "grade", "--no-metrics"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "1 done, 0 skipped, 0 failed of 1" in r.output, r.output
+    assert sorted(p.name for p in footage.iterdir()) == ["a.epic.mp4", "a.mp4"]
+    with av.open(str(footage / "a.epic.mp4")) as c:
+        assert c.metadata["title"] == "Take 3"
+        assert c.metadata["comment"] == f"rendered by cinefx {__version__}, preset epic; from the B camera"
+    r = runner.invoke(app, [*args, "--skip-existing"])
+    assert r.exit_code == 0 and "0 done, 1 skipped, 0 failed of 1" in r.output, r.output
+    r = runner.invoke(app, [*args, "--preset", "noir"])
+    assert r.exit_code == 0 and "1 done, 0 skipped, 0 failed of 1" in r.output, r.output
+    assert sorted(p.name for p in footage.iterdir()) == ["a.epic.mp4", "a.mp4", "a.noir.mp4"]
 
 
 def test_default_output_name_and_quiet(tmp_path, clips):

@@ -32,6 +32,8 @@ _MOV_FAMILY = {"mp4", "mov"}
 # What MP4 players actually decode; the muxer would also take PCM (ISO 23003-5), which few play.
 _MP4_AUDIO = {"aac", "mp3", "mp3float", "ac3", "eac3", "opus", "alac", "flac"}
 _MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
+# Container tags that describe the file's encoding rather than its content: not carried over.
+_MUXER_TAGS = {"major_brand", "minor_version", "compatible_brands", "encoder", "duration"}
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,9 @@ class VideoWriter:
 
     def __init__(self, target: str | os.PathLike, info: VideoInfo,
                  options: EncodeOptions = EncodeOptions(), overwrite: bool = False,
-                 audio: bool = True):
+                 audio: bool = True, comment: str | None = None):
         self.target = Path(target)
+        self.comment = comment
         self.info = info
         self.options = options
         self.overwrite = overwrite
@@ -163,6 +166,7 @@ class VideoWriter:
         if muxer in _MOV_FAMILY and info.time_base.denominator <= 2**31 - 1:
             fmt_opts["movie_timescale"] = str(info.time_base.denominator)
         self._container = av.open(str(self._tmp), mode="w", format=muxer, options=fmt_opts)
+        self._container.metadata.update(self._metadata())
         even = info.coded_width % 2 == 0 and info.coded_height % 2 == 0
         self._pix_fmt = "yuv420p" if even else "yuv444p"
         if not even:
@@ -194,6 +198,16 @@ class VideoWriter:
         self._video = stream
         if audio and info.audio:
             self._open_audio(muxer)
+
+    def _metadata(self) -> dict[str, str]:
+        """The source's container tags (title, creation time, …: what an editor's bin sorts by),
+        less the muxer's own, with `comment` put first in the comment."""
+        with open_container(self.info.path) as src:
+            tags = {k: v for k, v in src.metadata.items() if k.lower() not in _MUXER_TAGS}
+        if self.comment:
+            key = next((k for k in tags if k.lower() == "comment"), "comment")
+            tags[key] = f"{self.comment}; {tags[key]}" if tags.get(key) else self.comment
+        return tags
 
     def _open_audio(self, muxer: str) -> None:
         self._audio_in = open_container(self.info.path)

@@ -157,3 +157,13 @@ def test_report_json_and_plot(tmp_path, clips):
     assert 0 < s["input"]["tssim"] <= 1 and s["delta_tssim"] is not None
     assert (tmp_path / "p.png").stat().st_size > 5000
     assert "Temporal consistency" in r.output and "engine: grade" in r.output
+
+
+def test_ssim_of_frames_smaller_than_its_window():
+    """A 2×2 or 6×200 video still gets a finite T-SSIM (scikit-image would refuse the size)."""
+    rng = np.random.default_rng(0)
+    for shape in ((2, 2, 3), (6, 200, 3)):
+        a = rng.integers(0, 255, shape, dtype=np.uint8)
+        b = rng.integers(0, 255, shape, dtype=np.uint8)
+        assert ssim(a, a) == pytest.approx(1.0)
+        assert np.isfinite(ssim(a, b)) and ssim(a, b) < 0.5

@@ -124,6 +124,27 @@ def test_cube_roundtrip_and_errors(tmp_path):
             lutlib.read_cube(bad)
 
 
+def test_1d_cube_with_thousands_of_entries(tmp_path):
+    """Colourists' 1D LUTs (shapers, film curves) have 1024-4096 entries per channel: kept as
+    curves, not expanded to a 3D grid, and usable as a preset's LUT."""
+    x = np.linspace(0, 1, 4096)
+    curves = np.stack([x ** 0.8, x ** 1.0, x ** 1.25], -1)
+    lines = ["TITLE \"curves\"", "LUT_1D_SIZE 4096"] + [f"{r:.6f} {g:.6f} {b:.6f}" for r, g, b in curves]
+    p = tmp_path / "curves.cube"
+    p.write_text("\n".join(lines) + "\n")
+    lut = lutlib.read_cube(p)
+    assert lut.shape == (4096, 3)
+    rgb = np.array([[0.25, 0.25, 0.25], [0.5, 0.1, 0.9]], np.float32)
+    assert np.allclose(lutlib.apply(lut, rgb), [[0.25 ** 0.8, 0.25, 0.25 ** 1.25], [0.5 ** 0.8, 0.1, 0.9 ** 1.25]], atol=1e-4)
+    grey = np.full((1, 72, 128, 3), 64, np.uint8)
+    out = Grader(GradeConfig(lut=str(p)), (128, 72))(grey)[0]
+    assert out[0, 0, 0] > 64 + 10 and abs(int(out[0, 0, 1]) - 64) <= 1 and out[0, 0, 2] < 64 - 10
+    for text, needle in (("LUT_1D_SIZE 70000\n", "out of range"), ("LUT_1D_SIZE 2\nLUT_3D_SIZE 2\n", "both")):
+        p.write_text(text)
+        with pytest.raises(LutError, match=needle):
+            lutlib.read_cube(p)
+
+
 def test_bundled_lut_matches_reference_lookup():
     """The engine applies LUTs through a dense 8-bit table; check it against the float trilinear lookup."""
     g = GradeConfig(lut=load_preset("blockbuster").grade.lut)

@@ -1,7 +1,9 @@
-"""3D LUTs: read and write Adobe/Resolve `.cube` files, and evaluate a LUT on float colours.
+"""LUTs: read and write Adobe/Resolve `.cube` files, and evaluate a LUT on float colours.
 
-A LUT here is a (N, N, N, 3) float32 array indexed [b, g, r] — the order `.cube` files store
-(red changes fastest) — mapping colours in [0, 1] to colours in [0, 1].
+A 3D LUT here is a (N, N, N, 3) float32 array indexed [b, g, r] — the order `.cube` files store
+(red changes fastest) — mapping colours in [0, 1] to colours in [0, 1]. A 1D LUT (a curve per
+channel, such as a log-to-display shaper) stays (N, 3): colourists' 1D files have thousands of
+entries, which no 3D grid could hold.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import numpy as np
 
 from cinefx.errors import LutError
 
-MAX_SIZE = 256
+MAX_SIZE = 256  # a 3D LUT's side
+MAX_SIZE_1D = 65536
 
 
 def read_cube(path: str | Path) -> np.ndarray:
-    """Parse a `.cube` file (3D, or 1D expanded to 3D). Raises `LutError` naming file and line."""
+    """Parse a `.cube` file: (N, N, N, 3) for a 3D LUT, (N, 3) for a 1D one, on a [0, 1] domain.
+    Raises `LutError` naming the file and line."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8", errors="strict")
@@ -56,9 +60,12 @@ def read_cube(path: str | Path) -> np.ndarray:
             raise LutError(f"{path}:{lineno}: cannot parse {line!r}") from None
     if not size3 and not size1:
         raise LutError(f"{path}: no LUT_3D_SIZE or LUT_1D_SIZE line: not a .cube LUT")
+    if size3 and size1:
+        raise LutError(f"{path}: has both LUT_1D_SIZE and LUT_3D_SIZE (shaper + cube files are not supported)")
     size = size3 or size1
-    if not 2 <= size <= MAX_SIZE:
-        raise LutError(f"{path}: LUT size {size} out of range (2 to {MAX_SIZE})")
+    limit = MAX_SIZE if size3 else MAX_SIZE_1D
+    if not 2 <= size <= limit:
+        raise LutError(f"{path}: LUT size {size} out of range (2 to {limit})")
     expected = size**3 if size3 else size
     if len(rows) != expected:
         raise LutError(f"{path}: has {len(rows)} entries, LUT size {size} needs {expected} (truncated?)")
@@ -67,15 +74,10 @@ def read_cube(path: str | Path) -> np.ndarray:
     data = np.asarray(rows, np.float32)
     if not np.all(np.isfinite(data)):
         raise LutError(f"{path}: contains non-finite values")
-    if size3:
-        lut = data.reshape(size, size, size, 3)
-    else:  # 1D: each channel through its own curve
-        g = np.arange(size)
-        b_, g_, r_ = np.meshgrid(g, g, g, indexing="ij")
-        lut = np.stack([data[r_, 0], data[g_, 1], data[b_, 2]], -1)
+    lut = data.reshape(size, size, size, 3) if size3 else data
     if np.any(dmin != 0) or np.any(dmax != 1):
         # Re-sample onto a [0, 1] domain so every LUT is applied the same way.
-        grid = identity(size)
+        grid = identity(size) if size3 else np.repeat(np.linspace(0, 1, size, dtype=np.float32)[:, None], 3, 1)
         lut = apply(lut, np.clip((grid - dmin) / (dmax - dmin), 0, 1).astype(np.float32))
     return np.clip(lut, 0.0, 1.0).astype(np.float32)
 
@@ -83,8 +85,9 @@ def read_cube(path: str | Path) -> np.ndarray:
 def write_cube(path: str | Path, lut: np.ndarray, title: str = "cinefx") -> Path:
     path = Path(path)
     n = lut.shape[0]
+    kind = "3D" if lut.ndim == 4 else "1D"
     with open(path, "w", encoding="utf-8") as f:
-        f.write(f'TITLE "{title}"\nLUT_3D_SIZE {n}\nDOMAIN_MIN 0 0 0\nDOMAIN_MAX 1 1 1\n')
+        f.write(f'TITLE "{title}"\nLUT_{kind}_SIZE {n}\nDOMAIN_MIN 0 0 0\nDOMAIN_MAX 1 1 1\n')
         np.savetxt(f, lut.reshape(-1, 3), fmt="%.6f")
     return path
 
@@ -100,8 +103,12 @@ def apply(lut: np.ndarray, rgb: np.ndarray) -> np.ndarray:
     """Trilinear lookup of float colours `rgb` (..., 3) in [0, 1] through `lut`; same shape out.
 
     Exact but slow on whole frames: cinefx uses it to bake LUTs, and `apply_dense` on frames.
+    A 1D `lut` (N, 3) maps each channel through its own curve, linearly interpolated.
     """
     n = lut.shape[0]
+    if lut.ndim == 2:
+        nodes = np.linspace(0.0, 1.0, n)
+        return np.stack([np.interp(rgb[..., c], nodes, lut[:, c]) for c in range(3)], -1).astype(np.float32)
     x = np.clip(rgb, 0, 1) * (n - 1)
     i0 = np.minimum(np.floor(x).astype(np.int32), n - 2)
     f = x - i0

@@ -152,9 +152,9 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
                 work.record(scene, out)
         else:
             out = [f.rgb for f in chunk]  # the grade engine streams frame by frame: no copies
+        if not grader.is_identity:
+            out = grader.grade_many(zip(out, (f.index for f in chunk)))
         for f, o in zip(chunk, out):
-            if not grader.is_identity:
-                o = grader.grade_frame(o, f.index)
             writer.write(o, f.pts, f.duration)
             if meter is not None:
                 meter.add(scene, f.rgb, o)

@@ -9,6 +9,10 @@ frame index), so a re-run or a resumed run gives the same file.
 from __future__ import annotations
 
 import functools
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -30,10 +34,12 @@ class Grader:
     new array of the same shape (the input is not modified).
     """
 
-    def __init__(self, grade: GradeConfig, size: tuple[int, int], seed: int = 0):
+    def __init__(self, grade: GradeConfig, size: tuple[int, int], seed: int = 0, workers: int = 0):
         self.grade = grade
         self.width, self.height = size
         self.seed = seed
+        self.workers = workers or default_workers()
+        self._pool: ThreadPoolExecutor | None = None
         self._table = None if colour_is_identity(grade) else _colour_table(grade)
         self._vignette = self._vignette_mask() if grade.vignette else None
         self._grain = self._grain_plates() if grade.grain else None
@@ -51,6 +57,24 @@ class Grader:
         for i, frame in enumerate(frames):
             out[i] = self.grade_frame(frame, start_index + i)
         return out
+
+    def grade_many(self, frames: Iterable[tuple[np.ndarray, int]]) -> Iterator[np.ndarray]:
+        """Grade (frame, index) pairs, yielding results in order. With several workers, frames are
+        graded on threads a few ahead of the consumer (OpenCV and NumPy release the GIL); each
+        frame's result depends only on the frame and its index, so it is the same either way."""
+        if self.workers <= 1:
+            for frame, index in frames:
+                yield self.grade_frame(frame, index)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="cinefx-grade")
+        ahead: deque = deque()
+        for frame, index in frames:
+            ahead.append(self._pool.submit(self.grade_frame, frame, index))
+            if len(ahead) >= 2 * self.workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
     def grade_frame(self, frame: np.ndarray, index: int) -> np.ndarray:
         g = self.grade
@@ -133,6 +157,15 @@ class Grader:
 
     def close(self) -> None:
         self._table = None
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+
+def default_workers() -> int:
+    """Grading threads: one per four cores, at most four. x264 takes the rest; on a small machine
+    its threads already leave no core idle, and a second grading thread only contends with them."""
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
 @functools.lru_cache(maxsize=1)

@@ -685,3 +685,41 @@ def test_config_named_by_env_must_exist(clips, tmp_path, monkeypatch):
     monkeypatch.setenv("CINEFX_CONFIG", str(tmp_path / "nope.toml"))
     r = runner.invoke(app, ["models"])
     assert r.exit_code == 1 and "nope.toml: config file not found" in r.output, r.output
+
+
+# -- GPU-only paths, run on the CPU for their mechanics -------------------------------------------
+
+def test_half_precision_path_runs(tiny_bundle, slow_frames, monkeypatch):
+    """bf16 is what a GPU gets by default; the CPU refuses it for speed, not correctness, so run
+    the same code in bf16 here: every dtype hand-over (control maps, noise, anchors, flow warps,
+    VAE decode) must agree, in each temporal mode, with keyframes too."""
+    import cinefx.diffusion.models as M
+
+    monkeypatch.setattr(M, "pick_device_dtype", lambda precision="auto": ("cpu", torch.bfloat16))
+    for temporal, prior, keyframes in (("full", "residual", 0), ("anchor", "flow", 0), ("none", "shared", 3)):
+        eng = engine(tiny_bundle, steps=2, temporal=temporal, noise_prior=prior, keyframes=keyframes, chunk=4)
+        assert eng.pipe.dtype == torch.bfloat16
+        out = eng.render(slow_frames[:6], 0)
+        assert out.shape == (6, 90, 160, 3) and out.dtype == np.uint8
+
+
+def test_frame_memory_probe_mechanics(tiny_bundle, monkeypatch):
+    """The automatic batch size measures one UNet + ControlNet step at batch 1 and 2 on the GPU.
+    With CUDA's memory counters faked, the same calls run here: shapes, CFG rows, temporal state."""
+    eng = engine(tiny_bundle)
+    calls = []
+    real = eng.pipe.predict_noise
+
+    def spy(x, t, text, conds, scales):
+        calls.append((x.shape[0], eng.pipe.state.frames, eng.pipe.state.mode))
+        return real(x, t, text, conds, scales)
+
+    monkeypatch.setattr(eng.pipe, "predict_noise", spy)
+    peak = iter([0, 3_000, 0, 5_000])  # memory_allocated, then max_memory_allocated, per batch
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: next(peak))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: next(peak))
+    per_frame = eng.pipe.frame_memory(64, 64, cfg=True, temporal="full")
+    assert calls == [(2, 1, "full"), (4, 2, "full")]  # CFG doubles the rows; the state knows the frames
+    assert per_frame == 2_000

@@ -209,3 +209,23 @@ def test_nan_guard_stops_a_diverging_run(tiny_bundle, stills, tmp_path, monkeypa
     cfg = loop.TrainConfig(model=str(tiny_bundle), trigger="<look>", steps=10, resolution=64)
     with pytest.raises(loop.TrainingDiverged, match="5 steps running"):
         loop.train(cfg, scan_dataset(stills, "<look>", min_side=64), tmp_path / "w")
+
+
+@pytest.mark.parametrize("method", ["lora", "pivotal"])
+def test_half_precision_training_path_runs(tiny_bundle, stills, tmp_path, monkeypatch, method):
+    """A GPU trains with a bf16 base model (trainable weights in fp32, the text encoder in fp32 for
+    textual inversion). The CPU refuses bf16 for speed only, so run that path here, with the
+    validation sheet, whose generation also runs in the model's dtype."""
+    import torch
+
+    import cinefx.diffusion.models as M
+
+    monkeypatch.setattr(M, "pick_device_dtype", lambda precision="auto": ("cpu", torch.bfloat16))
+    out = tmp_path / method
+    r = runner.invoke(app, ["train-preset", str(stills), "--name", "look", "--model", str(tiny_bundle),
+                            "-o", str(out), "--resolution", "64", "--min-side", "64", "--method", method,
+                            "--steps", "3"])
+    assert r.exit_code == 0, r.output
+    weights = load_file(str(out / "lora.safetensors"))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+    assert (out / "validation.png").is_file()

@@ -7,7 +7,7 @@ TFLOP/s counting 1.09 TFLOP per UNet + ControlNet evaluation at 512² (scaled by
 other sizes).
 
     python bench/bench_diffusion_gpu.py                 # 512², 20 steps, CFG 7.5, 16 frames, H200 goal ≥ 9 fps, ≥ 5×
-    python bench/bench_diffusion_gpu.py --tiny --device cpu --frames 4 --steps 2   # smoke test anywhere
+    python bench/bench_diffusion_gpu.py --tiny --device cpu --frames 2 --steps 1   # smoke test anywhere
 """
 
 from __future__ import annotations
@@ -24,34 +24,43 @@ import torch
 TFLOP_PER_EVAL_512 = 1.09  # UNet (≈0.80) + one ControlNet (≈0.28) at 64×64 latents, batch 1
 
 
+# SD1.5's published shapes (runwayml/stable-diffusion-v1-5 unet/vae/text_encoder config.json), and
+# the same architecture narrowed for a smoke run anywhere: one construction path for both.
+SHAPES = {
+    "sd15": dict(blocks=(320, 640, 1280, 1280), vae=(128, 256, 512, 512), text=768, text_ff=3072,
+                 text_layers=12, text_heads=12, head_dim=8),
+    "tiny": dict(blocks=(32, 64, 64, 64), vae=(32, 32, 64, 64), text=32, text_ff=64,
+                 text_layers=2, text_heads=2, head_dim=8),
+}
+
+
 def sd15_components(device, dtype, tiny: bool):
-    """A `Components` set in SD1.5's shapes (or the tiny bundle's), randomly initialised."""
+    """A `Components` set in SD1.5's architecture (narrowed with `tiny`), randomly initialised."""
     from diffusers import (AutoencoderKL, ControlNetModel, DPMSolverMultistepScheduler,
                            StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from cinefx.diffusion.models import Components, load_components, ModelSpec, quiet_libraries
-    from cinefx.testing.tiny import write_tiny_bundle, write_tokenizer
+    from cinefx.diffusion.models import Components, quiet_libraries
+    from cinefx.testing.tiny import write_tokenizer
 
     quiet_libraries()
-    if tiny:
-        d = write_tiny_bundle(Path(tempfile.mkdtemp()) / "tiny")
-        return load_components(ModelSpec(base=str(d)), ("canny",), device, dtype)
+    torch.manual_seed(0)
+    shape = SHAPES["tiny" if tiny else "sd15"]
     tok_dir = Path(tempfile.mkdtemp()) / "tokenizer"
     vocab = write_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    # The published SD1.5 configs (runwayml/stable-diffusion-v1-5 unet/vae/text_encoder config.json).
     unet = UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
+        block_out_channels=shape["blocks"],
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        cross_attention_dim=shape["text"], attention_head_dim=shape["head_dim"])
+    vae = AutoencoderKL(block_out_channels=shape["vae"], down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
                         sample_size=512)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=shape["text"],
+                                        intermediate_size=shape["text_ff"], num_hidden_layers=shape["text_layers"],
+                                        num_attention_heads=shape["text_heads"], max_position_embeddings=77,
                                         hidden_act="quick_gelu", bos_token_id=vocab - 2, eos_token_id=vocab - 1,
                                         pad_token_id=vocab - 1))
     scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -60,7 +69,7 @@ def sd15_components(device, dtype, tiny: bool):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     host.to(device, dtype)
     cn = ControlNetModel.from_unet(unet).to(device, dtype).eval()
-    return Components(host=host, controlnets={"canny": cn}, depth=None, device=torch.device(device), dtype=dtype)
+    return Components(host=host, controlnets={"canny": cn}, control_models={}, device=torch.device(device), dtype=dtype)
 
 
 def sync(device):

@@ -150,6 +150,7 @@ class VideoWriter:
         self._queue: queue.Queue = queue.Queue(self.QUEUE_FRAMES)
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
+        self._aborting = False  # set by abort(): queued frames are dropped, not encoded
         try:
             self._open(audio)
         except BaseException:
@@ -269,7 +270,7 @@ class VideoWriter:
             frame = self._queue.get()
             if frame is None:
                 return
-            if self._failure is not None:
+            if self._failure is not None or self._aborting:
                 continue
             try:
                 self._encode(frame)
@@ -364,6 +365,7 @@ class VideoWriter:
 
     def abort(self) -> None:
         """Drop everything written so far; the target is left as it was."""
+        self._aborting = True
         self._stop_encoder()
         self._close()
         if not self._done:

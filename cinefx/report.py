@@ -50,6 +50,14 @@ class Report:
     overall_input: Measure
     overall_output: Measure
     per_pair: tuple[tuple[int, float, float, float, float], ...]  # (frame, in psnr, out psnr, in ssim, out ssim)
+    grain: float = 0.0  # the grade's film grain strength: new noise every frame, so it lowers output PSNR
+
+    @property
+    def grain_note(self) -> str:
+        if not self.grain:
+            return ""
+        return (f"the output's film grain (strength {self.grain:g}) is new in every frame, as on film, and "
+                "lowers its PSNR by design; --grain 0 measures the render without it")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -57,7 +65,8 @@ class Report:
             s["delta_psnr"], s["delta_tssim"] = sr.delta_psnr, sr.delta_tssim
         d["per_pair"] = [[f, _finite(a), _finite(b), c, e] for f, a, b, c, e in self.per_pair]
         d["notes"] = ("PSNR in dB over adjacent frames within a scene, identical pairs excluded and "
-                      "counted; T-SSIM: Gaussian-window SSIM (sigma 1.5, data_range 255) of adjacent frames")
+                      "counted; T-SSIM: Gaussian-window SSIM (sigma 1.5, data_range 255) of adjacent frames"
+                      + (f"; {self.grain_note}" if self.grain else ""))
         return d
 
     def write_json(self, path: str | Path) -> Path:
@@ -83,7 +92,7 @@ def _measure(series: list[Series]) -> Measure:
 
 
 def build_report(meter: TemporalMeter, scenes: list[Scene], times: list[float], end_time: float,
-                 input: str, output: str, engine: str, preset: str) -> Report:
+                 input: str, output: str, engine: str, preset: str, grain: float = 0.0) -> Report:
     """times[i]: display time of frame i in seconds; end_time: when the last frame ends."""
     rows, per_pair = [], []
     for sc in scenes:
@@ -98,7 +107,7 @@ def build_report(meter: TemporalMeter, scenes: list[Scene], times: list[float], 
     all_out = [meter.series[s.index][1] for s in scenes if s.index in meter.series]
     return Report(input=input, output=output, engine=engine, preset=preset, metric_size=meter.size,
                   scenes=tuple(rows), overall_input=_measure(all_in), overall_output=_measure(all_out),
-                  per_pair=tuple(per_pair))
+                  per_pair=tuple(per_pair), grain=grain)
 
 
 def _fmt(v: float | None, digits: int = 2, signed: bool = False) -> str:
@@ -113,7 +122,8 @@ def render_table(report: Report):
     from rich.table import Table
 
     t = Table(title=escape(f"Temporal consistency — {Path(report.output).name} ({report.engine}, {report.preset})"),
-              caption="adjacent-frame PSNR (dB) and T-SSIM within scenes; Δ = output − input, ≈ 0 is ideal")
+              caption=("adjacent-frame PSNR (dB) and T-SSIM within scenes; Δ = output − input, ≈ 0 is ideal"
+                       + (f"\n{escape(report.grain_note)}" if report.grain else "")))
     for col, just in (("scene", "right"), ("kind", "left"), ("time", "left"), ("frames", "right"),
                       ("PSNR in", "right"), ("PSNR out", "right"), ("Δ", "right"),
                       ("T-SSIM in", "right"), ("T-SSIM out", "right"), ("Δ", "right")):

@@ -213,7 +213,7 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
     report = None
     if meter is not None:
         report = build_report(meter, scenes, times, times[-1] + step, str(src), str(dst),
-                              choice.name, preset.name)
+                              choice.name, preset.name, grain=preset.grade.grain)
     return StylizeResult(input=src, output=dst, engine=choice.name, engine_reason=choice.reason,
                          frames=len(pts), scenes=tuple(scenes), report=report, notes=tuple(notes),
                          seconds=time.perf_counter() - t0)

@@ -178,6 +178,13 @@ def test_report_json_and_plot(tmp_path, clips):
     assert 0 < s["input"]["tssim"] <= 1 and s["delta_tssim"] is not None
     assert (tmp_path / "p.png").stat().st_size > 5000
     assert "Temporal consistency" in r.output and "engine: grade" in r.output
+    # epic's grain is new every frame: the report says it lowers output PSNR, and how to leave it out
+    assert data["grain"] == 0.25 and "film grain" in data["notes"] and "film grain (strength 0.25)" in r.output
+    r = runner.invoke(app, ["stylize", str(clips["mp4"]), "-o", str(out), "--engine", "grade", "--overwrite",
+                            "--grain", "0", "--report", str(tmp_path / "r0.json")])
+    data0 = json.loads((tmp_path / "r0.json").read_text())
+    assert data0["grain"] == 0 and "film grain" not in data0["notes"] and "film grain" not in r.output
+    assert data0["overall_output"]["psnr"] > data["overall_output"]["psnr"]
 
 
 def test_ssim_of_frames_smaller_than_its_window():

@@ -24,6 +24,7 @@ from cinefx.presets import GradeConfig
 LUT_SIZE = 33
 GRAIN_PLATES = 4
 GRAIN_STD_LEVELS = 14.0  # 8-bit levels of grain noise at grain = 1 in the midtones
+GLOW_BLUR_PX = 3.0  # bloom is blurred at the size where its Gaussian is this many pixels wide
 
 
 class Grader:
@@ -95,16 +96,26 @@ class Grader:
     # -- stages ---------------------------------------------------------------------------
     def _glow(self, x: np.ndarray) -> np.ndarray:
         """Bloom (highlights glow in their own colour) and halation (a red-orange fringe, as light
-        scattered back through the film base), computed at quarter resolution: both are blurs."""
+        scattered back through the film base). Both are wide blurs of the highlights, so they are
+        computed small: highlights are found at quarter resolution (small ones still count, since
+        area averaging keeps their energy), then shrunk until the blur is a few pixels wide. A blur's
+        cost grows with the cube of the frame's side at a fixed relative radius; this keeps it flat."""
         g = self.grade
         sw, sh = max(1, self.width // 4), max(1, self.height // 4)
         small = cv2.resize(x, (sw, sh), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
         y = small @ np.array([0.2126, 0.7152, 0.0722], np.float32)
         mask = np.clip((y - g.bloom_threshold) / max(1e-3, 1 - g.bloom_threshold), 0, 1)
         sigma = max(0.5, g.bloom_radius * sh)
-        glow = np.zeros_like(small)
+        shrink = max(1.0, sigma / GLOW_BLUR_PX)
+        ww, wh = max(1, round(sw / shrink)), max(1, round(sh / shrink))
+        hi = small * mask[..., None]
+        if (ww, wh) != (sw, sh):
+            hi = cv2.resize(hi, (ww, wh), interpolation=cv2.INTER_AREA)
+            mask = cv2.resize(mask, (ww, wh), interpolation=cv2.INTER_AREA)
+            sigma *= wh / sh
+        glow = np.zeros_like(hi)
         if g.bloom:
-            glow += g.bloom * cv2.GaussianBlur(small * mask[..., None], (0, 0), sigma)
+            glow += g.bloom * cv2.GaussianBlur(hi, (0, 0), sigma)
         if g.halation:
             hal = cv2.GaussianBlur(mask, (0, 0), sigma * 0.6)
             glow += g.halation * 0.6 * hal[..., None] * np.array([1.0, 0.32, 0.08], np.float32)

@@ -529,6 +529,9 @@ def storyboard(
 
 
 def main() -> None:
+    from cinefx import interrupt
+
+    interrupt.install()
     try:
         app()
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from cinefx import __version__
+from cinefx import __version__, interrupt
 from cinefx.diffusion.models import ModelSpec, with_user_defaults
 from cinefx.engines import EngineSettings, build_diffusion_engine, choose_engine
 from cinefx.errors import CinefxError, InputFileError, MissingFileError, OutputError
@@ -155,6 +155,7 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
         if not grader.is_identity:
             out = grader.grade_many(zip(out, (f.index for f in chunk)))
         for f, o in zip(chunk, out):
+            interrupt.check()
             writer.write(o, f.pts, f.duration)
             if meter is not None:
                 meter.add(scene, f.rgb, o)
@@ -183,6 +184,7 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
         with VideoWriter(dst, info, options.encode, overwrite=options.overwrite, audio=options.audio,
                          comment=output_comment(preset)) as writer:
             for frame in read_frames(info):
+                interrupt.check()
                 pending.append(frame)
                 pts.append(frame.pts)
                 found(detector.push(frame.rgb))

@@ -187,6 +187,34 @@ def test_encoder_failure_reaches_the_caller(tmp_path, clips, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_swallowed_by_a_c_callback_still_stops_the_run(tmp_path, clips, monkeypatch):
+    """A KeyboardInterrupt raised while the main thread runs a callback from C (PyAV's log callback)
+    is printed as "ignored" and dropped. The CLI's handler also records the request, and the frame
+    loop raises it again: exit 130, nothing left behind."""
+    import cinefx.video.writer as writer
+    from cinefx import interrupt
+
+    real = writer.VideoWriter.write
+    calls = {"n": 0}
+
+    def swallowed(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            try:
+                interrupt._handler(2, None)  # what SIGINT runs...
+            except KeyboardInterrupt:
+                pass  # ...and what a C callback does with the exception
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(writer.VideoWriter, "write", swallowed)
+    monkeypatch.setattr(interrupt, "_requested", __import__("threading").Event())
+    out = tmp_path / "o.mp4"
+    r = runner.invoke(app, ["stylize", str(clips["mp4"]), "-o", str(out), "--engine", "grade"])
+    assert r.exit_code == 130, r.output
+    assert calls["n"] == 10  # stopped at the next frame
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_killed_process_leaves_no_output(tmp_path, clips):
     """A real SIGINT to a real process, mid-run."""
     import signal

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import torch
 
+from cinefx import interrupt
 from cinefx.controls import EXTRACTORS
 from cinefx.diffusion.noise import NoiseCarry, initial_noise
 from cinefx.diffusion.pipeline import Anchors, TemporalControlPipeline
@@ -90,6 +91,7 @@ class DiffusionEngine:
         keys = self._keyframe_positions(len(frames))
         out_small = np.empty_like(small)
         for start in range(0, len(keys), self.batch):
+            interrupt.check()  # a batch can take minutes: stop between batches if Ctrl-C was lost
             idx = keys[start:start + self.batch]
             out_small[idx] = self._render_batch(small[idx])
         if len(keys) < len(frames):

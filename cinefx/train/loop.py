@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cinefx import interrupt
 from cinefx.errors import CinefxError, OptionError
 from cinefx.train.data import Dataset, Item, bucket_sizes, load_image, nearest_bucket
 
@@ -208,6 +209,7 @@ def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
     bad = 0
     unet.train()
     while state.step < steps and (stop_after is None or state.step < stop_after):
+        interrupt.check()
         loss = diffusion_loss([cache[i] for i in _batch(cache, cfg.batch, rng)])
         if class_cache:  # DreamBooth prior preservation: keep the class looking like itself
             loss = loss + cfg.prior_loss_weight * diffusion_loss([class_cache[i] for i in _batch(class_cache, cfg.batch, rng)])

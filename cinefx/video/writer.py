@@ -153,11 +153,11 @@ class VideoWriter:
         self._aborting = False  # set by abort(): queued frames are dropped, not encoded
         try:
             self._open(audio)
-        except BaseException:
+            self._thread = threading.Thread(target=self._encode_loop, name="cinefx-encode", daemon=True)
+            self._thread.start()
+        except BaseException:  # Ctrl-C included: the temporary file must not stay behind
             self.abort()
             raise
-        self._thread = threading.Thread(target=self._encode_loop, name="cinefx-encode", daemon=True)
-        self._thread.start()
 
     # -- setup -----------------------------------------------------------------------------
     def _open(self, audio: bool) -> None:

@@ -32,6 +32,9 @@ class DepthExtractor:
         n, h, w, _ = frames.shape
         x = torch.from_numpy(frames).to(self.device).permute(0, 3, 1, 2).float().div_(255)
         side = self.side
+        # Depth Anything's own inference scales the short side to 518 (its "lower_bound" resize);
+        # transformers' DPTImageProcessor picks the scale nearest 1 instead, which differs for
+        # frames with a short side under 518. At SD1.5's render size (short side 512) they agree.
         scale = side / min(h, w)
         cfg = getattr(model.config, "patch_size", 14) or 14
         mult = cfg if getattr(model.config, "model_type", "") != "dpt" else 1

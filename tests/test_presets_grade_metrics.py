@@ -15,7 +15,8 @@ from cinefx.presets import GradeConfig, combine, list_presets, load_preset, over
 from cinefx.testing.clips import Move, render_move
 
 runner = CliRunner()
-REQUIRED = {"epic", "noir", "golden-hour", "blockbuster", "vintage-film", "close-shot", "medium-shot", "long-shot"}
+REQUIRED = {"epic", "noir", "golden-hour", "blockbuster", "vintage-film", "bleach-bypass", "day-for-night",
+            "close-shot", "medium-shot", "long-shot"}
 
 
 def test_bundled_presets_all_load():
@@ -92,6 +93,21 @@ def test_noir_is_black_and_white_and_epic_is_scope():
     visible = rows[-1] - rows[0] + 1
     assert out[0].max() == 0 and out[-1].max() == 0
     assert abs(128 / visible - 2.39) < 0.1
+
+
+def test_day_for_night_is_dark_and_blue_and_bleach_bypass_is_muted():
+    import cv2
+
+    f = frames(1)
+    night = Grader(load_preset("day-for-night").grade, (128, 72))(f)[0].astype(float)
+    picture = night.max(axis=2) > 0  # inside the letterbox bars
+    blue_over_red = lambda x: x[..., 2].mean() / x[..., 0].mean()  # noqa: E731
+    assert night[picture].mean() < 0.75 * f[0][picture].mean()
+    assert blue_over_red(night[picture]) > 2 * blue_over_red(f[0][picture].astype(float))  # moonlight
+    bleach = Grader(load_preset("bleach-bypass").grade, (128, 72))(f)[0]
+    sat = lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2HSV)[..., 1].mean()  # noqa: E731
+    assert sat(bleach) < 0.7 * sat(f[0])
+    assert bleach.std() > f[0].std()  # harder contrast
 
 
 def test_grade_adds_no_flicker_and_grain_is_seeded():

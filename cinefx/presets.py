@@ -79,6 +79,7 @@ class DiffusionConfig:
     chunk: int = _num(8, 1, 256, "frames diffused together")
     keyframes: int = _num(0, 0, 1000, "diffuse every K-th frame and propagate (0 = every frame)")
     colour_anchor: float = _num(0.5, 0.0, 1.0, "hold colour to the scene's first stylized frame")
+    detail: float = _num(0.7, 0.0, 1.0, "source detail finer than the render size, added back to its luma")
     adapters: tuple[Adapter, ...] = field(default=(), metadata={"doc": "LoRA / textual-inversion files"})
     base_model: str = field(default="", metadata={"doc": "base model the adapters were trained on (used when --model is not given)"})
 

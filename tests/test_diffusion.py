@@ -723,3 +723,50 @@ def test_frame_memory_probe_mechanics(tiny_bundle, monkeypatch):
     per_frame = eng.pipe.frame_memory(64, 64, cfg=True, temporal="full")
     assert calls == [(2, 1, "full"), (4, 2, "full")]  # CFG doubles the rows; the state knows the frames
     assert per_frame == 2_000
+
+
+# -- detail beyond the render's resolution -----------------------------------------------------
+
+def test_add_detail_restores_fine_source_detail_and_keeps_colour():
+    from cinefx.diffusion.engine import add_detail
+    from cinefx.testing.clips import photo
+
+    import cv2
+
+    src = cv2.resize(photo("astronaut"), (640, 360))
+    small = cv2.resize(src, (160, 90), interpolation=cv2.INTER_AREA)
+    tinted = np.clip(small.astype(int) + [0, 0, 40], 0, 255).astype(np.uint8)  # a "stylized" render
+    up = cv2.resize(tinted, (640, 360), interpolation=cv2.INTER_CUBIC)
+    out = add_detail(up, src, (160, 90), 1.0)
+    def hp(x):  # detail finer than 160×90
+        y = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        return (y - cv2.resize(cv2.resize(y, (160, 90), interpolation=cv2.INTER_AREA), (640, 360),
+                               interpolation=cv2.INTER_CUBIC)).astype(float)
+
+    # the output's fine detail follows the source's; the plain upscale has little of it
+    assert np.corrcoef(hp(out).ravel(), hp(src).ravel())[0, 1] > 0.8
+    assert np.corrcoef(hp(up).ravel(), hp(src).ravel())[0, 1] < 0.6
+    # colour is the render's: the blue tint survives
+    assert abs((out[..., 2].astype(int) - out[..., 0]).mean() - (up[..., 2].astype(int) - up[..., 0]).mean()) < 2
+    assert np.array_equal(add_detail(up, src, (160, 90), 0.0), up)
+
+
+def test_detail_applies_only_above_the_render_size(tiny_bundle, slow_frames):
+    big = np.stack([cv2_resize(f, (320, 180)) for f in slow_frames[:4]])
+    a = engine(tiny_bundle, steps=2, detail=0.0).render(big, 0)
+    b = engine(tiny_bundle, steps=2, detail=1.0).render(big, 0)
+    assert np.abs(a.astype(int) - b).mean() > 0.5  # 320×180 is above the tiny model's render size
+    small = slow_frames[:4]
+    from cinefx.engines import EngineSettings
+
+    def at_own_size(detail):
+        return build_diffusion_engine(preset_with(steps=2, detail=detail), ModelSpec(base=str(tiny_bundle)),
+                                      EngineSettings(size=90)).render(small, 0)
+
+    assert np.array_equal(at_own_size(0.0), at_own_size(1.0))
+
+
+def cv2_resize(frame, size):
+    import cv2
+
+    return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)

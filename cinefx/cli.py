@@ -58,6 +58,11 @@ def _run(fn):
         if _state["debug"]:
             raise
         raise _fail(str(ex)) from None
+    except OSError as ex:  # what the library did not foresee (a disk filling up, a file vanishing)
+        if _state["debug"]:
+            raise
+        where = f"{ex.filename}: " if ex.filename else ""
+        raise _fail(f"{where}{ex.strerror or ex}") from None
     except KeyboardInterrupt:
         _console().print("cinefx: interrupted; no partial output was left behind")
         raise typer.Exit(EXIT_INTERRUPTED) from None

@@ -149,7 +149,11 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
         elif engine is not None:
             out = engine.render(np.stack([f.rgb for f in chunk]), scene)
             if work is not None:
-                work.record(scene, out)
+                try:
+                    work.record(scene, out)
+                except OSError as ex:  # a full disk, mostly: say where, and how to run without it
+                    raise OutputError(f"{work.path}: cannot keep finished scenes for resume ({ex}); "
+                                      "free some space or use --no-resume") from ex
         else:
             out = [f.rgb for f in chunk]  # the grade engine streams frame by frame: no copies
         if not grader.is_identity:

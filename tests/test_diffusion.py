@@ -770,3 +770,18 @@ def cv2_resize(frame, size):
     import cv2
 
     return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+
+
+def test_full_disk_in_the_work_folder_is_a_one_line_error(tiny_bundle, clips, tmp_path, monkeypatch):
+    from cinefx.resume import WorkFolder
+
+    def full(self, scene, frames):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(WorkFolder, "record", full)
+    out = tmp_path / "o.mp4"
+    r = runner.invoke(app, ["stylize", str(clips["mp4"]), "--engine", "diffusion", "--model", str(tiny_bundle),
+                            "--steps", "1", "-o", str(out)])
+    assert r.exit_code == 1, r.output
+    assert "cannot keep finished scenes for resume" in r.output and "--no-resume" in r.output
+    assert "Traceback" not in r.output and not out.exists()

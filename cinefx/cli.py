@@ -153,12 +153,33 @@ def stylize(
 ):
     """Render videos in a preset's cinematic look."""
     _state["quiet"] = quiet
-    diffusion = dict(strength=strength, steps=steps, guidance=guidance, temporal=temporal,
-                     noise_prior=noise_prior, chunk=chunk, keyframes=keyframes)
-    _run(lambda: _stylize(inputs, output, preset, engine, _model_spec(model, controlnet, depth_model, annotators, allow_pickle),
-                          diffusion, dict(size=size, batch=batch, scheduler=scheduler, precision=precision),
-                          crf, x264_preset, seed, letterbox, grain, overwrite, skip_existing, report, plot,
-                          no_metrics, no_resume, preview))
+
+    def run():
+        from cinefx import presets as P
+        from cinefx.engines import EngineSettings
+        from cinefx.errors import OptionError
+        from cinefx.stylize import StylizeOptions
+        from cinefx.video.writer import EncodeOptions
+
+        look = P.combine([P.load_preset(n) for n in preset])
+        look = P.override(look, "grade", letterbox=letterbox, grain=grain)
+        look = P.override(look, "diffusion", strength=strength, steps=steps, guidance=guidance, temporal=temporal,
+                          noise_prior=noise_prior, chunk=chunk, keyframes=keyframes)
+        if size < 0 or batch < 0:
+            raise OptionError("--size and --batch must be 0 (automatic) or positive")
+        if (report or plot) and no_metrics:
+            raise OptionError("--report/--plot need the metrics; drop --no-metrics")
+        options = StylizeOptions(
+            engine=engine, models=_model_spec(model, controlnet, depth_model, annotators, allow_pickle),
+            diffusion=EngineSettings(size=size, batch=batch, scheduler=scheduler, precision=precision),
+            encode=EncodeOptions(crf=crf, x264_preset=x264_preset), overwrite=overwrite, seed=seed,
+            metrics=not no_metrics, resume=not no_resume)
+        if preview is not None:
+            _preview(inputs, preview, look, options)
+        else:
+            _stylize(inputs, output, look, options, skip_existing, report, plot)
+
+    _run(run)
 
 
 def _model_spec(model, controlnet, depth_model, annotators, allow_pickle):
@@ -174,34 +195,23 @@ def _model_spec(model, controlnet, depth_model, annotators, allow_pickle):
                      allow_pickle=allow_pickle)
 
 
-def _stylize(inputs, output, preset_names, engine, models, diffusion, settings, crf, x264_preset, seed,
-             letterbox, grain, overwrite, skip_existing, report, plot, no_metrics, no_resume, preview):
-    from cinefx import presets as P
-    from cinefx.engines import EngineSettings
+def _preview(inputs, sheet, preset, options):
     from cinefx.errors import OptionError
-    from cinefx.stylize import StylizeOptions, expand_inputs, output_for, stylize_batch, stylize_file
-    from cinefx.video.writer import EncodeOptions
+    from cinefx.stylize import preview_file
 
-    preset = P.combine([P.load_preset(n) for n in preset_names])
-    preset = P.override(preset, "grade", letterbox=letterbox, grain=grain)
-    preset = P.override(preset, "diffusion", **diffusion)
-    if settings["size"] < 0 or settings["batch"] < 0:
-        raise OptionError("--size and --batch must be 0 (automatic) or positive")
-    options = StylizeOptions(engine=engine, models=models, diffusion=EngineSettings(**settings),
-                             encode=EncodeOptions(crf=crf, x264_preset=x264_preset),
-                             overwrite=overwrite, seed=seed, metrics=not no_metrics, resume=not no_resume)
-    if preview is not None:
-        from cinefx.stylize import preview_file
+    if len(inputs) != 1 or inputs[0].is_dir():
+        raise OptionError("--preview takes one input file")
+    res = preview_file(inputs[0], sheet, preset, options)
+    for note in res.notes:
+        _info(f"{inputs[0].name}: {note}")
+    _info(f"{inputs[0].name} → {sheet}: {_count(len(res.scenes), 'scene')} previewed in {res.seconds:.1f}s")
 
-        if len(inputs) != 1 or inputs[0].is_dir():
-            raise OptionError("--preview takes one input file")
-        res = preview_file(inputs[0], preview, preset, options)
-        for note in res.notes:
-            _info(f"{inputs[0].name}: {note}")
-        _info(f"{inputs[0].name} → {preview}: {_count(len(res.scenes), 'scene')} previewed in {res.seconds:.1f}s")
-        return
-    if (report or plot) and no_metrics:
-        raise OptionError("--report/--plot need the metrics; drop --no-metrics")
+
+def _stylize(inputs, output, preset, options, skip_existing, report, plot):
+    """One input to one file, or several (or a folder) to a folder with a summary."""
+    from cinefx.errors import OptionError
+    from cinefx.stylize import expand_inputs, output_for, stylize_batch, stylize_file
+
     files = expand_inputs(inputs)
     batch = len(inputs) > 1 or any(p.is_dir() for p in inputs)
     if not batch:

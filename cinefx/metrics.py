@@ -18,6 +18,8 @@ holds it to `skimage.metrics.structural_similarity` within 1e-4.
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from dataclasses import dataclass, field
 
 import cv2
@@ -92,16 +94,29 @@ class Series:
 
 
 class TemporalMeter:
-    """Feed frames (input and output side by side) scene by scene; read `series` at the end.
+    """Feed frames (input and output side by side) scene by scene; read `series` after `finish()`.
 
     series[scene index] = (input Series, output Series).
+
+    With `background`, frames are shrunk to the metric size in the caller's thread and measured on
+    a thread of its own (OpenCV releases the GIL), a few frames behind: where encoding is cheap (a
+    fast x264 preset, many cores) the measuring would otherwise set the pace.
     """
 
-    def __init__(self, metric_width: int = DEFAULT_METRIC_WIDTH):
+    QUEUE_FRAMES = 8
+
+    def __init__(self, metric_width: int = DEFAULT_METRIC_WIDTH, background: bool = False):
         self.metric_width = metric_width
         self.series: dict[int, tuple[Series, Series]] = {}
         self._prev: tuple[int, np.ndarray, np.ndarray, FrameStats, FrameStats] | None = None
         self.size: tuple[int, int] | None = None
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        if background:
+            self._queue = queue.Queue(self.QUEUE_FRAMES)
+            self._thread = threading.Thread(target=self._loop, name="cinefx-metrics", daemon=True)
+            self._thread.start()
 
     def _small(self, frame: np.ndarray) -> np.ndarray:
         h, w = frame.shape[:2]
@@ -115,6 +130,14 @@ class TemporalMeter:
     def add(self, scene: int, src: np.ndarray, out: np.ndarray) -> None:
         """src, out: (H, W, 3) uint8, the same frame before and after cinefx."""
         s, o = self._small(src), self._small(out)
+        if self._queue is None:
+            self._measure(scene, s, o)
+            return
+        if self._failure is not None:
+            raise self._failure
+        self._queue.put((scene, s, o))
+
+    def _measure(self, scene: int, s: np.ndarray, o: np.ndarray) -> None:
         ss, so_ = FrameStats(s), FrameStats(o)
         if self._prev is not None and self._prev[0] == scene:
             si, so = self.series.setdefault(scene, (Series(), Series()))
@@ -125,3 +148,24 @@ class TemporalMeter:
         else:
             self.series.setdefault(scene, (Series(), Series()))
         self._prev = (scene, s, o, ss, so_)
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._failure is None:
+                try:
+                    self._measure(*item)
+                except Exception as ex:  # handed to the caller's next add() or finish()
+                    self._failure = ex
+
+    def finish(self) -> None:
+        """Wait for the frames still being measured; `series` is complete afterwards."""
+        self.close()
+        if self._failure is not None:
+            raise self._failure
+
+    def close(self) -> None:
+        """Stop the measuring thread (after the frames already queued); raises nothing."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None

@@ -125,7 +125,7 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
         work.open()
     grader = Grader(preset.grade, info.display_size, seed=options.seed)
     detector = SceneDetector(options.detector)
-    meter = TemporalMeter(options.metric_width) if options.metrics else None
+    meter = TemporalMeter(options.metric_width, background=True) if options.metrics else None
     boundaries: list = []
     pts = array("q")
     pending: deque[Frame] = deque()
@@ -207,6 +207,8 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
         raise
     finally:
         grader.close()
+        if meter is not None:
+            meter.close()  # also after a failure: the measuring thread must not outlive the run
     if work is not None:
         if work.reused:
             notes.append(f"resumed: {len(work.reused)} finished scene(s) reused from {work.path.name}")
@@ -218,6 +220,7 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
     step = (times[-1] - times[-2]) if len(times) > 1 else float(1 / info.fps)
     report = None
     if meter is not None:
+        meter.finish()
         report = build_report(meter, scenes, times, times[-1] + step, str(src), str(dst),
                               choice.name, preset.name, grain=preset.grade.grain)
     return StylizeResult(input=src, output=dst, engine=choice.name, engine_reason=choice.reason,

@@ -225,3 +225,19 @@ def test_grading_on_several_threads_gives_the_same_frames():
         threaded.close()
     assert len(out) == 7 and all(np.array_equal(a, b) for a, b in zip(serial, out))
     assert not np.array_equal(out[0], out[1])  # frame order kept: each frame has its own grain
+
+
+def test_background_meter_measures_the_same():
+    from cinefx.metrics import TemporalMeter
+
+    f = frames(6)
+    out = Grader(load_preset("epic").grade, (128, 72))(f)
+    sync, bg = TemporalMeter(64), TemporalMeter(64, background=True)
+    for m in (sync, bg):
+        for i, (a, b) in enumerate(zip(f, out)):
+            m.add(0 if i < 3 else 1, a, b)
+    bg.finish()
+    assert bg.series.keys() == sync.series.keys() == {0, 1}
+    for k in sync.series:
+        for s1, s2 in zip(sync.series[k], bg.series[k]):
+            assert s1.psnr == s2.psnr and s1.tssim == s2.tssim and len(s1.tssim) == 2

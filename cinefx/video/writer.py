@@ -151,6 +151,7 @@ class VideoWriter:
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._aborting = False  # set by abort(): queued frames are dropped, not encoded
+        self._durations: dict[int, int] = {}  # pts → source frame duration, until its packet is muxed
         try:
             self._open(audio)
             self._thread = threading.Thread(target=self._encode_loop, name="cinefx-encode", daemon=True)
@@ -287,9 +288,18 @@ class VideoWriter:
         yuv.pts, yuv.time_base = frame.pts, frame.time_base
         if frame.duration:
             yuv.duration = frame.duration
+            self._durations[frame.pts] = frame.duration
         for packet in self._video.encode(yuv):
-            self._container.mux(packet)
+            self._mux_video(packet)
         self._feed_audio(float(frame.pts * frame.time_base))
+
+    def _mux_video(self, packet) -> None:
+        # x264's packets last one frame at the average rate; give each its frame's own duration, or
+        # the last frame of variable-rate video (the sample the muxer times by it) runs long
+        duration = self._durations.pop(packet.pts, 0)
+        if duration:
+            packet.duration = duration
+        self._container.mux(packet)
 
     def _stop_encoder(self) -> None:
         """Let the encoder thread finish what is queued and end."""
@@ -336,7 +346,7 @@ class VideoWriter:
         if self._failure is not None:
             raise self._failure
         for packet in self._video.encode(None):
-            self._container.mux(packet)
+            self._mux_video(packet)
         self._feed_audio(None)
         for mode, out_stream, resampler in self._audio_map.values():
             if mode == "aac":

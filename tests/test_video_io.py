@@ -147,3 +147,24 @@ def test_encoding_is_reproducible_to_the_byte(tmp_path):
             w.commit()
         digests.add(hashlib.sha256((tmp_path / "o.mp4").read_bytes()).hexdigest())
     assert len(digests) == 1
+
+
+@pytest.mark.parametrize("out_ext", [".mov", ".mp4", ".mkv"])
+def test_start_timecode_is_kept(clips, tmp_path, out_ext):
+    """Camera files carry a start timecode (a tmcd track in MOV); editors conform by it."""
+    src = tmp_path / "camera.mov"
+    with av.open(str(src), "w") as cout:
+        v = cout.add_stream("libx264", rate=24, options={"preset": "ultrafast"})
+        v.width, v.height, v.pix_fmt = 160, 90, "yuv420p"
+        v.metadata["timecode"] = "10:00:00:00"
+        for f in read_frames(probe(clips["mp4"])):
+            for pkt in v.encode(av.VideoFrame.from_ndarray(f.rgb, format="rgb24")):
+                cout.mux(pkt)
+        for pkt in v.encode(None):
+            cout.mux(pkt)
+    with av.open(str(src)) as c:
+        assert any(s.type == "data" and s.metadata.get("timecode") == "10:00:00:00" for s in c.streams)
+    dst, _ = run(src, tmp_path, "out" + out_ext)
+    with av.open(str(dst)) as c:
+        found = {v for s in c.streams for k, v in s.metadata.items() if k.lower() == "timecode"}
+    assert found == {"10:00:00:00"}

@@ -168,7 +168,8 @@ class VideoWriter:
         if muxer in _MOV_FAMILY and info.time_base.denominator <= 2**31 - 1:
             fmt_opts["movie_timescale"] = str(info.time_base.denominator)
         self._container = av.open(str(self._tmp), mode="w", format=muxer, options=fmt_opts)
-        self._container.metadata.update(self._metadata())
+        tags, timecode = self._source_tags()
+        self._container.metadata.update(tags)
         even = info.coded_width % 2 == 0 and info.coded_height % 2 == 0
         self._pix_fmt = "yuv420p" if even else "yuv444p"
         if not even:
@@ -197,19 +198,25 @@ class VideoWriter:
             ctx.sample_aspect_ratio = info.sample_aspect_ratio
         if info.rotation:
             stream.set_display_rotation(info.rotation)
+        if timecode:
+            stream.metadata["timecode"] = timecode  # MOV/MP4 write it as a timecode track, as cameras do
         self._video = stream
         if audio and info.audio:
             self._open_audio(muxer)
 
-    def _metadata(self) -> dict[str, str]:
+    def _source_tags(self) -> tuple[dict[str, str], str | None]:
         """The source's container tags (title, creation time, …: what an editor's bin sorts by),
-        less the muxer's own, with `comment` put first in the comment."""
+        less the muxer's own, with `comment` put first in the comment; and the source's start
+        timecode (on its video or timecode track, or the container), which editors conform by."""
         with open_container(self.info.path) as src:
             tags = {k: v for k, v in src.metadata.items() if k.lower() not in _MUXER_TAGS}
+            timecode = next((v for st in (*src.streams.video, *src.streams.data) for k, v in st.metadata.items()
+                             if k.lower() == "timecode"), None)
+        timecode = timecode or next((v for k, v in tags.items() if k.lower() == "timecode"), None)
         if self.comment:
             key = next((k for k in tags if k.lower() == "comment"), "comment")
             tags[key] = f"{self.comment}; {tags[key]}" if tags.get(key) else self.comment
-        return tags
+        return tags, timecode
 
     def _open_audio(self, muxer: str) -> None:
         self._audio_in = open_container(self.info.path)

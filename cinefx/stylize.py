@@ -113,6 +113,9 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
     info = probe(src)
     options, choice, engine = _prepare_engine(preset, options)
     notes = [f"engine: {choice.name} ({choice.reason})"]
+    if info.field_order != "progressive" and choice.name == "diffusion":
+        notes.append("interlaced source: diffusion sees whole frames, whose two fields are different "
+                      "moments; deinterlace it first (e.g. ffmpeg -vf bwdif) for clean results")
     if info.colour.assumed:
         notes.append(f"colour {'/'.join(info.colour.assumed)} untagged: assumed "
                      f"{info.colour.matrix_name} {'full' if info.colour.full_range else 'limited'} range")

@@ -168,3 +168,18 @@ def test_start_timecode_is_kept(clips, tmp_path, out_ext):
     with av.open(str(dst)) as c:
         found = {v for s in c.streams for k, v in s.metadata.items() if k.lower() == "timecode"}
     assert found == {"10:00:00:00"}
+
+
+@pytest.mark.parametrize("order", ["tff", "bff"])
+def test_interlaced_source_stays_interlaced_in_its_field_order(tmp_path, order):
+    from cinefx.testing.clips import Move, render_move, write_clip
+
+    src = write_clip(tmp_path / "broadcast.mp4", render_move(Move("rocket", 12), (160, 96)), fps=25, audio=None,
+                     options={"x264-params": f"interlaced=1:{order}=1"})
+    assert probe(src).field_order == order
+    dst, res = run(src, tmp_path)
+    assert probe(dst).field_order == order
+    assert any("interlaced source" in n for n in res.notes)
+    progressive, res = run(write_clip(tmp_path / "p.mp4", render_move(Move("rocket", 4), (160, 90)), audio=None),
+                           tmp_path, "p_out.mp4")
+    assert probe(progressive).field_order == "progressive" and not any("interlaced" in n for n in res.notes)

@@ -69,6 +69,7 @@ class VideoInfo:
     colour: ColourInfo
     sample_aspect_ratio: Fraction | None
     audio: tuple[AudioInfo, ...]
+    field_order: str = "progressive"  # or "tff" / "bff": interlaced, top or bottom field first
 
     @property
     def display_size(self) -> tuple[int, int]:
@@ -177,5 +178,15 @@ def probe(path: str | os.PathLike) -> VideoInfo:
             pix_fmt=first.format.name, bit_depth=_bit_depth(first.format),
             colour=_colour(path, stream, first),
             sample_aspect_ratio=Fraction(sar) if sar and sar != 1 and sar.numerator else None,
-            audio=audio,
+            audio=audio, field_order=_field_order(ctx, first),
         )
+
+
+# FFmpeg's AVFieldOrder: 2 and 4 code the top field first, 3 and 5 the bottom field.
+_BOTTOM_FIRST = {3, 5}
+
+
+def _field_order(ctx, first) -> str:
+    if not getattr(first, "interlaced_frame", False):
+        return "progressive"
+    return "bff" if int(getattr(ctx, "field_order", 0) or 0) in _BOTTOM_FIRST else "tff"

@@ -183,3 +183,33 @@ def test_interlaced_source_stays_interlaced_in_its_field_order(tmp_path, order):
     progressive, res = run(write_clip(tmp_path / "p.mp4", render_move(Move("rocket", 4), (160, 90)), audio=None),
                            tmp_path, "p_out.mp4")
     assert probe(progressive).field_order == "progressive" and not any("interlaced" in n for n in res.notes)
+
+
+def test_interlaced_chroma_stays_in_its_field(tmp_path):
+    """Top field red, bottom field blue, as a fast pan can make them: chroma made or upsampled
+    across fields would turn both purple."""
+    h, w = 96, 160
+    y, u, v = np.empty((h, w), np.uint8), np.empty((h // 2, w // 2), np.uint8), np.empty((h // 2, w // 2), np.uint8)
+    (y[0::2], u[0::2], v[0::2]), (y[1::2], u[1::2], v[1::2]) = (81, 90, 240), (41, 240, 110)  # BT.709 red, blue
+    src = tmp_path / "fields.mp4"
+    with av.open(str(src), "w") as c:
+        s = c.add_stream("libx264", rate=25, options={"x264-params": "interlaced=1:tff=1", "crf": "10"})
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.codec_context.colorspace, s.codec_context.color_range = 1, 1
+        for i in range(6):
+            f = av.VideoFrame.from_ndarray(np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(-1, w),
+                                           format="yuv420p")
+            f.pts = i
+            for pkt in s.encode(f):
+                c.mux(pkt)
+        for pkt in s.encode(None):
+            c.mux(pkt)
+    first = next(read_frames(probe(src))).rgb.astype(int)
+    assert (first[2:-2:2, :, 0] - first[2:-2:2, :, 2]).min() > 100  # top field reads red
+    assert (first[3:-2:2, :, 2] - first[3:-2:2, :, 0]).min() > 100  # bottom field reads blue
+    plain = tmp_path / "plain.toml"
+    plain.write_text('description = "no grade"\n')
+    dst, _ = run(src, tmp_path, preset=str(plain))
+    out = next(read_frames(probe(dst))).rgb.astype(int)
+    assert (out[2:-2:2, :, 0] - out[2:-2:2, :, 2]).min() > 100
+    assert (out[3:-2:2, :, 2] - out[3:-2:2, :, 0]).min() > 100

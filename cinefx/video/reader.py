@@ -66,6 +66,7 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None,
     matrix = _fast_matrix(info.colour.matrix_name, info.colour.full_range)
     # our own conversion for exact full-size frames and for cheap thumbnails; swscale otherwise
     own = matrix is not None and (size is None) == exact
+    fields = info.field_order != "progressive" and size is None
     step = _nominal_step(info)
     heap: list[tuple[int, int, np.ndarray, int]] = []
     seq = itertools.count()
@@ -109,7 +110,7 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None,
                         pts = (last_pts + step) if last_pts is not None else 0
                     last_pts = pts
                     if own and frame.format.name == "yuv420p":
-                        rgb = _yuv420_to_rgb(frame, matrix, size)
+                        rgb = _yuv420_to_rgb(frame, matrix, size, fields)
                     else:
                         rgb = frame.to_ndarray(**convert)
                     if k:
@@ -149,21 +150,35 @@ def _plane(p, width: int, height: int) -> np.ndarray:
     return np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[:height, :width]
 
 
-def _yuv420_to_rgb(frame: av.VideoFrame, m: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+def _upsample_chroma(c: np.ndarray, w: int, h: int, fields: bool) -> np.ndarray:
+    """A 4:2:0 chroma plane to (h, w). In interlaced frames alternate chroma rows belong to the
+    two fields, so each field's rows are upsampled on their own: mixing them would smear one
+    moment's colour into the other's lines (chroma combing on motion)."""
+    if not fields or h % 4:
+        return cv2.resize(c, (w, h), interpolation=cv2.INTER_LINEAR)
+    out = np.empty((h, w), c.dtype)
+    for parity in (0, 1):
+        out[parity::2] = cv2.resize(c[parity::2], (w, h // 2), interpolation=cv2.INTER_LINEAR)
+    return out
+
+
+def _yuv420_to_rgb(frame: av.VideoFrame, m: np.ndarray, size: tuple[int, int] | None = None,
+                   fields: bool = False) -> np.ndarray:
     """8-bit 4:2:0 → RGB through the float matrix `m` (see `_fast_matrix`), with exact rounding.
 
     At full size (`size` None) this costs a third of swscale's accurate path (whose fast path is
     off by 1–2 levels): flat colours come out identical to the accurate path; chroma is upsampled
     bilinearly rather than bicubically, so at sharp colour edges the two differ by a few levels.
     With `size` (analysis thumbnails) every plane is shrunk first, and the conversion runs on a few
-    thousand pixels instead of millions.
+    thousand pixels instead of millions. `fields`: an interlaced frame, whose chroma is upsampled
+    field by field.
     """
     w, h = frame.width, frame.height
     cw, ch = (w + 1) // 2, (h + 1) // 2
     y = _plane(frame.planes[0], w, h)
     u, v = _plane(frame.planes[1], cw, ch), _plane(frame.planes[2], cw, ch)
     if size is None:
-        u, v = (cv2.resize(c, (w, h), interpolation=cv2.INTER_LINEAR) for c in (u, v))
+        u, v = (_upsample_chroma(c, w, h, fields) for c in (u, v))
     else:
         y, u, v = (cv2.resize(c, size, interpolation=cv2.INTER_AREA) for c in (y, u, v))
     rgb = cv2.transform(cv2.merge([y, u, v]).astype(np.float32), m)

@@ -152,6 +152,7 @@ class VideoWriter:
         self._failure: BaseException | None = None
         self._aborting = False  # set by abort(): queued frames are dropped, not encoded
         self._durations: dict[int, int] = {}  # pts → source frame duration, until its packet is muxed
+        self._fields = False  # interlaced output: 4:2:0 chroma is made field by field
         try:
             self._open(audio)
             self._thread = threading.Thread(target=self._encode_loop, name="cinefx-encode", daemon=True)
@@ -183,6 +184,7 @@ class VideoWriter:
             # interlaced footage stays interlaced, in its field order, so players and editors
             # deinterlace it as they did the source
             params += ["interlaced=1", f"{info.field_order}=1"]
+            self._fields = True
             self.notes.append(f"interlaced source ({'top' if info.field_order == 'tff' else 'bottom'} field "
                               "first): encoded interlaced like the source")
         elif info.field_order != "progressive":
@@ -297,10 +299,30 @@ class VideoWriter:
                 self._failure = OutputError(f"{self.target}: encoding failed: {e}")
                 self._failure.__cause__ = e
 
+    def _to_yuv(self, frame: av.VideoFrame) -> av.VideoFrame:
+        return frame.reformat(format=self._pix_fmt, src_colorspace="ITU709", dst_colorspace="ITU709",
+                              src_color_range="JPEG", dst_color_range="MPEG",
+                              interpolation=Interpolation.BICUBIC | Interpolation.ACCURATE_RND)
+
+    def _to_yuv_by_field(self, frame: av.VideoFrame) -> av.VideoFrame:
+        """4:2:0 of an interlaced frame: each field converted on its own and the rows interleaved,
+        since a chroma row mixing both fields would blend two moments' colours."""
+        rgb = frame.to_ndarray()
+        h, w = rgb.shape[:2]
+        hf = h // 2
+        y = np.empty((h, w), np.uint8)
+        u, v = np.empty((h // 2, w // 2), np.uint8), np.empty((h // 2, w // 2), np.uint8)
+        for parity in (0, 1):
+            packed = self._to_yuv(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[parity::2]), format="rgb24"))
+            packed = packed.to_ndarray()  # (hf·3/2, w): Y, then U and V
+            y[parity::2] = packed[:hf]
+            u[parity::2] = packed[hf:hf + hf // 4].reshape(hf // 2, w // 2)
+            v[parity::2] = packed[hf + hf // 4:].reshape(hf // 2, w // 2)
+        return av.VideoFrame.from_ndarray(np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(-1, w),
+                                          format="yuv420p")
+
     def _encode(self, frame: av.VideoFrame) -> None:
-        yuv = frame.reformat(format=self._pix_fmt, src_colorspace="ITU709", dst_colorspace="ITU709",
-                             src_color_range="JPEG", dst_color_range="MPEG",
-                             interpolation=Interpolation.BICUBIC | Interpolation.ACCURATE_RND)
+        yuv = self._to_yuv_by_field(frame) if self._fields else self._to_yuv(frame)
         yuv.pts, yuv.time_base = frame.pts, frame.time_base
         if frame.duration:
             yuv.duration = frame.duration

@@ -178,21 +178,7 @@ class VideoWriter:
                               "(4:2:0 needs even sizes) so the size stays exact")
         if info.bit_depth > 8:
             self.notes.append(f"{info.bit_depth}-bit source written as 8-bit {self._pix_fmt}")
-        x264 = {"crf": f"{self.options.crf:g}", "preset": self.options.x264_preset}
-        params = [f"asm={cpu}"] if (cpu := x264_cpu_flags()) else []
-        if info.field_order != "progressive" and info.coded_height % 4 == 0:  # x264 codes fields of whole MB pairs
-            # interlaced footage stays interlaced, in its field order, so players and editors
-            # deinterlace it as they did the source
-            params += ["interlaced=1", f"{info.field_order}=1"]
-            self._fields = True
-            self.notes.append(f"interlaced source ({'top' if info.field_order == 'tff' else 'bottom'} field "
-                              "first): encoded interlaced like the source")
-        elif info.field_order != "progressive":
-            self.notes.append(f"interlaced source {info.coded_width}x{info.coded_height}: encoded progressive "
-                              "(H.264 codes interlaced frames only at heights that are multiples of 4)")
-        if params:
-            x264["x264-params"] = ":".join(params)
-        stream = self._container.add_stream("libx264", rate=info.fps, options=x264)
+        stream = self._container.add_stream("libx264", rate=info.fps, options=self._x264_options())
         stream.width, stream.height = info.coded_width, info.coded_height
         stream.pix_fmt = self._pix_fmt
         stream.time_base = info.time_base
@@ -214,6 +200,24 @@ class VideoWriter:
         self._video = stream
         if audio and info.audio:
             self._open_audio(muxer)
+
+    def _x264_options(self) -> dict[str, str]:
+        info = self.info
+        x264 = {"crf": f"{self.options.crf:g}", "preset": self.options.x264_preset}
+        params = [f"asm={cpu}"] if (cpu := x264_cpu_flags()) else []
+        if info.field_order != "progressive" and info.coded_height % 4 == 0:  # fields of whole MB pairs
+            # interlaced footage stays interlaced, in its field order, so players and editors
+            # deinterlace it as they did the source
+            params += ["interlaced=1", f"{info.field_order}=1"]
+            self._fields = self._pix_fmt == "yuv420p"  # 4:4:4 has no chroma rows to keep apart
+            self.notes.append(f"interlaced source ({'top' if info.field_order == 'tff' else 'bottom'} field "
+                              "first): encoded interlaced like the source")
+        elif info.field_order != "progressive":
+            self.notes.append(f"interlaced source {info.coded_width}x{info.coded_height}: encoded progressive "
+                              "(H.264 codes interlaced frames only at heights that are multiples of 4)")
+        if params:
+            x264["x264-params"] = ":".join(params)
+        return x264
 
     def _source_tags(self) -> tuple[dict[str, str], str | None]:
         """The source's container tags (title, creation time, …: what an editor's bin sorts by),

@@ -121,11 +121,11 @@ def stylize(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (one input) or folder (several inputs or a folder). Default: IN.<preset>.mp4 beside the input.")] = None,
     preset: Annotated[list[str], typer.Option("--preset", "-p", help="Preset name or .toml path; repeat to combine (later ones override).")] = ["epic"],
     engine: Annotated[str, typer.Option(help="grade | diffusion | auto (diffusion only where weights and a GPU are usable).")] = "auto",
-    model: Annotated[Optional[str], typer.Option(help="Diffusion base model: folder, .safetensors or hub id (default $CINEFX_MODEL, else SD1.5).")] = None,
-    controlnet: Annotated[list[str], typer.Option(help="ControlNet for a control, KIND=folder|file|hub-id; repeatable.")] = [],
-    depth_model: Annotated[Optional[str], typer.Option(help="Depth estimator (transformers folder or hub id).")] = None,
-    annotators: Annotated[Optional[str], typer.Option(help="controlnet-aux annotator weights for lineart, softedge, openpose, normal, mlsd (folder or hub id; default lllyasviel/Annotators).")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled .ckpt/.pt/.bin weights (they can run code).")] = False,
+    model: Annotated[Optional[str], typer.Option(help="Diffusion base model: folder, .safetensors or hub id (default $CINEFX_MODEL, the config file, else SD1.5).", rich_help_panel="Models")] = None,
+    controlnet: Annotated[list[str], typer.Option(help="ControlNet for a control, KIND=folder|file|hub-id; repeatable.", rich_help_panel="Models")] = [],
+    depth_model: Annotated[Optional[str], typer.Option(help="Depth estimator (transformers folder or hub id).", rich_help_panel="Models")] = None,
+    annotators: Annotated[Optional[str], typer.Option(help="controlnet-aux annotator weights for lineart, softedge, openpose, normal, mlsd (folder or hub id; default lllyasviel/Annotators).", rich_help_panel="Models")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled .ckpt/.pt/.bin weights (they can run code).", rich_help_panel="Models")] = False,
     strength: Annotated[Optional[float], typer.Option(help="Diffusion: img2img strength 0-1 (0 keeps the source).", rich_help_panel="Diffusion")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Diffusion: denoising steps.", rich_help_panel="Diffusion")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Diffusion: classifier-free guidance scale.", rich_help_panel="Diffusion")] = None,
@@ -133,6 +133,7 @@ def stylize(
     noise_prior: Annotated[Optional[str], typer.Option(help="Diffusion: initial noise independent | shared | residual | flow.", rich_help_panel="Diffusion")] = None,
     chunk: Annotated[Optional[int], typer.Option(help="Diffusion: frames rendered together (attention span).", rich_help_panel="Diffusion")] = None,
     keyframes: Annotated[Optional[int], typer.Option(help="Diffusion: render every K-th frame, propagate along optical flow between (0 = all).", rich_help_panel="Diffusion")] = None,
+    detail: Annotated[Optional[float], typer.Option(help="Diffusion: source detail finer than the render added back, 0-1.", rich_help_panel="Diffusion")] = None,
     size: Annotated[int, typer.Option(help="Diffusion: short side of the render in pixels (0 = the model's native size).", rich_help_panel="Diffusion")] = 0,
     batch: Annotated[int, typer.Option(help="Diffusion: frames per GPU call (0 = chunk, capped by free memory).", rich_help_panel="Diffusion")] = 0,
     scheduler: Annotated[str, typer.Option(help="Diffusion: dpm++ | ddim | euler | unipc.", rich_help_panel="Diffusion")] = "dpm++",
@@ -148,7 +149,7 @@ def stylize(
     report: Annotated[Optional[Path], typer.Option(help="Write the temporal report as JSON (a folder in batch mode).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a per-frame PSNR / T-SSIM plot PNG (a folder in batch mode).")] = None,
     no_metrics: Annotated[bool, typer.Option("--no-metrics", help="Skip the temporal report (faster).")] = False,
-    no_resume: Annotated[bool, typer.Option("--no-resume", help="Diffusion: keep no finished scenes beside the output (no disk used; a crash starts over).")] = False,
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="Diffusion: keep no finished scenes beside the output (no disk used; a crash starts over).", rich_help_panel="Diffusion")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the batch summary.")] = False,
 ):
     """Render videos in a preset's cinematic look."""
@@ -164,7 +165,7 @@ def stylize(
         look = P.combine([P.load_preset(n) for n in preset])
         look = P.override(look, "grade", letterbox=letterbox, grain=grain)
         look = P.override(look, "diffusion", strength=strength, steps=steps, guidance=guidance, temporal=temporal,
-                          noise_prior=noise_prior, chunk=chunk, keyframes=keyframes)
+                          noise_prior=noise_prior, chunk=chunk, keyframes=keyframes, detail=detail)
         if size < 0 or batch < 0:
             raise OptionError("--size and --batch must be 0 (automatic) or positive")
         if (report or plot) and no_metrics:

@@ -137,7 +137,8 @@ def test_unknown_preset_and_impossible_options(tmp_path, clips):
                          (["--engine", "magic"], "--engine"),
                          (["--engine", "diffusion"], "not in the Hugging Face cache"),
                          (["--temporal", "sideways"], "--temporal 'sideways': must be one of full"),
-                         (["--strength", "1.5"], "--strength 1.5: must be between 0 and 1")):
+                         (["--strength", "1.5"], "--strength 1.5: must be between 0 and 1"),
+                         (["--detail", "2"], "--detail 2.0: must be between 0 and 1")):
         r = runner.invoke(app, ["stylize", str(clips["mp4"]), "-o", str(out), *args])
         assert r.exit_code == 1, (args, r.output)
         assert needle in r.output, (args, r.output)

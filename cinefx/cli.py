@@ -211,7 +211,7 @@ def _preview(inputs, sheet, preset, options):
 def _stylize(inputs, output, preset, options, skip_existing, report, plot):
     """One input to one file, or several (or a folder) to a folder with a summary."""
     from cinefx.errors import OptionError
-    from cinefx.stylize import expand_inputs, output_for, stylize_batch, stylize_file
+    from cinefx.stylize import expand_inputs, is_cinefx_output, output_for, stylize_batch, stylize_file
 
     files = expand_inputs(inputs)
     batch = len(inputs) > 1 or any(p.is_dir() for p in inputs)
@@ -228,7 +228,9 @@ def _stylize(inputs, output, preset, options, skip_existing, report, plot):
         _finish_one(res, report, plot)
         return
     if not files:
-        raise OptionError(f"no video files found in {', '.join(map(str, inputs))}")
+        ours = sum(1 for d in inputs if d.is_dir() for f in d.iterdir() if f.is_file() and is_cinefx_output(f))
+        raise OptionError(f"no video files found in {', '.join(map(str, inputs))}"
+                          + (f" ({ours} written by cinefx itself, which folder scans leave out)" if ours else ""))
     if output is None:
         raise OptionError("several inputs need -o/--output FOLDER")
     if output.exists() and not output.is_dir():

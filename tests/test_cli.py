@@ -72,6 +72,11 @@ def test_batch_into_the_footage_folder_and_rerun(tmp_path, clips):
     r = runner.invoke(app, [*args, "--preset", "noir"])
     assert r.exit_code == 0 and "1 done, 0 skipped, 0 failed of 1" in r.output, r.output
     assert sorted(p.name for p in footage.iterdir()) == ["a.epic.mp4", "a.mp4", "a.noir.mp4"]
+    graded = tmp_path / "graded"
+    graded.mkdir()
+    (footage / "a.epic.mp4").rename(graded / "a.epic.mp4")
+    r = runner.invoke(app, ["stylize", str(graded), "-o", str(tmp_path / "again"), "--engine", "grade"])
+    assert r.exit_code == 1 and "(1 written by cinefx itself" in r.output, r.output
 
 
 def test_default_output_name_and_quiet(tmp_path, clips):

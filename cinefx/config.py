@@ -19,11 +19,11 @@ the file, the key and the value.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from cinefx.errors import ConfigError
+from cinefx.presets import read_toml
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,7 @@ def model_defaults() -> ModelDefaults:
         if os.environ.get("CINEFX_CONFIG"):
             raise ConfigError(f"{path}: config file not found (named by $CINEFX_CONFIG)")
         return ModelDefaults()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as ex:
-        raise ConfigError(f"{path}: not valid TOML ({ex})") from None
-    except (OSError, UnicodeDecodeError) as ex:
-        raise ConfigError(f"{path}: cannot be read ({ex})") from None
+    data = read_toml(path, ConfigError)
     for key in data:
         if key != "models":
             raise ConfigError(f"{path}: unknown section [{key}] (expected [models])")

@@ -18,12 +18,12 @@ holds it to `skimage.metrics.structural_similarity` within 1e-4.
 from __future__ import annotations
 
 import math
-import queue
-import threading
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+
+from cinefx.worker import Worker
 
 DEFAULT_METRIC_WIDTH = 512
 
@@ -110,13 +110,8 @@ class TemporalMeter:
         self.series: dict[int, tuple[Series, Series]] = {}
         self._prev: tuple[int, np.ndarray, np.ndarray, FrameStats, FrameStats] | None = None
         self.size: tuple[int, int] | None = None
-        self._queue: queue.Queue | None = None
-        self._thread: threading.Thread | None = None
-        self._failure: BaseException | None = None
-        if background:
-            self._queue = queue.Queue(self.QUEUE_FRAMES)
-            self._thread = threading.Thread(target=self._loop, name="cinefx-metrics", daemon=True)
-            self._thread.start()
+        self._worker = Worker(lambda item: self._measure(*item), self.QUEUE_FRAMES, "cinefx-metrics") \
+            if background else None
 
     def _small(self, frame: np.ndarray) -> np.ndarray:
         h, w = frame.shape[:2]
@@ -130,12 +125,10 @@ class TemporalMeter:
     def add(self, scene: int, src: np.ndarray, out: np.ndarray) -> None:
         """src, out: (H, W, 3) uint8, the same frame before and after cinefx."""
         s, o = self._small(src), self._small(out)
-        if self._queue is None:
+        if self._worker is None:
             self._measure(scene, s, o)
-            return
-        if self._failure is not None:
-            raise self._failure
-        self._queue.put((scene, s, o))
+        else:
+            self._worker.put((scene, s, o))
 
     def _measure(self, scene: int, s: np.ndarray, o: np.ndarray) -> None:
         ss, so_ = FrameStats(s), FrameStats(o)
@@ -149,23 +142,12 @@ class TemporalMeter:
             self.series.setdefault(scene, (Series(), Series()))
         self._prev = (scene, s, o, ss, so_)
 
-    def _loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._failure is None:
-                try:
-                    self._measure(*item)
-                except Exception as ex:  # handed to the caller's next add() or finish()
-                    self._failure = ex
-
     def finish(self) -> None:
         """Wait for the frames still being measured; `series` is complete afterwards."""
-        self.close()
-        if self._failure is not None:
-            raise self._failure
+        if self._worker is not None:
+            self._worker.finish()
 
     def close(self) -> None:
         """Stop the measuring thread (after the frames already queued); raises nothing."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        if self._worker is not None:
+            self._worker.close()

@@ -198,13 +198,18 @@ def list_presets() -> list[tuple[str, Path]]:
 def load_preset(name_or_path: str | os.PathLike) -> Preset:
     """Find, parse and validate a preset. Raises `PresetError` naming the file, key and value."""
     path = find_preset(str(name_or_path))
+    return parse_preset(read_toml(path, PresetError), path)
+
+
+def read_toml(path: Path, error: type[Exception]) -> dict[str, Any]:
+    """A TOML file of cinefx's (a preset, the config) as a dict; a malformed or unreadable file
+    raises `error` naming it."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as ex:
-        raise PresetError(f"{path}: not valid TOML ({ex})") from None
+        raise error(f"{path}: not valid TOML ({ex})") from None
     except (OSError, UnicodeDecodeError) as ex:
-        raise PresetError(f"{path}: cannot be read ({ex})") from None
-    return parse_preset(raw, path)
+        raise error(f"{path}: cannot be read ({ex})") from None
 
 
 def parse_preset(raw: dict[str, Any], path: Path) -> Preset:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import os
-import queue
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from av.video.reformatter import Interpolation
 
 from cinefx.errors import OptionError, OutputError
 from cinefx.video.probe import VideoInfo, open_container
+from cinefx.worker import Worker
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
                 "slower", "veryslow", "placebo")
@@ -147,16 +146,12 @@ class VideoWriter:
         self._audio_map: dict[int, tuple] = {}
         self._pending_audio = None
         self._done = False
-        self._queue: queue.Queue = queue.Queue(self.QUEUE_FRAMES)
-        self._thread: threading.Thread | None = None
-        self._failure: BaseException | None = None
-        self._aborting = False  # set by abort(): queued frames are dropped, not encoded
+        self._encoder: Worker | None = None
         self._durations: dict[int, int] = {}  # pts → source frame duration, until its packet is muxed
         self._fields = False  # interlaced output: 4:2:0 chroma is made field by field
         try:
             self._open(audio)
-            self._thread = threading.Thread(target=self._encode_loop, name="cinefx-encode", daemon=True)
-            self._thread.start()
+            self._encoder = Worker(self._encode, self.QUEUE_FRAMES, "cinefx-encode", on_error=self._encoding_failed)
         except BaseException:  # Ctrl-C included: the temporary file must not stay behind
             self.abort()
             raise
@@ -259,7 +254,7 @@ class VideoWriter:
         if rgb.shape != (self.info.height, self.info.width, 3) or rgb.dtype != np.uint8:
             raise ValueError(f"frame of shape {rgb.shape} {rgb.dtype}, expected "
                              f"{(self.info.height, self.info.width, 3)} uint8")
-        self._check_encoder()
+        self._encoder.check()
         k = (self.info.rotation // 90) % 4
         if k:
             rgb = np.ascontiguousarray(np.rot90(rgb, -k))
@@ -268,40 +263,16 @@ class VideoWriter:
         frame.time_base = self.info.time_base
         if duration:
             frame.duration = duration
-        self._put(frame)
+        self._encoder.put(frame)
         self.frames_written += 1
 
-    def _put(self, item) -> None:
-        # A bounded wait, so a dead encoder thread turns into its error instead of a hang.
-        while True:
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                self._check_encoder()
-
-    def _check_encoder(self) -> None:
-        if self._failure is not None:
-            raise self._failure
-        if self._thread is None or not self._thread.is_alive():
-            raise OutputError(f"{self.target}: the encoder has stopped")
-
-    def _encode_loop(self) -> None:
-        """The encoder thread: convert, encode and mux queued frames, with the audio up to each,
-        until None arrives. After a failure it only drains the queue, so `write` never blocks."""
-        while True:
-            frame = self._queue.get()
-            if frame is None:
-                return
-            if self._failure is not None or self._aborting:
-                continue
-            try:
-                self._encode(frame)
-            except OutputError as e:
-                self._failure = e
-            except Exception as e:  # a full disk, a muxer refusing a timestamp: handed to the caller
-                self._failure = OutputError(f"{self.target}: encoding failed: {e}")
-                self._failure.__cause__ = e
+    def _encoding_failed(self, ex: Exception) -> OutputError:
+        # a full disk, a muxer refusing a timestamp: handed to the caller as one line
+        if isinstance(ex, OutputError):
+            return ex
+        err = OutputError(f"{self.target}: encoding failed: {ex}")
+        err.__cause__ = ex
+        return err
 
     def _to_yuv(self, frame: av.VideoFrame) -> av.VideoFrame:
         return frame.reformat(format=self._pix_fmt, src_colorspace="ITU709", dst_colorspace="ITU709",
@@ -326,6 +297,7 @@ class VideoWriter:
                                           format="yuv420p")
 
     def _encode(self, frame: av.VideoFrame) -> None:
+        """On the encoder thread: convert, encode and mux one frame, with the audio up to it."""
         yuv = self._to_yuv_by_field(frame) if self._fields else self._to_yuv(frame)
         yuv.pts, yuv.time_base = frame.pts, frame.time_base
         if frame.duration:
@@ -342,13 +314,6 @@ class VideoWriter:
         if duration:
             packet.duration = duration
         self._container.mux(packet)
-
-    def _stop_encoder(self) -> None:
-        """Let the encoder thread finish what is queued and end."""
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        self._thread = None
 
     def _feed_audio(self, until: float | None) -> None:
         """Mux source audio up to `until` seconds (None: to the end) so the file stays interleaved."""
@@ -384,9 +349,7 @@ class VideoWriter:
     # -- finishing -------------------------------------------------------------------------
     def commit(self) -> Path:
         """Flush the encoders, close the file and rename it over the target."""
-        self._stop_encoder()
-        if self._failure is not None:
-            raise self._failure
+        self._encoder.finish()
         for packet in self._video.encode(None):
             self._mux_video(packet)
         self._feed_audio(None)
@@ -417,8 +380,8 @@ class VideoWriter:
 
     def abort(self) -> None:
         """Drop everything written so far; the target is left as it was."""
-        self._aborting = True
-        self._stop_encoder()
+        if self._encoder is not None:
+            self._encoder.close(drop=True)  # queued frames are dropped, not encoded first
         self._close()
         if not self._done:
             try:

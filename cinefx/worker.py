@@ -1,0 +1,69 @@
+"""A thread that works a few items behind its caller: the encoder and the metrics use one each.
+
+OpenCV, NumPy and PyAV (inside x264) let go of the GIL, so work handed to such a thread overlaps
+the caller's next frame.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+_STOP = object()
+
+
+class Worker:
+    """Calls `fn(item)` for each `put(item)`, in order, on a thread of its own, at most `depth`
+    items behind. An exception in `fn` is kept (passed through `on_error` first) and raised at the
+    caller's next `put()` or at `finish()`; after it, queued items are dropped, so `put()` never
+    blocks on a thread that has given up."""
+
+    def __init__(self, fn: Callable[[Any], None], depth: int, name: str,
+                 on_error: Callable[[Exception], BaseException] = lambda ex: ex):
+        self._fn, self._on_error = fn, on_error
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._failure: BaseException | None = None
+        self._dropping = False
+        self._thread: threading.Thread | None = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, item) -> None:
+        while True:  # a bounded wait, so a thread that died some other way is an error, not a hang
+            self.check()
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                pass
+
+    def check(self) -> None:
+        """Raise the thread's failure, if it had one."""
+        if self._failure is not None:
+            raise self._failure
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("the worker thread has stopped")
+
+    def finish(self) -> None:
+        """Wait for the items already put, then raise the thread's failure, if any."""
+        self.close()
+        if self._failure is not None:
+            raise self._failure
+
+    def close(self, drop: bool = False) -> None:
+        """Stop the thread after the items already put (or dropping them); raises nothing."""
+        self._dropping = self._dropping or drop
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+        self._thread = None
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not _STOP:
+            if self._failure is not None or self._dropping:
+                continue
+            try:
+                self._fn(item)
+            except Exception as ex:
+                self._failure = self._on_error(ex)

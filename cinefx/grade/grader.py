@@ -44,6 +44,9 @@ class Grader:
         self._table = None if colour_is_identity(grade) else _colour_table(grade)
         self._vignette = self._vignette_mask() if grade.vignette else None
         self._grain = self._grain_plates() if grade.grain else None
+        # film grain shows most in the midtones and least in deep shadow and clipped highlights;
+        # the weight is in 1/128 level, so noise × weight ÷ 32768 is the grain in whole levels
+        self._grain_weight = np.rint(_GRAIN_CURVE * (GRAIN_STD_LEVELS * grade.grain * _WEIGHT_UNIT)).astype(np.int16)
         self._bars = self._letterbox_rows() if grade.letterbox else (0, 0)
 
     @property
@@ -54,10 +57,7 @@ class Grader:
         if frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3) or frames.dtype != np.uint8:
             raise ValueError(f"frames of shape {frames.shape} {frames.dtype}, expected "
                              f"(F, {self.height}, {self.width}, 3) uint8")
-        out = np.empty_like(frames)
-        for i, frame in enumerate(frames):
-            out[i] = self.grade_frame(frame, start_index + i)
-        return out
+        return np.stack(list(self.grade_many(zip(frames, range(start_index, start_index + len(frames))))))
 
     def grade_many(self, frames: Iterable[tuple[np.ndarray, int]]) -> Iterator[np.ndarray]:
         """Grade (frame, index) pairs, yielding results in order. With several workers, frames are
@@ -151,10 +151,7 @@ class Grader:
         p, dy, dx = rng.integers(0, [GRAIN_PLATES, 64, 64])
         noise = self._grain[p, dy:dy + self.height, dx:dx + self.width]
         y = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)
-        # film grain shows most in the midtones and least in deep shadow and clipped highlights;
-        # the weight is in 1/128 level, so noise × weight ÷ 32768 is the grain in whole levels
-        curve = np.rint(_GRAIN_CURVE * (GRAIN_STD_LEVELS * self.grade.grain * _WEIGHT_UNIT)).astype(np.int16)
-        delta = cv2.multiply(noise, cv2.LUT(y, curve), scale=1 / (_NOISE_UNIT * _WEIGHT_UNIT), dtype=cv2.CV_16S)
+        delta = cv2.multiply(noise, cv2.LUT(y, self._grain_weight), scale=1 / (_NOISE_UNIT * _WEIGHT_UNIT), dtype=cv2.CV_16S)
         # x is whole levels, so adding whole-level grain in integers equals adding it in float
         return cv2.add(x, cv2.merge([delta, delta, delta]), dtype=cv2.CV_8U)
 

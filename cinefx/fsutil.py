@@ -1,0 +1,160 @@
+"""Files that appear whole or not at all.
+
+Every file cinefx writes (outputs, reports, plots, `.cube` files, presets, checkpoints, finished
+scenes kept for resume) is written under a hidden temporary name beside its target and renamed
+over it only when complete, so a crash, a full disk or Ctrl-C never leaves a half-written file
+where a good one was, or where a script would take it for finished.
+
+Temporary names say whose they are: ``.NAME.cinefx-tmp-HOST-PID-RANDOM.EXT``. The extension stays
+last so muxers are chosen from it as for the target. The host and pid let a later run remove the
+leftovers of a killed one (SIGKILL runs no cleanup) without touching a file a live run still
+writes — including a run on another machine sharing the folder, whose files are left alone.
+
+A renamed file gets the mode any file the user writes would get (0666 less the umask), or, when
+it replaces a file, that file's mode: mkstemp's 0600 must not leak into outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+TEMP_MARK = ".cinefx-tmp-"
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
+_TEMP_RE = re.compile(re.escape(TEMP_MARK) + r"(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]+")
+
+
+def host_name() -> str:
+    """This machine's name as temporary files and locks record it."""
+    return _HOST
+
+
+def temp_path_for(target: str | os.PathLike) -> Path:
+    """A new, empty, hidden file beside `target`, named as this process's temporary for it."""
+    target = Path(target)
+    for _ in range(100):
+        name = f".{target.stem}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{target.suffix}"
+        path = target.parent / name
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
+    raise FileExistsError(f"{target.parent}: cannot create a temporary file")  # pragma: no cover
+
+
+def default_mode() -> int:
+    """0666 less the process's umask: the mode `open(path, "w")` would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def commit(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Give `tmp` the mode the target should have and rename it over `target` (atomic on one file
+    system). An existing target keeps its mode; a symlink at `target` is replaced, not followed."""
+    tmp, target = Path(tmp), Path(target)
+    try:
+        st = os.lstat(target)
+        mode = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else default_mode()
+    except FileNotFoundError:
+        mode = default_mode()
+    os.chmod(tmp, mode)
+    os.replace(tmp, target)
+    return target
+
+
+def remove_quietly(path: str | os.PathLike | None) -> None:
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path for `target`; on a clean exit it is renamed over `target`, on any
+    exception (Ctrl-C included) it is removed and `target` is untouched.
+
+    For writers that take a path (matplotlib, PIL, safetensors, torch.save)."""
+    tmp = temp_path_for(target)
+    try:
+        yield tmp
+        commit(tmp, target)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(target: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator:
+    """`open()` for writing, through `atomic_path`. The data is flushed to disk before the rename,
+    so a power cut cannot leave a renamed but empty file."""
+    if "b" in mode:
+        encoding = None
+    with atomic_path(target) as tmp, open(tmp, mode, encoding=encoding) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_bytes(target: str | os.PathLike, data: bytes) -> Path:
+    with atomic_open(target, "wb") as f:
+        f.write(data)
+    return Path(target)
+
+
+def write_text(target: str | os.PathLike, text: str) -> Path:
+    with atomic_open(target, "w") as f:
+        f.write(text)
+    return Path(target)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def stale_temps(target: str | os.PathLike) -> list[Path]:
+    """Temporary files of `target` left by runs on this machine that are no longer alive.
+
+    Only names cinefx's own naming marks as a temporary of `target` are considered; files of a
+    live process, or of another machine (whose processes cannot be checked from here), are not."""
+    target = Path(target)
+    prefix = f".{target.stem}{TEMP_MARK}"
+    out = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        if not p.name.startswith(prefix) or not p.name.endswith(target.suffix):
+            continue
+        m = _TEMP_RE.search(p.name[len(target.stem) + 1:])
+        if m is None or m.group("host") != _HOST:
+            continue
+        pid = int(m.group("pid"))
+        if pid != os.getpid() and not _alive(pid) and p.is_file() and not p.is_symlink():
+            out.append(p)
+    return out
+
+
+def clean_stale_temps(target: str | os.PathLike) -> list[Path]:
+    """Remove `stale_temps(target)`; returns what was removed."""
+    gone = []
+    for p in stale_temps(target):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            gone.append(p)
+    return gone

@@ -19,6 +19,9 @@ from cinefx.errors import InputFileError, MissingFileError
 _IMAGE_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "tiff_pipe",
                   "gif_pipe", "j2k_pipe", "pgm_pipe", "ppm_pipe", "qoi_pipe", "jpegxl_pipe"}
 
+# Damaged packets skipped while looking for the first frame before the file counts as undecodable.
+_MAX_REFUSED_FIRST = 32
+
 # Transfer characteristics (ITU-T H.273) that mean HDR: PQ (16) and HLG (18).
 _HDR_TRC = {16: "PQ (SMPTE ST 2084)", 18: "HLG (ARIB STD-B67)"}
 
@@ -74,6 +77,11 @@ class VideoInfo:
     @property
     def display_size(self) -> tuple[int, int]:
         return self.width, self.height
+
+    @property
+    def frame_step(self) -> int:
+        """One frame at the average rate, in time-base ticks (at least 1)."""
+        return max(1, round(1 / (self.fps * self.time_base))) if self.fps else 1
 
 
 def _fail(path: Path, what: str) -> InputFileError:
@@ -147,10 +155,21 @@ def probe(path: str | os.PathLike) -> VideoInfo:
                 (stream.frames or 0) <= 1 and stream.average_rate is None:
             raise _fail(path, "is a still image, not a video")
         first = None
+        refused = 0
         try:
-            for frame in container.decode(stream):
-                first = frame
-                break
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError:
+                    # a damaged packet before the first frame comes out: the reader stands in for
+                    # its frame; only a file that refuses many is unusable
+                    refused += 1
+                    if refused <= _MAX_REFUSED_FIRST:
+                        continue
+                    raise
+                if frames:
+                    first = frames[0]
+                    break
         except av.error.FFmpegError as ex:
             raise _fail(path, f"cannot be decoded ({_ffmpeg_reason(ex)})") from ex
         if first is None:

@@ -24,9 +24,13 @@ from cinefx.video.probe import VideoInfo, open_container
 # worth of reordering, and 16 frames covers x264's largest B-pyramid.
 REORDER_DEPTH = 16
 
-# A decoder may refuse a handful of damaged packets in an otherwise good file; more than this
-# means the file itself is broken.
-MAX_BAD_PACKETS = 8
+# Frames that cannot be decoded are stood in for (see `read_frames`); losing more than this share
+# of a file's frames means the file itself is broken.
+MAX_LOST_SHARE = 0.10
+
+# Formats whose timestamps travel inside the data that can be damaged (MPEG transport and program
+# streams): a lost packet takes its timestamp with it, so losses show only as gaps in time.
+_NO_INDEX = frozenset({"mpegts", "mpeg"})
 
 
 @dataclass(frozen=True)
@@ -37,16 +41,35 @@ class Frame:
     pts: int
     rgb: np.ndarray
     duration: int = 0  # in the stream's time base; 0 when the container does not say
+    concealed: bool = False  # could not be decoded: a copy of the last good frame stands in for it
 
 
-def read_frames(info: VideoInfo, size: tuple[int, int] | None = None,
-                threads: int = 0, exact: bool = True) -> Iterator[Frame]:
+def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: int = 0,
+                exact: bool = True, notes: list[str] | None = None) -> Iterator[Frame]:
     """Yield every frame of `info.path` in display order.
 
     size: (width, height) in display orientation to scale to while converting (swscale, area
     filter), or None for the source size. The colour matrix and range come from `info.colour`
     explicitly, so untagged or BT.601 sources convert without a shift.
     exact: False for analysis thumbnails: approximate colour and no deblocking, much cheaper.
+    notes: if given, a line is appended for each picture size change met (see below).
+
+    Damaged data: a frame that cannot be decoded (the decoder refuses its packet, or drops it
+    without a word, as H.264 does when a slice header is damaged) is replaced by a copy of the last
+    good frame (of the first one, for losses at the very start), marked `concealed`, at the lost
+    frame's own time and duration, so the output keeps the source's frame count and timing and
+    scenes do not merge. Lost frames are found from their packets' timestamps where the container
+    indexes them (MP4, MOV, MKV, AVI); in MPEG transport and program streams, whose timestamps are
+    lost with the data, from gaps of more than 1.5 frames at the nominal rate between decoded
+    frames (gaps over a second are taken as timestamp discontinuities and kept as they are).
+    When more than `MAX_LOST_SHARE` (10 %) of the frames are lost, or none decodes, the file is
+    refused with `InputFileError`: as soon as that is certain where the container lists its frame
+    count, otherwise after the last frame, before a caller has finished its output.
+
+    Picture size changes part way (concatenated clips, TV captures): later frames are scaled to
+    fit the first frame's size with their aspect kept, centred on black bars (letterbox or
+    pillarbox), so every frame has one size and nothing is stretched.
+
     Raises `InputFileError` if the file turns out truncated or corrupt part way.
     """
     path = info.path
@@ -59,30 +82,64 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None,
     convert = dict(format="rgb24", src_colorspace=info.colour.matrix_name,
                    src_color_range="JPEG" if info.colour.full_range else "MPEG",
                    dst_color_range="JPEG", interpolation=Interpolation.BICUBIC | flags)
+    shrink = (Interpolation.AREA if exact else Interpolation.FAST_BILINEAR) | flags
     if size is not None:
-        convert.update(width=size[0], height=size[1],
-                       interpolation=(Interpolation.AREA if exact else Interpolation.FAST_BILINEAR) | flags)
+        convert.update(width=size[0], height=size[1], interpolation=shrink)
 
     matrix = _fast_matrix(info.colour.matrix_name, info.colour.full_range)
     # our own conversion for exact full-size frames and for cheap thumbnails; swscale otherwise
     own = matrix is not None and (size is None) == exact
     fields = info.field_order != "progressive" and size is None
-    step = _nominal_step(info)
+    step = info.frame_step
+    source_size = (info.coded_width, info.coded_height)
+    sizes_seen = {source_size}
+    gaps = info.container in _NO_INDEX
     heap: list[tuple[int, int, np.ndarray, int]] = []
+    expected: list[tuple[int, int]] = []  # (pts, duration) of packets whose frame is not out yet
     seq = itertools.count()
     emitted = itertools.count()
     last_pts: int | None = None  # last pts pushed into the heap
     last_out: int | None = None  # last pts handed out
+    good: np.ndarray | None = None  # the last frame decoded, which stands in for lost ones
+    lost = 0
 
-    def pop() -> Frame:
+    def out(pts: int, rgb: np.ndarray, duration: int, concealed: bool = False) -> Frame:
         nonlocal last_out
-        pts, _, rgb, duration = heapq.heappop(heap)
         if last_out is not None and pts <= last_out:
             pts = last_out + 1  # duplicate timestamps: keep order, nudge by one tick
         last_out = pts
-        return Frame(next(emitted), pts, rgb, duration)
+        return Frame(next(emitted), pts, rgb, duration, concealed)
 
-    packets = bad = 0
+    def stand_in(missing: list[tuple[int, int]], rgb: np.ndarray) -> Iterator[Frame]:
+        nonlocal lost
+        lost += len(missing)
+        if info.frame_count and lost > MAX_LOST_SHARE * info.frame_count:
+            raise _too_damaged(path, lost, info.frame_count)
+        for pts, duration in missing:
+            yield out(pts, rgb.copy(), duration, concealed=True)
+
+    def release() -> Iterator[Frame]:
+        """The next decoded frame in display order, after stand-ins for the frames lost before it."""
+        nonlocal good
+        pts, _, rgb, duration = heapq.heappop(heap)
+        missing = []
+        while expected and expected[0][0] < pts:
+            missing.append(heapq.heappop(expected))
+        if expected and expected[0][0] == pts:
+            heapq.heappop(expected)
+        if gaps and last_out is not None:  # timestamps lost with the data: fill gaps at the nominal rate
+            filled, prev = [], last_out
+            for t, d in [*missing, (pts, duration)]:
+                if 1.5 * step < t - prev <= max(1, round(info.fps)) * step:
+                    filled += [(prev + i * step, step) for i in range(1, round((t - prev) / step))]
+                filled.append((t, d))
+                prev = t
+            missing = filled[:-1]
+        yield from stand_in(missing, rgb if good is None else good)
+        good = rgb
+        yield out(pts, rgb, duration)
+
+    packets = 0
     with open_container(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -96,20 +153,27 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None,
             for packet in container.demux(stream):
                 if packet.size:
                     packets += 1
+                    if packet.pts is not None and not packet.is_discard:  # discard: before an edit list's start
+                        heapq.heappush(expected, (packet.pts, packet.duration or step))
                 try:
                     frames = packet.decode()
                 except av.error.InvalidDataError:
-                    bad += 1
-                    if bad > MAX_BAD_PACKETS:
-                        raise InputFileError(f"{path}: corrupt video data (more than "
-                                             f"{MAX_BAD_PACKETS} undecodable packets)") from None
-                    continue
+                    continue  # its frame is missed, and stood in for, by its timestamp
                 for frame in frames:
                     pts = frame.pts
                     if pts is None:
                         pts = (last_pts + step) if last_pts is not None else 0
                     last_pts = pts
-                    if own and frame.format.name == "yuv420p":
+                    coded = (frame.width, frame.height)
+                    if coded != source_size:
+                        if notes is not None and coded not in sizes_seen:
+                            at = float(pts * info.time_base) - info.start_time
+                            notes.append(f"picture size changes from {source_size[0]}x{source_size[1]} to "
+                                         f"{coded[0]}x{coded[1]} at {at:.2f}s: scaled to fit the first size, "
+                                         "with black bars")
+                        sizes_seen.add(coded)
+                        rgb = _fit(frame, size or source_size, {**convert, "interpolation": shrink})
+                    elif own and frame.format.name == "yuv420p":
                         rgb = _yuv420_to_rgb(frame, matrix, size, fields)
                     else:
                         rgb = frame.to_ndarray(**convert)
@@ -117,14 +181,37 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None,
                         rgb = np.ascontiguousarray(np.rot90(rgb, k))
                     heapq.heappush(heap, (pts, next(seq), rgb, int(frame.duration or 0)))
                     if len(heap) > REORDER_DEPTH:
-                        yield pop()
+                        yield from release()
         except av.error.FFmpegError as ex:
             raise InputFileError(f"{path}: cannot be decoded past packet {packets} ({ex})") from ex
     while heap:
-        yield pop()
+        yield from release()
     if info.frame_count and packets < info.frame_count:
         raise InputFileError(f"{path}: truncated: the container lists {info.frame_count} frames, "
                              f"only {packets} are present")
+    if good is None:
+        raise InputFileError(f"{path}: contains no decodable video frames ({packets} damaged packets)")
+    yield from stand_in([e for e in sorted(expected) if e[0] > last_out], good)  # lost at the end
+    total = next(emitted)
+    if lost > MAX_LOST_SHARE * total:
+        raise _too_damaged(path, lost, total)
+
+
+def _too_damaged(path, lost: int, total: int) -> InputFileError:
+    return InputFileError(f"{path}: {lost} of {total} frames cannot be decoded (damaged data); more than "
+                          f"{MAX_LOST_SHARE:.0%} lost means the file itself is broken: copy or export it again")
+
+
+def _fit(frame: av.VideoFrame, size: tuple[int, int], convert: dict) -> np.ndarray:
+    """`frame` as RGB (H, W, 3) uint8 at `size` = (W, H): scaled to fit with its aspect kept and
+    centred on black, for streams whose picture size changes part way."""
+    w, h = size
+    s = min(w / frame.width, h / frame.height)
+    fw, fh = max(1, min(w, round(frame.width * s))), max(1, min(h, round(frame.height * s)))
+    canvas = np.zeros((h, w, 3), np.uint8)
+    x, y = (w - fw) // 2, (h - fh) // 2
+    canvas[y:y + fh, x:x + fw] = frame.to_ndarray(**{**convert, "width": fw, "height": fh})
+    return canvas
 
 
 # Luma weights (Kr, Kb) of the matrices the fast path handles.
@@ -185,7 +272,3 @@ def _yuv420_to_rgb(frame: av.VideoFrame, m: np.ndarray, size: tuple[int, int] | 
     np.clip(rgb, 0, 255, out=rgb)
     return rgb.astype(np.uint8)
 
-
-def _nominal_step(info: VideoInfo) -> int:
-    """One frame's duration in time-base ticks (at least 1)."""
-    return max(1, round(1 / (info.fps * info.time_base))) if info.fps else 1

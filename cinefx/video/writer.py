@@ -1,16 +1,17 @@
 """Encode RGB frames with libx264, copy the source's audio, and put the file in place atomically.
 
-The output is written to a hidden temporary file beside the target and renamed over it only when
-everything succeeded; any failure or interruption removes the temporary file, so the output path
-holds either the finished file or whatever was there before.
+The output is written to a hidden temporary file beside the target (named by `fsutil`, so a later
+run removes it if this one is killed) and renamed over it only when everything succeeded and the
+finished file reads back whole; any failure or interruption removes the temporary file, so the
+output path holds either the finished file or whatever was there before.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import av
 import numpy as np
 from av.video.reformatter import Interpolation
 
+from cinefx import fsutil
 from cinefx.errors import OptionError, OutputError
 from cinefx.video.probe import VideoInfo, open_container
 from cinefx.worker import Worker
@@ -87,12 +89,34 @@ class AudioPlan:
     reencoded: list[tuple[int, str]] = field(default_factory=list)  # (stream index, source codec)
 
 
-def temp_path_for(target: Path) -> Path:
-    """A unique hidden file beside `target`, with the same extension so the muxer is chosen alike."""
-    fd, name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".cinefx-tmp{target.suffix}",
-                                dir=target.parent)
-    os.close(fd)
-    return Path(name)
+def _check_free(target: Path, overwrite: bool) -> None:
+    # lexists: a dangling symlink is something the user put there, though exists() says False
+    if os.path.lexists(target) and not overwrite:
+        what = "is a symbolic link to a missing file" if not target.exists() else "already exists"
+        raise OutputError(f"{target}: {what} (use --overwrite to replace it)")
+
+
+# What a failed write means to the user, by errno.
+_WRITE_HINTS = {errno.ENOSPC: "disk full while writing: free some space and run again",
+                errno.EDQUOT: "disk quota exceeded while writing: free some space and run again",
+                errno.EFBIG: "file size limit reached while writing (see `ulimit -f`, or the file "
+                             "system's largest file)"}
+
+
+def write_error(target: Path, stage: str, ex: BaseException) -> OutputError:
+    """One line for a failure while writing `target`: what failed, errno's text (never the
+    temporary file's name) and what a full disk or a size limit means."""
+    if isinstance(ex, OutputError):
+        return ex
+    strerror = getattr(ex, "strerror", None)  # PyAV's errors put the file name apart, as OSError does
+    if isinstance(ex, OSError) and ex.errno and strerror:
+        reason = f"[Errno {ex.errno}] {strerror}"
+    else:
+        reason = strerror or (str(ex).splitlines() or [type(ex).__name__])[0][:200]
+    hint = _WRITE_HINTS.get(getattr(ex, "errno", None))
+    err = OutputError(f"{target}: {stage} failed: {reason}" + (f" — {hint}" if hint else ""))
+    err.__cause__ = ex
+    return err
 
 
 def check_output_path(target: Path, overwrite: bool) -> None:
@@ -102,10 +126,9 @@ def check_output_path(target: Path, overwrite: bool) -> None:
         raise OutputError(f"{folder}: output folder does not exist")
     if not folder.is_dir():
         raise OutputError(f"{folder}: output folder is not a folder")
-    if target.exists() and target.is_dir():
+    if target.is_dir():
         raise OutputError(f"{target}: is a folder; give a file name for the output")
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target}: already exists (use --overwrite to replace it)")
+    _check_free(target, overwrite)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{folder}: output folder is not writable")
     if target.suffix.lower() not in _MUXERS:
@@ -140,7 +163,9 @@ class VideoWriter:
         self.notes: list[str] = []
         self.frames_written = 0
         check_output_path(self.target, overwrite)
-        self._tmp = temp_path_for(self.target)
+        fsutil.clean_stale_temps(self.target)  # a killed run's leftovers of this same output
+        self._tmp = fsutil.temp_path_for(self.target)
+        self._span: tuple[int, int] | None = None  # (first pts, last pts + its duration) written
         self._container = None
         self._audio_in = None
         self._audio_map: dict[int, tuple] = {}
@@ -236,15 +261,30 @@ class VideoWriter:
                 self._audio_map[in_stream.index] = ("copy", out_stream, None)
                 self.audio_plan.copied.append(in_stream.index)
             else:
-                rate = in_stream.codec_context.sample_rate or 48000
-                out_stream = self._container.add_stream("aac", rate=rate)
-                out_stream.layout = in_stream.codec_context.layout.name if in_stream.codec_context.layout else "stereo"
-                resampler = av.AudioResampler(format="fltp", layout=out_stream.layout, rate=rate)
+                out_stream, resampler = self._aac_stream(in_stream)
                 self._audio_map[in_stream.index] = ("aac", out_stream, resampler)
                 self.audio_plan.reencoded.append((in_stream.index, in_stream.codec_context.name))
                 self.notes.append(f"audio stream {in_stream.index} ({in_stream.codec_context.name}) cannot "
                                   f"be stored in {self.target.suffix}: re-encoded to AAC")
         self._audio_packets = self._audio_in.demux(*self._audio_in.streams.audio)
+
+    def _aac_stream(self, in_stream):
+        """An AAC stream for `in_stream`'s audio, its encoder opened now so a refusal names the cause."""
+        ctx = in_stream.codec_context
+        rate = ctx.sample_rate or 48000
+        layout = _aac_layout(ctx.layout, ctx.channels)
+        what = f"audio stream {in_stream.index} ({ctx.name}, {ctx.channels} channels)"
+        if layout is None:
+            raise OutputError(f"{self.target}: {what} has more channels than AAC takes (8); write .mkv "
+                              "or .mov, which keep the audio as it is")
+        out_stream = self._container.add_stream("aac", rate=rate)
+        out_stream.layout = layout
+        try:
+            out_stream.codec_context.open()
+        except av.error.FFmpegError as ex:
+            raise OutputError(f"{self.target}: {what} cannot be encoded to AAC as {layout} ({ex}); write "
+                              ".mkv or .mov, which keep the audio as it is") from ex
+        return out_stream, av.AudioResampler(format="fltp", layout=layout, rate=rate)
 
     # -- writing ---------------------------------------------------------------------------
     def write(self, rgb: np.ndarray, pts: int, duration: int = 0) -> None:
@@ -265,14 +305,12 @@ class VideoWriter:
             frame.duration = duration
         self._encoder.put(frame)
         self.frames_written += 1
+        end = pts + (duration or self.info.frame_step)
+        self._span = (pts, end) if self._span is None else (min(self._span[0], pts), max(self._span[1], end))
 
     def _encoding_failed(self, ex: Exception) -> OutputError:
         # a full disk, a muxer refusing a timestamp: handed to the caller as one line
-        if isinstance(ex, OutputError):
-            return ex
-        err = OutputError(f"{self.target}: encoding failed: {ex}")
-        err.__cause__ = ex
-        return err
+        return write_error(self.target, "encoding", ex)
 
     def _to_yuv(self, frame: av.VideoFrame) -> av.VideoFrame:
         return frame.reformat(format=self._pix_fmt, src_colorspace="ITU709", dst_colorspace="ITU709",
@@ -348,8 +386,33 @@ class VideoWriter:
 
     # -- finishing -------------------------------------------------------------------------
     def commit(self) -> Path:
-        """Flush the encoders, close the file and rename it over the target."""
-        self._encoder.finish()
+        """Flush the encoders, close the file, check that it reads back whole, and rename it over
+        the target. Any failure raises `OutputError` naming the target, with the temporary file
+        removed and whatever was at the target left as it was."""
+        try:
+            self._encoder.finish()
+            try:
+                self._flush()
+            except Exception as ex:
+                raise write_error(self.target, "encoding", ex) from ex
+            # Closing writes the trailer (MP4's index, Matroska's cues) and the bytes still
+            # buffered: a full disk very often shows only here, so its error must not be dropped.
+            container, self._container = self._container, None
+            try:
+                container.close()
+            except Exception as ex:
+                raise write_error(self.target, "finishing the file", ex) from ex
+            self._close()  # the source, open for its audio
+            self._verify()
+            _check_free(self.target, self.overwrite)  # it may have appeared while we were writing
+            fsutil.commit(self._tmp, self.target)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        return self.target
+
+    def _flush(self) -> None:
         for packet in self._video.encode(None):
             self._mux_video(packet)
         self._feed_audio(None)
@@ -360,16 +423,39 @@ class VideoWriter:
                         self._container.mux(out)
                 for out in out_stream.encode(None):
                     self._container.mux(out)
-        self._close()
-        if self.target.exists() and not self.overwrite:
-            self.abort()
-            raise OutputError(f"{self.target}: appeared while cinefx was writing; not replaced "
-                              "(use --overwrite)")
-        os.replace(self._tmp, self.target)
-        self._done = True
-        return self.target
+
+    def _verify(self) -> None:
+        """Read the closed temporary file back: its video must hold every frame written and last
+        as long (to half a frame). Then flush it to disk, where a network file system or a quota
+        may still refuse it. MP4 and MOV list their frames in the index; Matroska's header does
+        not, so its packets are counted, which reads the file (a small cost beside encoding it)."""
+        try:
+            with av.open(str(self._tmp)) as c:
+                stream = c.streams.video[0]
+                frames, seconds = stream.frames, float((stream.duration or 0) * stream.time_base)
+                if not frames:
+                    first = last = None
+                    for p in c.demux(stream):
+                        if p.size and p.pts is not None:
+                            frames += 1
+                            first = p.pts if first is None else min(first, p.pts)
+                            last = p.pts + (p.duration or 0) if last is None else max(last, p.pts + (p.duration or 0))
+                    seconds = float((last - first) * stream.time_base) if frames else 0.0
+            fd = os.open(self._tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except (OSError, av.error.FFmpegError, IndexError) as ex:
+            raise write_error(self.target, "reading the finished file back", ex) from ex
+        written = float((self._span[1] - self._span[0]) * self.info.time_base) if self._span else 0.0
+        if frames != self.frames_written or abs(seconds - written) > 0.5 / float(self.info.fps or 24):
+            raise OutputError(f"{self.target}: the finished file is incomplete ({frames} of "
+                              f"{self.frames_written} frames, {seconds:.3f} of {written:.3f} s); "
+                              "the disk may be full or failing — nothing was replaced")
 
     def _close(self) -> None:
+        """Close both files quietly: only for abandoning a write (`commit` closes the output itself)."""
         for c in (self._container, self._audio_in):
             if c is not None:
                 try:
@@ -384,10 +470,7 @@ class VideoWriter:
             self._encoder.close(drop=True)  # queued frames are dropped, not encoded first
         self._close()
         if not self._done:
-            try:
-                self._tmp.unlink()
-            except FileNotFoundError:
-                pass
+            fsutil.remove_quietly(self._tmp)
 
     def __enter__(self) -> "VideoWriter":
         return self
@@ -395,6 +478,20 @@ class VideoWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self._done:
             self.abort()
+
+
+# The usual order for audio that does not name its channels (PCM in Matroska, many WAVs: FFmpeg
+# calls such a layout "2 channels"), as WAVE assumes without a channel mask.
+_DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 3: "3.0", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+
+
+def _aac_layout(layout, channels: int) -> str | None:
+    """A channel layout FFmpeg's AAC encoder accepts for this audio: its own where it names its
+    channels, else the usual one for the count (the encoder rejects "2 channels"); None beyond 8."""
+    n = layout.nb_channels if layout is not None else channels
+    if layout is not None and all(c.name != "NONE" for c in layout.channels) and n <= 8:
+        return layout.name
+    return _DEFAULT_LAYOUTS.get(n or 2)
 
 
 def _can_copy(in_stream, muxer: str) -> bool:

@@ -432,15 +432,13 @@ class VideoWriter:
         try:
             with av.open(str(self._tmp)) as c:
                 stream = c.streams.video[0]
-                frames, seconds = stream.frames, float((stream.duration or 0) * stream.time_base)
+                frames, ticks = stream.frames, stream.duration or 0
                 if not frames:
-                    first = last = None
-                    for p in c.demux(stream):
-                        if p.size and p.pts is not None:
-                            frames += 1
-                            first = p.pts if first is None else min(first, p.pts)
-                            last = p.pts + (p.duration or 0) if last is None else max(last, p.pts + (p.duration or 0))
-                    seconds = float((last - first) * stream.time_base) if frames else 0.0
+                    times = [(p.pts, p.pts + (p.duration or 0)) for p in c.demux(stream)
+                             if p.size and p.pts is not None]
+                    frames = len(times)
+                    ticks = max(end for _, end in times) - min(start for start, _ in times) if times else 0
+                seconds = float(ticks * stream.time_base)
             fd = os.open(self._tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -449,13 +447,15 @@ class VideoWriter:
         except (OSError, av.error.FFmpegError, IndexError) as ex:
             raise write_error(self.target, "reading the finished file back", ex) from ex
         written = float((self._span[1] - self._span[0]) * self.info.time_base) if self._span else 0.0
-        if frames != self.frames_written or abs(seconds - written) > 0.5 / float(self.info.fps or 24):
+        half_frame = float(self.info.frame_step * self.info.time_base) / 2
+        if frames != self.frames_written or abs(seconds - written) > half_frame:
             raise OutputError(f"{self.target}: the finished file is incomplete ({frames} of "
                               f"{self.frames_written} frames, {seconds:.3f} of {written:.3f} s); "
                               "the disk may be full or failing — nothing was replaced")
 
     def _close(self) -> None:
-        """Close both files quietly: only for abandoning a write (`commit` closes the output itself)."""
+        """Close whatever is still open, quietly: the source (read for its audio), and the output
+        only when a write is abandoned (`commit` closes it itself, since its errors matter)."""
         for c in (self._container, self._audio_in):
             if c is not None:
                 try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cinefx.errors import ConfigError
-from cinefx.presets import read_toml
+from cinefx.presets import clip_path, clip_text, is_file, read_toml
 
 
 @dataclass(frozen=True)
@@ -45,24 +45,30 @@ def config_path() -> Path:
 def model_defaults() -> ModelDefaults:
     """The ``[models]`` section of the config file (empty when there is no file)."""
     path = config_path()
-    if not path.is_file():
+    at = clip_path(path)
+    if not is_file(path):
         if os.environ.get("CINEFX_CONFIG"):
-            raise ConfigError(f"{path}: config file not found (named by $CINEFX_CONFIG)")
+            raise ConfigError(f"{at}: config file not found (named by $CINEFX_CONFIG)")
         return ModelDefaults()
     data = read_toml(path, ConfigError)
     for key in data:
         if key != "models":
-            raise ConfigError(f"{path}: unknown section [{key}] (expected [models])")
+            raise ConfigError(f"{at}: unknown section [{clip_text(key)}] (expected [models])")
     models = data.get("models", {})
     if not isinstance(models, dict):
-        raise ConfigError(f"{path}: models must be a table")
+        raise ConfigError(f"{at}: models must be a table")
 
     def where(key: str, value) -> str:
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{path}: models.{key} = {value!r}: must be a path or hub id (a string)")
+            raise ConfigError(f"{at}: models.{key} = {clip_text(repr(value))}: "
+                              "must be a path or hub id (a string)")
         p = Path(value).expanduser()
         local = p if p.is_absolute() else path.parent / p
-        return str(local) if local.exists() else value  # a hub id stays as written
+        try:
+            found = local.exists()
+        except OSError:  # a name the system refuses (too long): not a local model
+            found = False
+        return str(local) if found else value  # a hub id stays as written
 
     out = {}
     for key, value in models.items():
@@ -70,19 +76,20 @@ def model_defaults() -> ModelDefaults:
             out[key] = where(key, value)
         elif key == "allow_pickle":
             if not isinstance(value, bool):
-                raise ConfigError(f"{path}: models.allow_pickle = {value!r}: must be true or false")
+                raise ConfigError(f"{at}: models.allow_pickle = {clip_text(repr(value))}: "
+                                  "must be true or false")
             out[key] = value
         elif key == "controlnets":
             from cinefx.controls import CONTROLNETS
 
             if not isinstance(value, dict):
-                raise ConfigError(f"{path}: models.controlnets must be a table of kind = model")
+                raise ConfigError(f"{at}: models.controlnets must be a table of kind = model")
             for kind in value:
                 if kind not in CONTROLNETS:
-                    raise ConfigError(f"{path}: models.controlnets.{kind}: unknown control "
+                    raise ConfigError(f"{at}: models.controlnets.{clip_text(kind)}: unknown control "
                                       f"(known: {', '.join(CONTROLNETS)})")
             out[key] = tuple((k, where(f"controlnets.{k}", v)) for k, v in value.items())
         else:
-            raise ConfigError(f"{path}: unknown key models.{key} (expected base, controlnets, depth, "
+            raise ConfigError(f"{at}: unknown key models.{clip_text(key)} (expected base, controlnets, depth, "
                               "annotators, allow_pickle)")
     return ModelDefaults(**out)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -33,6 +34,34 @@ from typing import Any
 
 from cinefx.controls import CONTROLNETS
 from cinefx.errors import PresetError
+
+MAX_TOML_BYTES = 1 << 20  # presets and the config file are a few hundred bytes
+
+
+def clip_text(text: str, limit: int = 80) -> str:
+    """`text` short enough for a one-line error: at most `limit` characters, the middle elided
+    (so the end of a path, its file name, is kept)."""
+    if len(text) <= limit:
+        return text
+    tail = limit // 3
+    return f"{text[:limit - tail - 1]}…{text[-tail:]}"
+
+
+def clip_path(path: str | os.PathLike) -> str:
+    """A path for an error message: whole unless it is absurdly long."""
+    return clip_text(str(path), 160)
+
+
+def _shown(value: Any) -> str:
+    return clip_text(repr(value))
+
+
+def is_file(path: Path) -> bool:
+    """`path.is_file()`, but False for a name the system refuses (one too long, say), not OSError."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _num(default: float, lo: float, hi: float, doc: str):
@@ -88,7 +117,7 @@ class DiffusionConfig:
 class GradeConfig:
     """A colour grade. Every value at its default leaves the picture unchanged."""
 
-    lut: Path | None = field(default=None, metadata={"doc": ".cube 3D LUT, relative to the preset"})
+    lut: Path | None = field(default=None, metadata={"doc": ".cube LUT (3D or 1D), relative to the preset"})
     lut_strength: float = _num(1.0, 0.0, 1.0, "mix of the LUT over the ungraded colour")
     exposure: float = _num(0.0, -4.0, 4.0, "exposure in stops")
     contrast: float = _num(0.0, -0.9, 1.0, "S-curve amount around the pivot (negative flattens)")
@@ -166,18 +195,18 @@ def find_preset(name: str) -> Path:
     """Resolve a preset name or path to its TOML file (see module docstring for the order)."""
     p = Path(name).expanduser()
     looks_like_path = p.suffix == ".toml" or os.sep in name or "/" in name
-    if p.is_file():
+    if is_file(p):
         return p
-    if p.is_dir() and (p / "preset.toml").is_file():
+    if is_file(p / "preset.toml"):
         return p / "preset.toml"
     if looks_like_path:
-        raise PresetError(f"{p}: preset file not found")
+        raise PresetError(f"{clip_path(p)}: preset file not found")
     for folder in (user_dir(), bundled_dir()):
         for c in _candidates(folder, name):
-            if c.is_file():
+            if is_file(c):
                 return c
     known = ", ".join(n for n, _ in list_presets())
-    raise PresetError(f"unknown preset {name!r} (known: {known}; or give a path to a .toml file)")
+    raise PresetError(f"unknown preset {_shown(name)} (known: {known}; or give a path to a .toml file)")
 
 
 def list_presets() -> list[tuple[str, Path]]:
@@ -202,31 +231,47 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
 
 
 def read_toml(path: Path, error: type[Exception]) -> dict[str, Any]:
-    """A TOML file of cinefx's (a preset, the config) as a dict; a malformed or unreadable file
-    raises `error` naming it."""
+    """A TOML file of cinefx's (a preset, the config) as a dict; a malformed, unreadable or
+    oversized (over `MAX_TOML_BYTES`, refused before reading) file raises `error` naming it."""
+    where = clip_path(path)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as ex:
-        raise error(f"{path}: not valid TOML ({ex})") from None
-    except (OSError, UnicodeDecodeError) as ex:
-        raise error(f"{path}: cannot be read ({ex})") from None
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{where}: not a regular file")
+        size = st.st_size
+        if size <= MAX_TOML_BYTES:
+            with open(path, "rb") as f:
+                data = f.read(MAX_TOML_BYTES + 1)
+            size = len(data)  # it may have grown since
+    except OSError as ex:
+        raise error(f"{where}: cannot be read ({ex.strerror or type(ex).__name__})") from None
+    if size > MAX_TOML_BYTES:
+        raise error(f"{where}: {size / 2**20:.1f} MiB is too large for a cinefx TOML file "
+                    f"(the limit is {MAX_TOML_BYTES >> 20} MiB)")
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{where}: not UTF-8 text") from None
+    except (ValueError, RecursionError) as ex:  # tomllib's own errors, and what it lets through
+        raise error(f"{where}: not valid TOML ({clip_text(str(ex))})") from None
 
 
 def parse_preset(raw: dict[str, Any], path: Path) -> Preset:
     for key in raw:
         if key not in _TOP_KEYS:
-            raise PresetError(f"{path}: unknown key {key!r} (expected one of {', '.join(sorted(_TOP_KEYS))})")
+            raise PresetError(f"{clip_path(path)}: unknown key {_shown(key)} "
+                              f"(expected one of {', '.join(sorted(_TOP_KEYS))})")
     name = raw.get("name", path.stem if path.name != "preset.toml" else path.parent.name)
     description = raw.get("description", "")
     for key, value in (("name", name), ("description", description)):
         if not isinstance(value, str):
-            raise PresetError(f"{path}: {key} = {value!r}: must be a string")
+            raise PresetError(f"{clip_path(path)}: {key} = {_shown(value)}: must be a string")
     explicit: set[str] = set()
     sections = {}
     for section, cls in _SECTIONS.items():
         table = raw.get(section, {})
         if not isinstance(table, dict):
-            raise PresetError(f"{path}: [{section}] must be a table, got {table!r}")
+            raise PresetError(f"{clip_path(path)}: [{section}] must be a table, got {_shown(table)}")
         sections[section] = _build(cls, table, path, section)
         explicit.update(f"{section}.{k}" for k in table)
     return Preset(name=name, description=description, source=path, explicit=frozenset(explicit),
@@ -238,7 +283,7 @@ def _build(cls, table: dict[str, Any], path: Path, where: str):
     values = {}
     for key, value in table.items():
         if key not in known:
-            raise PresetError(f"{path}: unknown key {where}.{key} = {value!r} "
+            raise PresetError(f"{clip_path(path)}: unknown key {where}.{clip_text(key)} = {_shown(value)} "
                               f"(known: {', '.join(known)})")
         values[key] = _check(known[key], value, path, f"{where}.{key}")
     return cls(**values)
@@ -246,7 +291,7 @@ def _build(cls, table: dict[str, Any], path: Path, where: str):
 
 def _check(f: dataclasses.Field, value: Any, path: Path, key: str) -> Any:
     def bad(why: str) -> PresetError:
-        return PresetError(f"{path}: {key} = {value!r}: {why}")
+        return PresetError(f"{clip_path(path)}: {key} = {_shown(value)}: {why}")
 
     meta = f.metadata
     if "range" in meta:
@@ -266,9 +311,11 @@ def _check(f: dataclasses.Field, value: Any, path: Path, key: str) -> Any:
     if f.name in ("lut", "path"):
         if not isinstance(value, str) or not value:
             raise bad("must be a file path")
+        if f.name == "lut" and Path(value).suffix.lower() != ".cube":
+            raise bad("must be a .cube file")
         file = (path.parent / value).expanduser()
-        if not file.is_file():
-            raise bad(f"file not found ({file})")
+        if not is_file(file):
+            raise bad(f"file not found ({clip_path(file)})")
         return file
     if f.name == "trigger":
         if isinstance(value, str):
@@ -282,9 +329,11 @@ def _check(f: dataclasses.Field, value: Any, path: Path, key: str) -> Any:
         out = []
         for kind, scale in value.items():
             if kind not in CONTROL_KINDS:
-                raise PresetError(f"{path}: {key}.{kind}: unknown control (known: {', '.join(CONTROL_KINDS)})")
+                raise PresetError(f"{clip_path(path)}: {key}.{clip_text(kind)}: unknown control "
+                                  f"(known: {', '.join(CONTROL_KINDS)})")
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 2:
-                raise PresetError(f"{path}: {key}.{kind} = {scale!r}: must be a number between 0 and 2")
+                raise PresetError(f"{clip_path(path)}: {key}.{kind} = {_shown(scale)}: "
+                                  "must be a number between 0 and 2")
             out.append((kind, float(scale)))
         return tuple(out)
     if f.name == "adapters":
@@ -293,7 +342,7 @@ def _check(f: dataclasses.Field, value: Any, path: Path, key: str) -> Any:
         adapters = tuple(_build(Adapter, v, path, f"{key}[{i}]") for i, v in enumerate(value))
         for i, a in enumerate(adapters):
             if a.path == Path():
-                raise PresetError(f"{path}: {key}[{i}].path is missing")
+                raise PresetError(f"{clip_path(path)}: {key}[{i}].path is missing")
         return adapters
     if isinstance(f.default, str) and not isinstance(value, str):
         raise bad("must be a string")
@@ -348,7 +397,7 @@ def override(preset: Preset, section: str, **values: Any) -> Preset:
         try:
             checked[k] = _check(known[k], v, Path("."), f"{section}.{k}")
         except PresetError as ex:
-            raise PresetError(f"--{k.replace('_', '-')} {v!r}: {str(ex).split(': ', 2)[-1]}") from None
+            raise PresetError(f"--{k.replace('_', '-')} {_shown(v)}: {str(ex).split(': ', 2)[-1]}") from None
     new_section = dataclasses.replace(getattr(preset, section), **checked)
     return dataclasses.replace(preset, **{section: new_section},
                                explicit=preset.explicit | {f"{section}.{k}" for k in checked})

@@ -134,8 +134,8 @@ def test_cube_roundtrip_and_errors(tmp_path):
     rgb = np.random.default_rng(0).random((50, 3)).astype(np.float32)
     assert np.allclose(lutlib.apply(back, rgb), rgb, atol=1e-5)
     bad = tmp_path / "bad.cube"
-    for text, needle in (("LUT_3D_SIZE 2\n0 0 0\n", "needs 8"), ("0 0 0\n", "no LUT_3D_SIZE"),
-                         ("LUT_3D_SIZE 2\nfoo bar baz\n", "cannot parse")):
+    for text, needle in (("LUT_3D_SIZE 2\n0 0 0\n", ":2: the table stops after 1 of 8 rows"),
+                         ("0 0 0\n", "no LUT_3D_SIZE"), ("LUT_3D_SIZE 2\nfoo bar baz\n", ":2: unknown keyword")):
         bad.write_text(text)
         with pytest.raises(LutError, match=needle):
             lutlib.read_cube(bad)
@@ -156,7 +156,8 @@ def test_1d_cube_with_thousands_of_entries(tmp_path):
     grey = np.full((1, 72, 128, 3), 64, np.uint8)
     out = Grader(GradeConfig(lut=str(p)), (128, 72))(grey)[0]
     assert out[0, 0, 0] > 64 + 10 and abs(int(out[0, 0, 1]) - 64) <= 1 and out[0, 0, 2] < 64 - 10
-    for text, needle in (("LUT_1D_SIZE 70000\n", "out of range"), ("LUT_1D_SIZE 2\nLUT_3D_SIZE 2\n", "both")):
+    for text, needle in (("LUT_1D_SIZE 70000\n", "out of range"),
+                         ("LUT_1D_SIZE 2\nLUT_3D_SIZE 2\n", ":2: a second LUT size line")):
         p.write_text(text)
         with pytest.raises(LutError, match=needle):
             lutlib.read_cube(p)

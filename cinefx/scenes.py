@@ -5,10 +5,15 @@ The detector is online: frames are pushed one by one and boundaries come out a f
 thumbnails, which is why it costs less than decoding.
 
 - Hard cut (the AdaptiveDetector idea of PySceneDetect): the frame difference at t stands out from
-  its neighbours' (ratio ≥ `cut_ratio`) and is large in absolute terms.
-- Flash / lighting change: a cut candidate is dropped when the picture returns to the pre-flash
-  frame within `flash_frames`, or when the luminance structure is unchanged (high correlation),
-  which brightness alone cannot break.
+  the motion on both sides (ratio ≥ `cut_ratio` to the adjacent differences) and is large in
+  absolute terms. Only the adjacent differences count, so the next cut may come two frames later
+  (fast cutting: trailers, music videos, action scenes); a lone frame between two shots (a blended
+  or stray frame) makes two adjacent large differences, and the larger is the cut.
+- Flash / lighting change: a cut candidate is dropped when the luminance structure is unchanged
+  (high correlation), which brightness alone cannot break, or when it starts or ends a short run
+  after which the picture returns to the frame before it, and that run is a flash: much brighter
+  or darker than both sides and keeping the shot's structure. A run of other content is an insert:
+  two cuts. A lone returning frame is a glitch, no cut.
 - Dissolve: a cross-fade is linear in time, so the middle frame of a window spanning it equals the
   average of the window's ends, while a camera move does not (twin comparison would also fire on
   pans). Ends must differ in structure, not only in brightness.
@@ -48,21 +53,22 @@ class Boundary:
 
 @dataclass(frozen=True)
 class DetectorOptions:
-    cut_ratio: float = 3.0  # frame difference over its neighbours' mean
+    cut_ratio: float = 3.0  # frame difference over the mean of the two adjacent ones
     cut_min: float = 9.0  # and at least this mean Lab difference (0-255)
-    window: int = 2  # neighbours each side for the ratio
     flash_frames: int = 6  # a flash lasts at most this long
+    flash_light: float = 30.0  # a flash's mean lightness (Lab L, 0-255) differs this much from both sides
+    flash_corr: float = 0.4  # and it keeps the shot's structure: 16-px luma correlation above this
     same_shot_corr: float = 0.9  # luma correlation above which two frames are the same shot
     dissolve_half: tuple[int, ...] = (4, 7, 11)  # half-lengths of dissolve windows tried
     dissolve_min: float = 14.0  # Lab difference between the ends of a dissolve
     dissolve_linearity: float = 0.3  # max residual from the linear blend, as a share of the change
     flat_std: float = 7.0  # luma std (0-255) below which a frame is flat (black, white, solid)
     fade_hold: int = 24  # a longer flat run gets its boundary here, so buffers stay bounded
-    min_scene: int = 6  # frames; closer boundaries are dropped
+    min_scene: int = 2  # frames; closer boundaries are dropped (a lone frame is no scene)
 
 
 class _Features:
-    __slots__ = ("lab", "luma", "mean_l", "std", "flat")
+    __slots__ = ("lab", "luma", "mean_l", "std", "flat", "flats", "coarse")
 
     def __init__(self, small_rgb: np.ndarray, flat_std: float):
         self.lab = cv2.cvtColor(small_rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
@@ -71,11 +77,36 @@ class _Features:
         self.mean_l, self.std = float(mean[0, 0]), float(std[0, 0])
         self.luma = (lum - self.mean_l) / (self.std + 1e-3)
         self.flat = self.std < flat_std
+        self.flats = 0  # flat frames up to and including this one, so a window's count is one subtraction
+        self.coarse: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _mad(a: np.ndarray, b: np.ndarray) -> float:
     """Mean absolute difference of two equal-shape arrays (OpenCV: one pass, no temporaries)."""
     return cv2.norm(a, b, cv2.NORM_L1) / a.size
+
+
+def _coarse(f: _Features) -> tuple[np.ndarray, np.ndarray]:
+    """(h, 16, 3) float32 Lab and its normalised luma, flat (h * 16,), made only for the few
+    frames around a cut candidate. At this size a few frames of camera motion change little,
+    while a flash or other content still changes much."""
+    if f.coarse is None:
+        lab = cv2.resize(f.lab, (16, max(2, round(16 * f.lab.shape[0] / f.lab.shape[1]))), interpolation=cv2.INTER_AREA)
+        lum = lab[..., 0].ravel()
+        mean, std = cv2.meanStdDev(lum)
+        f.coarse = lab, (lum - float(mean[0, 0])) / (float(std[0, 0]) + 1e-3)
+    return f.coarse
+
+
+def _coarse_mad(a: _Features, b: _Features) -> float:
+    return _mad(_coarse(a)[0], _coarse(b)[0])
+
+
+def _coarse_corr(a: _Features, b: _Features) -> float:
+    """Luma correlation (-1..1) on 16-pixel-wide thumbnails: the same shot a few frames on, or
+    under a flash, stays above 0.4; other photographs stay below."""
+    x, y = _coarse(a)[1], _coarse(b)[1]
+    return float(x @ y) / x.size
 
 
 def thumbnail_size(width: int, height: int) -> tuple[int, int]:
@@ -92,13 +123,13 @@ class SceneDetector:
     def __init__(self, options: DetectorOptions = DetectorOptions()):
         self.o = options
         # a dissolve found at p is re-centred on the best window among p .. p + max half-length
-        self.lookahead = max(2 * max(options.dissolve_half), options.flash_frames + 1, options.window)
-        keep = 3 * max(options.dissolve_half) + options.flash_frames + options.window + 4
+        self.lookahead = max(2 * max(options.dissolve_half), options.flash_frames + 1)
+        keep = 3 * max(options.dissolve_half) + options.flash_frames + 6
         self._feat: deque[_Features] = deque(maxlen=keep)
         self._diff: dict[int, float] = {}  # diff[t] between frames t-1 and t
         self.n = 0  # frames pushed
         self._next = 1  # next position to decide
-        self._last = 0  # last boundary frame
+        self._last = 0  # last boundary frame; no dissolve window reaches back past it
         self._flat_start: int | None = None
         self._fade_done = False
         self._skip_until = 0
@@ -113,6 +144,8 @@ class SceneDetector:
         f = _Features(small, self.o.flat_std)
         if self._feat:
             self._diff[self.n] = _mad(f.lab, self._feat[-1].lab)
+            f.flats = self._feat[-1].flats
+        f.flats += f.flat
         self._feat.append(f)
         self.n += 1
         out = []
@@ -132,10 +165,10 @@ class SceneDetector:
 
     @property
     def settled(self) -> int:
-        s = self._next
-        if self._flat_start is not None:
-            s = min(s, self._flat_start + self.o.fade_hold // 2)
-        return s
+        # an open flat run may still end as a fade with its boundary mid-run
+        if self._flat_start is not None and not self._fade_done:
+            return min(self._next, self._flat_start)
+        return self._next
 
     # -- internals ------------------------------------------------------------------------
     def _f(self, t: int) -> _Features | None:
@@ -148,17 +181,17 @@ class SceneDetector:
         self._last = frame
         return [Boundary(frame, kind)]
 
+    def _d(self, t: int) -> float:
+        return self._diff.get(t, 0.0)
+
     def _decide(self, p: int, final: bool) -> list[Boundary]:
-        for t in [k for k in self._diff if k < p - 3 * max(self.o.dissolve_half) - self.o.window - 2]:
-            del self._diff[t]
+        self._diff.pop(p - 3 * max(self.o.dissolve_half) - 4, None)
         f = self._f(p)
         out = self._fade(p, f)
         if f.flat or p < self._skip_until:
             return out
         if self._is_cut(p):
-            out += self._emit(p, "cut")
-            self._skip_until = p + max(self.o.dissolve_half)
-            return out
+            return out + self._emit(p, "cut")
         if not final and self._dissolve(p)[0]:
             # the first window that fits lies at the dissolve's start; the true middle is where
             # the widest change is still a linear blend
@@ -184,45 +217,107 @@ class SceneDetector:
         if self._fade_done or a == 0:
             return []
         run = p - a
-        before, after = self._f(a - 1), f
-        if run <= o.flash_frames and before is not None and self._same_shot(before, after):
-            return []  # a white or black flash inside one shot
+        before = self._f(a - 1)
+        if run <= o.flash_frames and before is not None:
+            back, close = self._comes_back(before, self._f(a), range(p, a + o.flash_frames + 1))
+            if back is not None and self._flash(a - 1, a, back, close):
+                return []  # a white or black flash inside one shot
         self._skip_until = p + 1
         return self._emit(a + run // 2, "fade")
 
+    @staticmethod
+    def _corr(a: _Features, b: _Features) -> float:
+        """Luma correlation (-1..1) of two thumbnails."""
+        return float(a.luma.ravel() @ b.luma.ravel()) / a.luma.size
+
     def _same_shot(self, a: _Features, b: _Features) -> bool:
-        corr = float((a.luma * b.luma).mean())
-        return corr >= self.o.same_shot_corr
+        return self._corr(a, b) >= self.o.same_shot_corr
+
+    def _motion(self, k: int, away: int) -> float:
+        """The step into frame k as a measure of camera motion. A step that mostly changes the
+        lightness (a flash beginning or ending, maybe right beside a cut) tells nothing about
+        motion: the next step out, in direction `away`, stands in for it."""
+        for _ in range(self.o.flash_frames + 1):
+            f, g = self._f(k - 1), self._f(k)
+            if f is None or g is None or abs(f.mean_l - g.mean_l) < self.o.flash_light:
+                break
+            k += away
+        return self._d(k)
+
+    def _stands_out(self, t: int, d: float) -> bool:
+        """The step into frame t is larger than camera motion explains: compared with the
+        adjacent steps only, since in fast cutting the step two frames away may be a cut too."""
+        r = self.o.cut_ratio / 2
+        if d >= r * (self._motion(t - 1, -1) + self._motion(t + 1, 1)) + 1e-3:
+            return True
+        # a lone frame between two shots makes two adjacent large steps; the larger is the cut
+        before, after = self._d(t - 1), self._d(t + 1)
+        if self.o.cut_min <= after <= d:
+            return after >= r * (before + self._d(t + 2)) + 1e-3
+        if self.o.cut_min <= before < d:
+            return before >= r * (self._d(t - 2) + after) + 1e-3
+        return False
 
     def _is_cut(self, t: int) -> bool:
         o = self.o
-        d = self._diff.get(t, 0.0)
-        if d < o.cut_min:
-            return False
-        around = [self._diff[k] for k in range(t - o.window, t + o.window + 1) if k != t and k in self._diff]
-        if around and d < o.cut_ratio * (sum(around) / len(around) + 1e-3):
+        d = self._d(t)
+        if d < o.cut_min or not self._stands_out(t, d):
             return False
         prev, cur = self._f(t - 1), self._f(t)
         if prev is None or cur is None:
             return True
         if self._same_shot(prev, cur):
             return False  # brightness changed, structure did not: a light change, not a cut
-        for k in range(t + 1, t + o.flash_frames + 1):
-            nxt = self._f(k)
-            if nxt is not None and _mad(nxt.lab, prev.lab) < 0.35 * d:
-                return False  # the picture comes back after t: t starts a flash
-        for k in range(t - 2, t - o.flash_frames - 2, -1):
-            old = self._f(k)
-            if old is not None and _mad(cur.lab, old.lab) < 0.35 * d:
-                return False  # the picture is back to what it was before: t ends a flash
+        # t starts a run [t, ahead) or ends a run (behind, t): the one whose shot comes back
+        # close, else the shorter
+        ahead, close_ahead = self._comes_back(prev, cur, range(t + 1, t + o.flash_frames + 1))
+        behind, close_behind = self._comes_back(cur, prev, range(t - 2, t - o.flash_frames - 2, -1))
+        if ahead is not None and (behind is None or (close_ahead, t - 1 - behind) >= (close_behind, ahead - t)):
+            return not self._flash(t - 1, t, ahead, close_ahead)
+        if behind is not None:
+            return not self._flash(behind, behind + 1, t, close_behind)
         return True
+
+    def _comes_back(self, shot: _Features, run: _Features, frames: range) -> tuple[int | None, bool]:
+        """The first of `frames` that is `shot`'s picture again after `run` left it, and whether
+        it is close (within a third of the step from `shot` to `run`). Judged loosely, since the
+        camera may move on fast during a flash, but with the shot's structure kept."""
+        step = _coarse_mad(shot, run)
+        for k in frames:
+            f = self._f(k)
+            if f is None:
+                continue
+            gap = _coarse_mad(f, shot)
+            if gap < 0.8 * step and gap < _coarse_mad(f, run) and _coarse_corr(f, shot) >= self.o.flash_corr:
+                return k, gap < 0.35 * step
+        return None, False
+
+    def _flash(self, before: int, start: int, after: int, close: bool) -> bool:
+        """Whether frames [start, after), between frames `before` and `after` of one shot, are a
+        flash rather than other content (an insert: two cuts, or a plain cut): each is flat or
+        much lighter or darker than both sides, and the run keeps the shot's structure at both
+        its ends (compared with the nearest shot frame, since the camera may move meanwhile).
+        A lone frame whose shot comes back `close` to where it was is a stray frame: no cut."""
+        if close and after - start == 1:
+            return True
+        o, a, b = self.o, self._f(before), self._f(after)
+        for k in range(start, after):
+            f = self._f(k)
+            lighter, darker = f.mean_l - max(a.mean_l, b.mean_l), min(a.mean_l, b.mean_l) - f.mean_l
+            if not f.flat and max(lighter, darker) < o.flash_light:
+                return False
+        first, last = self._f(start), self._f(after - 1)
+        return ((first.flat or _coarse_corr(first, a) >= o.flash_corr)
+                and (last.flat or _coarse_corr(last, b) >= o.flash_corr))
 
     def _dissolve(self, c: int) -> tuple[int, float]:
         """(half-length, change) of the widest dissolve window centred on frame c, or (0, 0)."""
         o = self.o
         for h in sorted(o.dissolve_half, reverse=True):
-            a, m, b = self._f(c - h), self._f(c), self._f(c + h)
-            if a is None or b is None or any(self._f(k).flat for k in range(c - h, c + h + 1)):
+            if c - h < self._last:
+                continue  # the window would reach back across the last boundary
+            a, b = self._f(c - h), self._f(c + h)
+            if a is None or b is None or b.flats - a.flats + a.flat:
                 continue  # a flat frame inside: that is a fade, handled by _fade
             la, lb = a.mean_l, b.mean_l
             if min(la, lb) < 0.4 * max(la, lb):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from itertools import islice
 from pathlib import Path
 
 import av
@@ -215,3 +216,48 @@ def events_clip(size: tuple[int, int] = (160, 90), shot: int = 40) -> tuple[list
     frames = fade_through_black(frames, d, out_len=8, in_len=8, hold=3)
     events["fade"] = before - 8 + 8 + 1  # mid of the black hold
     return frames, events
+
+
+# Action-scene editing: (photo, frames, camera start, camera end) per shot, brisk moves, shots of
+# 2 to 10 frames. Where `frames` is a list it holds an insert: [host frames, (another Move's
+# arguments), host frames]; the host's move carries on under the insert, as when an editor cuts
+# away and back.
+FAST_SHOTS = (
+    ("astronaut", 8, (0.40, 0.40, 0.9), (0.55, 0.35, 0.7)),
+    ("coffee", 5, (0.35, 0.5, 1.0), (0.5, 0.5, 0.85)),
+    ("chelsea", [4, ("rocket", 2, (0.5, 0.7, 0.8), (0.5, 0.6, 0.8)), 4], (0.45, 0.5, 1.0), (0.55, 0.45, 0.75)),
+    ("camera", 3, (0.5, 0.4, 0.9), (0.45, 0.45, 0.8)),
+    ("rocket", 6, (0.5, 0.3, 0.7), (0.5, 0.5, 0.75)),
+    ("coffee", 9, (0.7, 0.5, 0.8), (0.4, 0.45, 0.8)),
+    ("astronaut", [3, ("camera", 3, (0.4, 0.5, 0.9), (0.6, 0.5, 0.8)), 4], (0.5, 0.3, 0.8), (0.45, 0.4, 0.6)),
+    ("chelsea", 2, (0.3, 0.4, 0.8), (0.35, 0.4, 0.8)),
+    ("rocket", 7, (0.5, 0.6, 1.0), (0.5, 0.4, 0.8)),
+    ("camera", 4, (0.5, 0.5, 1.0), (0.5, 0.5, 0.7)),
+    ("astronaut", 10, (0.6, 0.45, 0.9), (0.45, 0.4, 0.9)),
+)
+
+
+def fast_cut_clip(size: tuple[int, int] = (160, 90), shots=FAST_SHOTS) -> tuple[Iterator[np.ndarray], list[int]]:
+    """Hard cuts between short shots (trailers, music videos, action scenes); the default holds a
+    2-frame and a 3-frame insert of another photograph inside a shot. Returns the frames, rendered
+    as they are consumed so long clips never sit in memory, and the cut frames (the first frame
+    of each new shot; an insert makes two)."""
+    cuts, n = [], 0
+    for _, length, _, _ in shots:
+        for part in length if isinstance(length, list) else [length]:
+            cuts.append(n)
+            n += part if isinstance(part, int) else part[1]
+
+    def frames() -> Iterator[np.ndarray]:
+        for name, length, start, end in shots:
+            parts = length if isinstance(length, list) else [length]
+            host = render_move(Move(name, sum(p if isinstance(p, int) else p[1] for p in parts), start, end), size)
+            for part in parts:
+                if isinstance(part, int):
+                    yield from islice(host, part)
+                else:
+                    yield from render_move(Move(*part), size)
+                    for _ in range(part[1]):
+                        next(host)  # the host's camera keeps moving under the insert
+
+    return frames(), cuts[1:]

@@ -225,13 +225,17 @@ def test_a_named_model_that_is_missing_is_an_error(videos, tmp_path):
 def test_prompt_comes_from_the_render_report(videos, models, tmp_path):
     from cinefx.presets import load_preset, prompt_text
 
-    recorded, named = tmp_path / "a.json", tmp_path / "b.json"
+    recorded, named, elsewhere = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
     recorded.write_text(json.dumps({"preset": "noir", "prompt": "a rainy street at night"}))
     named.write_text(json.dumps({"preset": "epic"}))
-    ev = evaluate(videos["source"], [videos["flicker"], videos["flicker"]], reports=[recorded, named],
+    elsewhere.write_text(json.dumps({"preset": "a-look-from-another-machine"}))
+    ev = evaluate(videos["source"], [videos["flicker"]] * 3, reports=[recorded, named, elsewhere],
                   models=models, every=8)
-    assert [r.prompt for r in ev.renders] == ["a rainy street at night", prompt_text(load_preset("epic"))]
+    assert [r.prompt for r in ev.renders] == ["a rainy street at night", prompt_text(load_preset("epic")), None]
     assert ev.renders[0].overall.clip_t != ev.renders[1].overall.clip_t
+    assert ev.renders[2].overall.clip_t is None and ev.renders[2].overall.dino is not None
+    assert ev.notes == ("no CLIP-T for flicker.mp4: give a prompt, or the report JSON of the run that made it "
+                        "(which names its preset)",)
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(InputFileError):
         evaluate(videos["source"], [videos["flicker"]], reports=[tmp_path / "bad.json"], models=None)

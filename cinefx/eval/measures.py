@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cinefx.errors import InputFileError, MissingFileError, ModelError, OptionError
+from cinefx.errors import InputFileError, MissingFileError, ModelError, OptionError, PresetError
 from cinefx.eval.models import BATCH, NEEDS, EvalModels, EvalModelSpec, missing_note, read_image, resolve_eval_models
 from cinefx.eval.warp import WarpMeter, metric_size, sampled
 from cinefx.metrics import DEFAULT_METRIC_WIDTH, FrameStats, psnr, ssim_stats
@@ -112,7 +112,10 @@ def _prompt_from_report(path: Path) -> str | None:
     if isinstance(data.get("preset"), str) and data["preset"]:
         from cinefx.presets import combine, load_preset, prompt_text
 
-        return prompt_text(combine([load_preset(n) for n in data["preset"].split("+")])) or None
+        try:
+            return prompt_text(combine([load_preset(n) for n in data["preset"].split("+")])) or None
+        except PresetError:  # a preset file that is not installed here: the caller notes no prompt
+            return None
     return None
 
 
@@ -310,7 +313,8 @@ def evaluate(source: str | os.PathLike, renders: Sequence[str | os.PathLike], *,
     if loaded is not None and "clip" in loaded.roles:
         for path, p in zip(renders, prompts):
             if p is None:
-                notes.append(f"no CLIP-T for {Path(path).name}: no prompt given and no report JSON recording one")
+                notes.append(f"no CLIP-T for {Path(path).name}: give a prompt, or the report JSON of the run "
+                             "that made it (which names its preset)")
     # 4. one pass over source and renders in step, at the metric size
     size = metric_size(src_info.width, src_info.height, metric_width)
     spans = {(r, s.index): _Span() for r in range(len(renders)) for s in scenes}

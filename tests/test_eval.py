@@ -11,7 +11,7 @@ import pytest
 
 from cinefx.errors import CinefxError, InputFileError, ModelError
 from cinefx.eval import EvalModels, EvalModelSpec, WarpMeter, caption_images, evaluate, evaluate_stills
-from cinefx.eval.table import COLUMNS, to_csv, to_json, write_json
+from cinefx.eval.table import COLUMNS, to_csv, to_json, write_json, write_stills_json
 from cinefx.eval.warp import FlowEstimator, PairFlow, grey, warp_error
 from cinefx.metrics import psnr
 from cinefx.testing.clips import Move, photo, render_move, write_clip
@@ -279,6 +279,8 @@ def test_clip_t_and_dino_equal_transformers_computed_directly(tiny_eval, spec, m
                     for x in (images[s.path.name], real))
             assert s.dino == pytest.approx(cos(a, b).item(), abs=1e-5)
     assert ev.clip_t == pytest.approx(np.mean([s.clip_t for s in ev.images]))
+    saved = json.loads(write_stills_json(ev, tmp_path / "stills.json").read_text())
+    assert saved["dino"] == pytest.approx(ev.dino) and [i["clip_t"] for i in saved["images"]] == [s.clip_t for s in ev.images]
     assert dict(ev.models) == {"clip": spec.clip, "dino": spec.dino}
 
 

@@ -240,5 +240,6 @@ def caption_images(paths: Sequence[str | Path], model: str | EvalModels | None =
     caller prepends the trigger word. `model`: a folder, hub id or already loaded `EvalModels`."""
     models = model if isinstance(model, EvalModels) else \
         EvalModels(EvalModelSpec(captioner=model, allow_pickle=allow_pickle), ("captioner",), device)
+    paths = list(paths)
     return [c for i in range(0, len(paths), BATCH)
             for c in models.caption([read_image(p) for p in paths[i:i + BATCH]])]

@@ -3,7 +3,8 @@
 JSON (`to_json`): the source, the models used (role → id), `every`, the metric size, the notes, the
 scenes, and for each render its path, prompt, overall figures under the stable keys of
 `cinefx.eval.measures.KEYS` (+ `warp_error_delta`, `pairs`, `frames`) and one row per scene with the
-same keys. CSV: one row per render and scene, plus an `all` row per render.
+same keys. CSV: one row per render and scene, plus an `all` row per render. Stills: the same three
+forms of `evaluate_stills`' result.
 """
 
 from __future__ import annotations
@@ -110,6 +111,27 @@ def stills_to_json(ev: StillsEvaluation) -> dict:
             "models": dict(ev.models), "clip_t": ev.clip_t, "dino": ev.dino,
             "images": [{"path": str(s.path), "prompt": s.prompt, "clip_t": s.clip_t, "dino": s.dino}
                        for s in ev.images], "notes": list(ev.notes)}
+
+
+def write_stills_json(ev: StillsEvaluation, path: str | Path) -> Path:
+    return write_text(path, json.dumps(stills_to_json(ev), indent=2, allow_nan=False) + "\n")
+
+
+def render_stills_table(ev: StillsEvaluation):
+    """A rich Table: CLIP-T and DINO per image, and their means."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=escape(f"{ev.generated.name}: {len(ev.images)} image(s)"
+                           + (f" against {ev.reference.name}" if ev.reference else "")),
+              caption=escape("CLIP-T: CLIP cosine of image and prompt · DINO: mean DINO cosine to the reference images"
+                             + "".join(f"\n{n}" for n in ev.notes)))
+    for col in ("image", "CLIP-T", "DINO", "prompt"):
+        t.add_column(col, justify="right" if col in ("CLIP-T", "DINO") else "left")
+    for s in ev.images:
+        t.add_row(escape(s.path.name), _fmt(s.clip_t), _fmt(s.dino), escape((s.prompt or "")[:60]))
+    t.add_row("all", _fmt(ev.clip_t), _fmt(ev.dino), "", style="bold")
+    return t
 
 
 def write_stills_csv(ev: StillsEvaluation, path: str | Path) -> Path:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from cinefx.errors import OptionError
 from cinefx.metrics import DEFAULT_METRIC_WIDTH
 from cinefx.worker import Worker
 
@@ -155,7 +156,7 @@ class WarpMeter:
 
     def __init__(self, metric_width: int = DEFAULT_METRIC_WIDTH, every: int = 1, background: bool = False):
         if every < 1:
-            raise ValueError(f"every must be at least 1, not {every}")
+            raise OptionError(f"--every {every}: must be 1 or more (measure every Nth pair)")
         self.metric_width, self.every = metric_width, every
         self.size: tuple[int, int] | None = None
         self._flow = FlowEstimator()

@@ -5,7 +5,8 @@ stderr and an exit code. Heavy modules are imported inside the commands, so `cin
 fast and never imports torch.
 
 Exit codes: 0 success · 1 a file could not be processed (bad input, preset, output) or some
-inputs of a batch failed · 2 bad command-line usage · 130 interrupted (Ctrl-C).
+inputs of a batch failed · 2 bad command-line usage (an impossible option value included) ·
+130 interrupted (Ctrl-C) · 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _console(stderr: bool = True):
     stream = sys.stderr if stderr else sys.stdout
     # piped output (logs, batch scripts) would otherwise be squeezed to 80 columns
     width = None if stream.isatty() else 132
-    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
+    # emoji=False: rich would turn ":x:" in a file name into an emoji (escape() covers markup only)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width, emoji=False)
 
 
 def _count(n: int, noun: str) -> str:
@@ -49,28 +51,37 @@ def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
 
 
 def _run(fn):
-    """Call `fn`; typed errors become one line and exit 1, Ctrl-C exits 130."""
-    from cinefx.errors import CinefxError
+    """Call `fn`; typed errors become one line and exit 1 (2 for an impossible option), Ctrl-C
+    exits 130 and SIGTERM 143."""
+    from cinefx import interrupt
+    from cinefx.errors import CinefxError, OptionError
 
     try:
         return fn()
     except CinefxError as ex:
         if _state["debug"]:
             raise
-        raise _fail(str(ex)) from None
+        raise _fail(str(ex), EXIT_USAGE if isinstance(ex, OptionError) else EXIT_FAILED) from None
     except OSError as ex:  # what the library did not foresee (a disk filling up, a file vanishing)
         if _state["debug"]:
             raise
         where = f"{ex.filename}: " if ex.filename else ""
         raise _fail(f"{where}{ex.strerror or ex}") from None
-    except KeyboardInterrupt:
-        _console().print("cinefx: interrupted; no partial output was left behind")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt as ex:
+        code = interrupt.exit_code(ex)
+        what = "terminated (SIGTERM)" if code != EXIT_INTERRUPTED else "interrupted"
+        _console().print(f"cinefx: {what}; no partial output was left behind", markup=False)
+        raise typer.Exit(code) from None
 
 
 def _info(text: str) -> None:
     if not _state["quiet"]:
         _console().print(text, markup=False)
+
+
+def _warn(text: str) -> None:
+    """Something to look at in a finished output: shown even with --quiet."""
+    _console().print(f"[bold yellow]cinefx: warning:[/] {escape(text)}", markup=True)
 
 
 class _Progress:
@@ -89,13 +100,13 @@ class _Progress:
                                 TextColumn("{task.fields[fps]:.1f} " + ("fps" if unit == "frames" else f"{unit}/s")), TimeRemainingColumn(),
                                 TextColumn("{task.fields[note]}"),
                                 console=_console(), transient=True)
-            self.task = self.bar.add_task(label, total=total or None, fps=0.0, note="")
+            self.task = self.bar.add_task(escape(label), total=total or None, fps=0.0, note="")
             self.bar.start()
 
     def __call__(self, done: int, total: int, message: str | None) -> None:
         fps = done / max(1e-6, time.monotonic() - self.t0)
         if self.bar is not None:
-            self.bar.update(self.task, completed=done, total=total or None, fps=fps, note=message or "")
+            self.bar.update(self.task, completed=done, total=total or None, fps=fps, note=escape(message or ""))
         elif not _state["quiet"] and time.monotonic() - self.last_log >= 5:
             self.last_log = time.monotonic()
             pct = f" ({100 * done / total:.0f}%)" if total else ""
@@ -158,14 +169,17 @@ def stylize(
     def run():
         from cinefx import presets as P
         from cinefx.engines import EngineSettings
-        from cinefx.errors import OptionError
+        from cinefx.errors import OptionError, PresetError
         from cinefx.stylize import StylizeOptions
         from cinefx.video.writer import EncodeOptions
 
         look = P.combine([P.load_preset(n) for n in preset])
-        look = P.override(look, "grade", letterbox=letterbox, grain=grain)
-        look = P.override(look, "diffusion", strength=strength, steps=steps, guidance=guidance, temporal=temporal,
-                          noise_prior=noise_prior, chunk=chunk, keyframes=keyframes, detail=detail)
+        try:  # these name the option: a usage error, not a broken preset
+            look = P.override(look, "grade", letterbox=letterbox, grain=grain)
+            look = P.override(look, "diffusion", strength=strength, steps=steps, guidance=guidance, temporal=temporal,
+                              noise_prior=noise_prior, chunk=chunk, keyframes=keyframes, detail=detail)
+        except PresetError as ex:
+            raise OptionError(str(ex)) from None
         if size < 0 or batch < 0:
             raise OptionError("--size and --batch must be 0 (automatic) or positive")
         if (report or plot) and no_metrics:
@@ -210,7 +224,7 @@ def _preview(inputs, sheet, preset, options):
 
 def _stylize(inputs, output, preset, options, skip_existing, report, plot):
     """One input to one file, or several (or a folder) to a folder with a summary."""
-    from cinefx.errors import OptionError
+    from cinefx.errors import InputFileError, OptionError
     from cinefx.stylize import expand_inputs, is_cinefx_output, output_for, stylize_batch, stylize_file
 
     files = expand_inputs(inputs)
@@ -229,7 +243,7 @@ def _stylize(inputs, output, preset, options, skip_existing, report, plot):
         return
     if not files:
         ours = sum(1 for d in inputs if d.is_dir() for f in d.iterdir() if f.is_file() and is_cinefx_output(f))
-        raise OptionError(f"no video files found in {', '.join(map(str, inputs))}"
+        raise InputFileError(f"no video files found in {', '.join(map(str, inputs))}"
                           + (f" ({ours} written by cinefx itself, which folder scans leave out)" if ours else ""))
     if output is None:
         raise OptionError("several inputs need -o/--output FOLDER")
@@ -241,13 +255,15 @@ def _stylize(inputs, output, preset, options, skip_existing, report, plot):
             folder.mkdir(parents=True, exist_ok=True)
 
     def on_item(item):
-        if item.status == "done":
-            _finish_one(item.result, report / f"{item.input.stem}.json" if report else None,
-                        plot / f"{item.input.stem}.png" if plot else None)
+        if item.status == "done":  # reports are named for the output, which no other input shares
+            _finish_one(item.result, report / f"{item.output.name}.json" if report else None,
+                        plot / f"{item.output.name}.png" if plot else None)
         elif item.status == "skipped":
             _info(f"{item.input}: skipped ({item.error})")
         else:
             _console().print(f"[bold red]cinefx: error:[/] {escape(str(item.error))}", markup=True)
+            if _state["debug"] and item.traceback:
+                sys.stderr.write(item.traceback)
 
     progress_holder = []
 
@@ -264,8 +280,11 @@ def _stylize(inputs, output, preset, options, skip_existing, report, plot):
         if progress_holder:
             progress_holder.pop().close()
     counts = {s: sum(1 for i in items if i.status == s) for s in ("done", "skipped", "failed")}
+    concealed = sum(1 for i in items if i.result is not None and i.result.concealed_frames)
     _console().print(f"cinefx: {counts['done']} done, {counts['skipped']} skipped, "
-                     f"{counts['failed']} failed of {len(items)}", markup=False)
+                     f"{counts['failed']} failed of {len(items)}"
+                     + (f"; {concealed} with undecodable frames replaced (see the warnings)" if concealed else ""),
+                     markup=False)
     for i in items:
         if i.status == "failed":
             _console().print(f"  failed: {i.input}", markup=False)
@@ -278,6 +297,8 @@ def _finish_one(res, report_path, plot_path):
 
     for note in res.notes:
         _info(f"{res.input.name}: {note}")
+    for warning in res.warnings:
+        _warn(warning)
     if res.report is not None and not _state["quiet"]:
         _console(stderr=False).print(render_table(res.report))
     if res.report is not None and report_path:
@@ -536,8 +557,12 @@ def storyboard(
 
     def run():
         from cinefx import presets as P
+        from cinefx.errors import OptionError
         from cinefx.storyboard import render_storyboard
 
+        for flag, value, least in (("--steps", steps, 1), ("--size", size, 0), ("--seed", seed, 0)):
+            if value < least:
+                raise OptionError(f"{flag} {value}: must be {least} or more")
         look = P.combine([P.load_preset(n) for n in preset])
         written = render_storyboard(shots, output, look, model=model, size=size, aspect=aspect, steps=steps,
                                     seed=seed, overwrite=overwrite, allow_pickle=allow_pickle)
@@ -552,9 +577,9 @@ def main() -> None:
     interrupt.install()
     try:
         app()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as ex:
         sys.stderr.write("cinefx: interrupted\n")
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(interrupt.exit_code(ex))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cinefx.fsutil import atomic_path, write_text
 from cinefx.metrics import Series, TemporalMeter
 from cinefx.scenes import Scene
 
@@ -51,6 +52,7 @@ class Report:
     overall_output: Measure
     per_pair: tuple[tuple[int, float, float, float, float], ...]  # (frame, in psnr, out psnr, in ssim, out ssim)
     grain: float = 0.0  # the grade's film grain strength: new noise every frame, so it lowers output PSNR
+    concealed_frames: int = 0  # input frames that could not be decoded, replaced by the previous one
 
     @property
     def grain_note(self) -> str:
@@ -70,9 +72,7 @@ class Report:
         return d
 
     def write_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False))
-        return path
+        return write_text(path, json.dumps(self.to_json(), indent=2, allow_nan=False))
 
 
 def _sub(a, b):
@@ -92,7 +92,8 @@ def _measure(series: list[Series]) -> Measure:
 
 
 def build_report(meter: TemporalMeter, scenes: list[Scene], times: list[float], end_time: float,
-                 input: str, output: str, engine: str, preset: str, grain: float = 0.0) -> Report:
+                 input: str, output: str, engine: str, preset: str, grain: float = 0.0,
+                 concealed_frames: int = 0) -> Report:
     """times[i]: display time of frame i in seconds; end_time: when the last frame ends."""
     rows, per_pair = [], []
     for sc in scenes:
@@ -107,7 +108,7 @@ def build_report(meter: TemporalMeter, scenes: list[Scene], times: list[float], 
     all_out = [meter.series[s.index][1] for s in scenes if s.index in meter.series]
     return Report(input=input, output=output, engine=engine, preset=preset, metric_size=meter.size,
                   scenes=tuple(rows), overall_input=_measure(all_in), overall_output=_measure(all_out),
-                  per_pair=tuple(per_pair), grain=grain)
+                  per_pair=tuple(per_pair), grain=grain, concealed_frames=concealed_frames)
 
 
 def _fmt(v: float | None, digits: int = 2, signed: bool = False) -> str:
@@ -165,6 +166,9 @@ def write_plot(report: Report, path: str | Path) -> Path:
     ax1.legend(loc="lower right")
     ax1.set_title(f"{Path(report.output).name}: temporal consistency per frame (dashed: scene boundaries)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)  # the temporary keeps the suffix, which picks the format
+    finally:
+        plt.close(fig)
     return path

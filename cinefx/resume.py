@@ -1,12 +1,20 @@
-"""Resume for long diffusion runs: finished scenes are kept in a work folder beside the output.
+"""Resume for long diffusion runs, and the lock that keeps two runs off one output.
 
-``.<output name>.cinefx-work/`` holds ``run.json`` (a key over everything that decides the
-rendered pixels: the input file, the preset's prompt and diffusion sections, seed, models, engine
-settings, scene detection) and one lossless FFV1 file per finished scene. A re-run with the same
-key reads finished scenes back instead of rendering them, and renders the rest; because every scene
-is rendered from its own seed (see `cinefx.diffusion.engine.scene_seed`), the result is the same
-as an uninterrupted run. A different key clears the folder. The folder is removed once the output
-is complete. Stored frames are the engine's output before the grade, which is cheap and re-run.
+Finished scenes are kept in a work folder beside the output: ``.<output name>.cinefx-work/`` holds
+``run.json`` (a key over everything that decides the rendered pixels: the input file, the preset's
+prompt and diffusion sections, seed, models, engine settings, scene detection; and the size and
+SHA-256 of every finished scene) and one lossless FFV1 file per finished scene. A re-run with the
+same key reads finished scenes back instead of rendering them, and renders the rest; because every
+scene is rendered from its own seed (see `cinefx.diffusion.engine.scene_seed`), the result is the
+same as an uninterrupted run. A kept scene whose size or checksum no longer matches (a truncated
+copy, a bad disk) is rendered again, never reused. A different key clears the folder. The folder
+is removed once the output is complete. Stored frames are the engine's output before the grade,
+which is cheap and re-run.
+
+The lock (`OutputLock`) is ``.<output name>.cinefx-lock`` beside the output, created exclusively
+and holding the run's host, pid and a heartbeat time a thread refreshes. It works where the folder
+is shared by several machines (a pid means nothing on another host, so their locks go stale by the
+heartbeat alone).
 """
 
 from __future__ import annotations
@@ -14,7 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, is_dataclass
 from fractions import Fraction
@@ -24,6 +35,8 @@ import av
 import numpy as np
 
 from cinefx import __version__
+from cinefx.errors import OutputError
+from cinefx.fsutil import TEMP_MARK, _alive, commit, host_name, remove_quietly, temp_path_for, write_text
 
 
 def run_key(**parts) -> str:
@@ -60,35 +73,62 @@ def file_identity(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 class WorkFolder:
-    """Finished scenes of one run (see module docstring). Scenes are recorded in order."""
+    """Finished scenes of one run (see module docstring). Scenes are recorded in order. The caller
+    holds the output's `OutputLock`, so no other run uses the folder meanwhile."""
 
     def __init__(self, output: Path, key: str):
         self.path = output.parent / f".{output.name}.cinefx-work"
         self.key = key
         self._recording: tuple[int, av.container.OutputContainer, av.video.stream.VideoStream, Path] | None = None
         self._reading: tuple[int, Iterator[np.ndarray]] | None = None
+        self._kept: dict[str, dict] = {}  # scene → {"size", "sha256"} as recorded when it was kept
+        self._intact: dict[int, bool] = {}
         self.reused: list[int] = []
+        self.damaged: list[int] = []  # kept scenes that failed their check and were rendered again
 
     def open(self) -> None:
         manifest = self.path / "run.json"
         if self.path.is_dir():
             try:
-                same = json.loads(manifest.read_text()).get("key") == self.key
+                found = json.loads(manifest.read_text())
             except (OSError, ValueError):
-                same = False
-            if not same:
+                found = {}
+            if found.get("key") == self.key:
+                self._kept = found.get("scenes", {})
+            else:
                 shutil.rmtree(self.path)
         self.path.mkdir(exist_ok=True)
-        manifest.write_text(json.dumps({"key": self.key, "cinefx": __version__}))
-        for stale in self.path.glob("*.partial.mkv"):
-            stale.unlink()
+        for stale in self.path.glob(f".*{TEMP_MARK}*"):  # a killed run's unfinished scene
+            remove_quietly(stale)
+        self._save()
+
+    def _save(self) -> None:
+        write_text(self.path / "run.json", json.dumps({"key": self.key, "cinefx": __version__, "scenes": self._kept}))
 
     def _file(self, scene: int) -> Path:
         return self.path / f"scene-{scene:05d}.mkv"
 
     def has(self, scene: int) -> bool:
-        return self._file(scene).is_file()
+        """Whether `scene` is kept intact: its file has the size and SHA-256 recorded when it was
+        kept. A damaged one is deleted, to be rendered again."""
+        if scene not in self._intact:
+            rec, f = self._kept.get(str(scene)), self._file(scene)
+            ok = rec is not None and f.is_file() and f.stat().st_size == rec["size"] and _sha256(f) == rec["sha256"]
+            if not ok and rec is not None:
+                self.damaged.append(scene)
+                del self._kept[str(scene)]
+                remove_quietly(f)
+            self._intact[scene] = ok
+        return self._intact[scene]
 
     def read(self, scene: int, count: int) -> np.ndarray:
         """The next `count` stored frames of `scene`, (count, H, W, 3) uint8."""
@@ -113,37 +153,189 @@ class WorkFolder:
         """Append rendered frames (F, H, W, 3) uint8 to `scene`'s file."""
         self.begin(scene)
         if self._recording is None:
-            part = self.path / f"scene-{scene:05d}.partial.mkv"
-            c = av.open(str(part), "w")
+            tmp = temp_path_for(self._file(scene))
+            c = av.open(str(tmp), "w")
             s = c.add_stream("ffv1", rate=Fraction(24))
             s.width, s.height = frames.shape[2], frames.shape[1]
             s.pix_fmt = "bgr0"  # RGB with a pad byte: lossless, no colour conversion either way
-            self._recording = (scene, c, s, part)
+            self._recording = (scene, c, s, tmp)
         _, c, s, _ = self._recording
         for f in frames:
             for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="bgr0")):
                 c.mux(p)
 
     def finish(self) -> None:
-        """Close the scene being recorded and move it into place: only now does it count as done."""
+        """Close the scene being recorded, move it into place and record its size and checksum:
+        only now does it count as done."""
         if self._recording is None:
             return
-        scene, c, s, part = self._recording
+        scene, c, s, tmp = self._recording
         self._recording = None
         for p in s.encode(None):
             c.mux(p)
         c.close()
-        os.replace(part, self._file(scene))
+        rec = {"size": tmp.stat().st_size, "sha256": _sha256(tmp)}
+        commit(tmp, self._file(scene))
+        self._kept[str(scene)] = rec
+        self._save()
 
     def abandon(self) -> None:
         """Stop recording without keeping the unfinished scene (the run was interrupted)."""
         if self._recording is not None:
-            _, c, _, part = self._recording
+            _, c, _, tmp = self._recording
             self._recording = None
             try:
                 c.close()
             finally:
-                part.unlink(missing_ok=True)
+                remove_quietly(tmp)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+# -- one run per output ------------------------------------------------------------------------
+
+class OutputBusyError(OutputError):
+    """Another cinefx run holds the output's lock."""
+
+
+LOCK_BEAT = 5.0  # seconds between heartbeats
+LOCK_STALE = 60.0  # a heartbeat older than this: the run is gone (a killed machine, a lost mount)
+
+
+def lock_path(output: Path) -> Path:
+    return output.parent / f".{output.name}.cinefx-lock"
+
+
+def _fields(text: str) -> dict:
+    try:
+        fields = json.loads(text)
+    except ValueError:
+        return {}
+    return fields if isinstance(fields, dict) else {}
+
+
+class OutputLock:
+    """While held, no other cinefx run (on this machine or another sharing the folder) writes
+    `output` or its work folder. A context manager.
+
+    The lock file is created with O_EXCL. A lock is stale when its run is gone: on this host, its
+    pid is dead; on any host, its heartbeat is older than `stale` seconds (clocks of machines that
+    share storage agree to well within that). A stale lock is renamed away, atomically, so of two
+    runs taking it over only one succeeds, and then created afresh. A run whose lock was taken
+    over meanwhile (it stalled past `stale`) finds out at its next `check()`.
+    """
+
+    def __init__(self, output: str | os.PathLike, beat: float = LOCK_BEAT, stale: float = LOCK_STALE):
+        self.output = Path(output)
+        self.path = lock_path(self.output)
+        self.beat, self.stale = beat, stale
+        self.token = secrets.token_hex(8)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lost: dict | None = None  # the run that took the lock over from us
+
+    def _record(self) -> bytes:
+        # The heartbeat is rewritten in place (see `_heartbeat`); written with a fixed number of
+        # digits, the record keeps its length, so a reader meeting a half-done rewrite still
+        # reads valid JSON.
+        fields = json.dumps({"host": host_name(), "pid": os.getpid(), "token": self.token, "output": str(self.output)})
+        return f'{fields[:-1]}, "heartbeat": {time.time():.3f}}}'.encode()
+
+    def _read(self) -> tuple[str, dict] | None:
+        """The lock file's text and fields, or None when there is none. A lock its creator has not
+        written yet has the file's time as its heartbeat."""
+        try:
+            text = self.path.read_text(errors="replace")
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return text, {"heartbeat": mtime, **_fields(text)}
+
+    def _is_stale(self, holder: dict) -> bool:
+        if holder.get("host") == host_name() and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+            return True
+        beat = holder.get("heartbeat")
+        return not isinstance(beat, (int, float)) or time.time() - beat > self.stale
+
+    def _busy(self, holder: dict) -> OutputBusyError:
+        return OutputBusyError(f"another cinefx run is writing {self.output} (host {holder.get('host', '?')}, "
+                               f"pid {holder.get('pid', '?')}); wait for it to finish, or write elsewhere")
+
+    def acquire(self) -> OutputLock:
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                found = self._read()
+                if found is not None:
+                    if not self._is_stale(found[1]):
+                        raise self._busy(found[1]) from None
+                    self._take_over(found[0])
+                continue
+            try:
+                os.write(fd, self._record())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._thread = threading.Thread(target=self._heartbeat, name="cinefx-lock", daemon=True)
+            self._thread.start()
+            return self
+        raise OutputError(f"{self.path}: cannot take the lock (it keeps changing hands)")  # pragma: no cover
+
+    def _take_over(self, seen: str) -> None:
+        """Remove the stale lock whose text is `seen`, unless another run replaced it meanwhile."""
+        grave = self.path.with_name(f"{self.path.name}.stale-{host_name()}-{os.getpid()}-{self.token}")
+        try:
+            os.rename(self.path, grave)  # of several runs doing this at once, one gets the file
+        except FileNotFoundError:
+            return
+        try:
+            if grave.read_text(errors="replace") != seen:  # its run beat, or a fresh lock: put it back
+                try:
+                    os.link(grave, self.path)
+                except FileExistsError:
+                    pass
+        finally:
+            remove_quietly(grave)
+
+    def _heartbeat(self) -> None:
+        """Refresh the heartbeat in the lock file itself, not by replacing it: a run that took the
+        lock over renamed this file away, so checking the token and writing through one open file
+        can never overwrite the new holder's lock."""
+        while not self._stop.wait(self.beat):
+            try:
+                fd = os.open(self.path, os.O_RDWR)
+            except OSError:
+                continue  # network storage hiccup (or a takeover half done): the next beat sees
+            try:
+                found = _fields(os.pread(fd, 1 << 16, 0).decode("utf-8", "replace"))
+                if found.get("token") != self.token:
+                    self._lost = found
+                    return
+                os.pwrite(fd, self._record(), 0)
+                os.fsync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    def check(self) -> None:
+        """Raise `OutputBusyError` if another run took the lock over while this one stalled."""
+        if self._lost is not None:
+            raise self._busy(self._lost)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            found = self._read()
+            if found is not None and found[1].get("token") == self.token:
+                remove_quietly(self.path)
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from cinefx.errors import OutputError
+from cinefx.fsutil import write_bytes
 
 
 def contact_sheet(images: list[np.ndarray], captions: list[str], tile_width: int = 320,
@@ -37,19 +37,11 @@ def contact_sheet(images: list[np.ndarray], captions: list[str], tile_width: int
 
 
 def write_png(image: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write an RGB image as PNG, atomically (temp file beside it, then rename)."""
+    """Write an RGB image as PNG, whole or not at all (see `cinefx.fsutil`)."""
     path = Path(path)
     if not path.parent.is_dir():
         raise OutputError(f"{path}: folder {path.parent} does not exist")
     ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     if not ok:
         raise OutputError(f"{path}: PNG encoding failed")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".cinefx-tmp.png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes(path, buf.tobytes())

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import shutil
 import time
+import traceback
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -24,12 +25,12 @@ import numpy as np
 from cinefx import __version__, interrupt
 from cinefx.diffusion.models import ModelSpec, with_user_defaults
 from cinefx.engines import EngineSettings, build_diffusion_engine, choose_engine
-from cinefx.errors import CinefxError, InputFileError, MissingFileError, OutputError
+from cinefx.errors import CinefxError, InputFileError, MissingFileError, OptionError, OutputError
 from cinefx.grade.grader import Grader
 from cinefx.metrics import DEFAULT_METRIC_WIDTH, TemporalMeter
 from cinefx.presets import Preset
 from cinefx.report import Report, build_report
-from cinefx.resume import WorkFolder, file_identity, run_key, space_needed
+from cinefx.resume import OutputBusyError, OutputLock, WorkFolder, file_identity, run_key, space_needed
 from cinefx.scenes import DetectorOptions, Scene, SceneDetector, scenes_from_boundaries
 from cinefx.video.probe import VideoInfo, probe
 from cinefx.video.reader import Frame, read_frames
@@ -58,6 +59,10 @@ class StylizeOptions:
     resume: bool = True  # diffusion: keep finished scenes beside the output and reuse them on a re-run
     detector: DetectorOptions = DetectorOptions()
 
+    def __post_init__(self):
+        if self.seed < 0:
+            raise OptionError(f"--seed {self.seed}: must be 0 or more")
+
 
 @dataclass(frozen=True)
 class StylizeResult:
@@ -70,6 +75,8 @@ class StylizeResult:
     report: Report | None
     notes: tuple[str, ...]
     seconds: float
+    concealed_frames: int = 0  # frames that could not be decoded, replaced by the previous one
+    warnings: tuple[str, ...] = ()  # what the user should look at in the output
 
 
 def _prepare_engine(preset: Preset, options: StylizeOptions):
@@ -103,10 +110,18 @@ def _room_for_resume(info: VideoInfo, dst: Path, notes: list[str]) -> bool:
 def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
                  options: StylizeOptions = StylizeOptions(), progress: Progress | None = None) -> StylizeResult:
     """Render `src` in the look of `preset` to `dst`. The input is only read; `dst` appears only
-    when complete (see `VideoWriter`)."""
-    t0 = time.perf_counter()
+    when complete (see `VideoWriter`). While it runs, `dst` (and its work folder) is locked:
+    another run on it raises `OutputBusyError`."""
     src, dst = Path(src), Path(dst)
-    # 1. check inputs before any work
+    check_output_path(dst, options.overwrite)  # the folder must exist to hold the lock
+    with OutputLock(dst) as lock:
+        return _stylize_locked(src, dst, preset, options, progress, lock)
+
+
+def _stylize_locked(src: Path, dst: Path, preset: Preset, options: StylizeOptions, progress: Progress | None,
+                    lock: OutputLock) -> StylizeResult:
+    t0 = time.perf_counter()
+    # 1. check inputs before any work (the output again: another run may have finished it meanwhile)
     check_output_path(dst, options.overwrite)
     if dst.exists() and dst.resolve() == src.resolve():
         raise OutputError(f"{dst}: output would overwrite the input")
@@ -132,7 +147,7 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
     boundaries: list = []
     pts = array("q")
     pending: deque[Frame] = deque()
-    done = 0
+    done = concealed = 0
 
     starts: list[int] = []  # boundary frames; the detector emits them in increasing order
 
@@ -161,6 +176,7 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
             out = [f.rgb for f in chunk]  # the grade engine streams frame by frame: no copies
         if not grader.is_identity:
             out = grader.grade_many(zip(out, (f.index for f in chunk)))
+        lock.check()
         for f, o in zip(chunk, out):
             interrupt.check()
             writer.write(o, f.pts, f.duration)
@@ -190,8 +206,9 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
     try:
         with VideoWriter(dst, info, options.encode, overwrite=options.overwrite, audio=options.audio,
                          comment=output_comment(preset)) as writer:
-            for frame in read_frames(info):
+            for frame in read_frames(info, notes=notes):
                 interrupt.check()
+                concealed += frame.concealed
                 pending.append(frame)
                 pts.append(frame.pts)
                 found(detector.push(frame.rgb))
@@ -213,6 +230,9 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
         if meter is not None:
             meter.close()  # also after a failure: the measuring thread must not outlive the run
     if work is not None:
+        if work.damaged:
+            notes.append(f"resume: kept scene(s) {', '.join(str(k + 1) for k in work.damaged)} failed their "
+                         "checksum and were rendered again")
         if work.reused:
             notes.append(f"resumed: {len(work.reused)} finished scene(s) reused from {work.path.name}")
         work.remove()
@@ -225,10 +245,14 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
     if meter is not None:
         meter.finish()
         report = build_report(meter, scenes, times, times[-1] + step, str(src), str(dst),
-                              choice.name, preset.name, grain=preset.grade.grain)
+                              choice.name, preset.name, grain=preset.grade.grain, concealed_frames=concealed)
+    warnings = ()
+    if concealed:
+        warnings = (f"{src}: {concealed} frame{'s' if concealed > 1 else ''} could not be decoded and "
+                    f"{'were' if concealed > 1 else 'was'} replaced by the previous frame",)
     return StylizeResult(input=src, output=dst, engine=choice.name, engine_reason=choice.reason,
                          frames=len(pts), scenes=tuple(scenes), report=report, notes=tuple(notes),
-                         seconds=time.perf_counter() - t0)
+                         seconds=time.perf_counter() - t0, concealed_frames=concealed, warnings=warnings)
 
 
 # -- preview ---------------------------------------------------------------------------------
@@ -317,8 +341,9 @@ class BatchItem:
     input: Path
     output: Path
     status: str  # "done", "skipped" or "failed"
-    error: str = ""
+    error: str = ""  # one line: why it failed or was skipped
     result: StylizeResult | None = None
+    traceback: str = ""  # of a failure cinefx did not foresee (shown with --debug)
 
 
 def output_comment(preset: Preset) -> str:
@@ -352,29 +377,65 @@ def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def output_for(src: Path, out_dir: Path, preset_name: str, suffix: str | None = None) -> Path:
-    """`out_dir/NAME.ext`, or `NAME.PRESET.ext` when `out_dir` is the input's own folder."""
-    ext = suffix or (src.suffix.lower() if src.suffix.lower() in OUTPUT_EXTENSIONS else ".mp4")
+    """`out_dir/NAME.ext`, or `NAME.PRESET.ext` when `out_dir` is the input's own folder.
+
+    Without `suffix` (batches) the input's own extension is kept where an output can have it;
+    where it cannot (`.ts`, `.avi`), NAME keeps it (`clip.ts` → `clip.ts.mp4`), so the output never
+    takes the name of a `clip.mp4` beside it. This depends on the input alone: names stay the same
+    when files are added to a folder, as `--skip-existing` needs."""
+    own = src.suffix.lower()
+    ext = suffix or (own if own in OUTPUT_EXTENSIONS else ".mp4")
+    name = src.stem if suffix or own == ext else src.name
     same = out_dir.resolve() == src.parent.resolve()
-    return out_dir / (f"{src.stem}.{preset_name.replace('+', '-')}{ext}" if same else f"{src.stem}{ext}")
+    return out_dir / (f"{name}.{preset_name.replace('+', '-')}{ext}" if same else f"{name}{ext}")
+
+
+def batch_outputs(inputs: list[Path], out_dir: Path, preset_name: str) -> list[Path]:
+    """`output_for` each input; two inputs that would still share an output (the same name in two
+    folders, `clip.MP4` beside `clip.mp4`) are refused before anything is rendered."""
+    outputs = [output_for(src, out_dir, preset_name) for src in inputs]
+    first: dict[Path, int] = {}
+    for i, dst in enumerate(outputs):
+        if first.setdefault(dst, i) != i:
+            raise OptionError(f"{inputs[first[dst]]} and {inputs[i]} would both be written to {dst}; "
+                              "rename one, or stylize them into separate -o folders")
+    return outputs
+
+
+def _unforeseen(src: Path, ex: Exception) -> str:
+    """One line for an exception cinefx did not raise on purpose: its type and first line."""
+    first = (str(ex).strip().splitlines() or [""])[0]
+    return f"{src}: unexpected {type(ex).__name__}" + (f": {first[:200]}" if first else "")
 
 
 def stylize_batch(inputs: list[Path], out_dir: Path, preset: Preset, options: StylizeOptions,
                   skip_existing: bool = False, on_item: Callable[[BatchItem], None] | None = None,
                   progress_for: Callable[[Path], Progress | None] | None = None) -> list[BatchItem]:
-    """Stylize every input into `out_dir`, carrying on past failures. Returns one item per input."""
+    """Stylize every input into `out_dir`, carrying on past any failure of one file (Ctrl-C and
+    impossible options stop it). Returns one item per input.
+
+    With `skip_existing`, an output that exists, or that another run is writing (batches started
+    twice over one folder share the work), is skipped."""
     if not out_dir.is_dir():
         raise MissingFileError(f"{out_dir}: output folder does not exist")
     items = []
-    for src in inputs:
-        dst = output_for(src, out_dir, preset.name)
+    for src, dst in zip(inputs, batch_outputs(inputs, out_dir, preset.name)):
         if skip_existing and dst.exists():
             item = BatchItem(src, dst, "skipped", "output exists")
         else:
             try:
                 res = stylize_file(src, dst, preset, options, progress_for(src) if progress_for else None)
                 item = BatchItem(src, dst, "done", result=res)
+            except OptionError:
+                raise  # the same for every file
+            except OutputBusyError as ex:
+                item = BatchItem(src, dst, *(("skipped", "being written by another run") if skip_existing
+                                             else ("failed", str(ex))))
             except CinefxError as ex:
-                item = BatchItem(src, dst, "failed", str(ex))
+                item = (BatchItem(src, dst, "skipped", "output exists") if skip_existing and dst.exists()
+                        else BatchItem(src, dst, "failed", str(ex)))  # exists: another run just finished it
+            except Exception as ex:
+                item = BatchItem(src, dst, "failed", _unforeseen(src, ex), traceback=traceback.format_exc())
         items.append(item)
         if on_item:
             on_item(item)

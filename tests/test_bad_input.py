@@ -129,20 +129,31 @@ def test_existing_output_needs_overwrite(tmp_path, clips):
 
 
 def test_unknown_preset_and_impossible_options(tmp_path, clips):
+    """What cannot be used is exit 1; an impossible option value is bad usage, exit 2 (as the
+    README's table says); both are one line, never a traceback."""
     out = tmp_path / "o.mp4"
-    for args, needle in ((["--preset", "nope"], "unknown preset 'nope'"),
-                         (["--crf", "99"], "--crf"),
-                         (["--x264-preset", "warp"], "--x264-preset"),
-                         (["--letterbox", "-1"], "--letterbox"),
-                         (["--engine", "magic"], "--engine"),
-                         (["--engine", "diffusion"], "not in the Hugging Face cache"),
-                         (["--temporal", "sideways"], "--temporal 'sideways': must be one of full"),
-                         (["--strength", "1.5"], "--strength 1.5: must be between 0 and 1"),
-                         (["--detail", "2"], "--detail 2.0: must be between 0 and 1")):
+    for args, code, needle in ((["--preset", "nope"], 1, "unknown preset 'nope'"),
+                               (["--engine", "diffusion"], 1, "not in the Hugging Face cache"),
+                               (["--crf", "99"], 2, "--crf 99.0: must be between 0 and 51"),
+                               (["--crf", "-1"], 2, "--crf -1.0: must be between 0 and 51"),
+                               (["--seed", "-1"], 2, "--seed -1: must be 0 or more"),
+                               (["--x264-preset", "warp"], 2, "--x264-preset"),
+                               (["--letterbox", "-1"], 2, "--letterbox"),
+                               (["--engine", "magic"], 2, "--engine"),
+                               (["--size", "-8"], 2, "--size"),
+                               (["--steps", "0"], 2, "--steps 0: must be between 1"),
+                               (["--temporal", "sideways"], 2, "--temporal 'sideways': must be one of full"),
+                               (["--strength", "1.5"], 2, "--strength 1.5: must be between 0 and 1"),
+                               (["--detail", "2"], 2, "--detail 2.0: must be between 0 and 1")):
         r = runner.invoke(app, ["stylize", str(clips["mp4"]), "-o", str(out), *args])
-        assert r.exit_code == 1, (args, r.output)
-        assert needle in r.output, (args, r.output)
+        assert r.exit_code == code, (args, r.output)
+        lines = r.output.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, r.output)
         assert not out.exists()
+    for args, needle in ((["--steps", "0"], "--steps 0: must be 1 or more"),
+                         (["--seed", "-1"], "--seed -1: must be 0 or more")):
+        r = runner.invoke(app, ["storyboard", str(clips["mp4"]), "-o", str(tmp_path / "b.png"), *args])
+        assert r.exit_code == 2 and needle in r.output, (args, r.output)
 
 
 def test_interrupted_run_leaves_nothing(tmp_path, clips, monkeypatch):
@@ -228,7 +239,7 @@ def test_killed_process_leaves_no_output(tmp_path, clips):
                              "--engine", "grade", "--x264-preset", "slow"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
-    while time.time() < deadline and not any(p.name.endswith(".cinefx-tmp.mp4") for p in tmp_path.iterdir()):
+    while time.time() < deadline and not any(".cinefx-tmp" in p.name for p in tmp_path.iterdir()):
         time.sleep(0.05)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)

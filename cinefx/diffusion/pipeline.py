@@ -46,6 +46,13 @@ class RenderOutput:
 SCHEDULERS = ("dpm++", "ddim", "euler", "unipc")
 
 
+# What SD1.5's own scheduler config sets, for configs that leave the keys out (one written by
+# another scheduler family; diffusers' defaults for a single-file checkpoint). DDIM's own defaults
+# are for pixel-space models: clipping its predicted clean latents to [-1, 1] cuts SD's latents,
+# which reach well beyond it.
+SD_SCHEDULER_DEFAULTS = {"clip_sample": False, "set_alpha_to_one": False}
+
+
 def make_scheduler(name: str, config):
     """A fresh scheduler of the named family from the model's scheduler config. Every family here is
     deterministic (no noise injected during sampling), which `--seed` reproducibility relies on."""
@@ -54,7 +61,19 @@ def make_scheduler(name: str, config):
 
     classes = {"dpm++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
                "unipc": UniPCMultistepScheduler}
-    return classes[name].from_config(config)
+    return classes[name].from_config({**SD_SCHEDULER_DEFAULTS, **config})
+
+
+def img2img_timesteps(scheduler, steps: int, strength: float, device=None) -> torch.Tensor:
+    """The timesteps img2img at `strength` runs, out of `steps`: the last ⌊steps·strength⌋, as
+    diffusers' img2img pipelines count them (`get_timesteps`), but at least one for any strength
+    > 0. Sets the scheduler's timesteps and begin index."""
+    scheduler.set_timesteps(steps, device=device)
+    keep = min(max(1, int(steps * strength)), steps)
+    start = (steps - keep) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
 
 
 class TemporalControlPipeline:
@@ -133,14 +152,6 @@ class TemporalControlPipeline:
             out.append(((x.float() + 1) / 2).clamp_(0, 1))
         return torch.cat(out)
 
-    def timesteps(self, scheduler, steps: int, strength: float) -> torch.Tensor:
-        scheduler.set_timesteps(steps, device=self.device)
-        keep = min(max(1, int(round(steps * strength))), steps)  # any strength > 0 runs at least one step
-        start = (steps - keep) * scheduler.order
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(start)
-        return scheduler.timesteps[start:]
-
     def predict_noise(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, conds: dict[str, torch.Tensor],
                       scales: dict[str, float]) -> torch.Tensor:
         """One UNet evaluation guided by every ControlNet (their residuals summed): x (B, 4, h, w)
@@ -204,7 +215,7 @@ class TemporalControlPipeline:
             emb = emb[1:]
         # 3. timesteps
         scheduler = make_scheduler(self.scheduler_name, self.scheduler_config)
-        timesteps = self.timesteps(scheduler, steps, strength)
+        timesteps = img2img_timesteps(scheduler, steps, strength, self.device)
         # 4. encode frames
         clean = self.encode_images(frames)
         noise = noise.to(self.device, self.dtype)

@@ -25,6 +25,13 @@ _WORDS = ("cinematic", "film", "still", "epic", "noir", "shot", "close", "medium
 
 TEXT_DIM = 32
 SAMPLE_SIZE = 8  # latent side: with the VAE's factor 8 the bundle renders natively at 64 px
+# SD1.5's scheduler/scheduler_config.json as published, key for key: schedulers built from the
+# bundle's config see exactly what they see with the real model (no clipping, alpha not set to one).
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    "clip_sample": False}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -74,8 +81,8 @@ def write_tiny_bundle(folder: str | Path, seed: int = 0) -> Path:
 
     quiet_libraries()  # before the imports below, which print advice about torchvision
     import torch
-    from diffusers import (AutoencoderKL, ControlNetModel, DPMSolverMultistepScheduler,
-                           StableDiffusionPipeline, UNet2DConditionModel)
+    from diffusers import (AutoencoderKL, ControlNetModel, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
     from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, DPTConfig,
                               DPTForDepthEstimation, DPTImageProcessor)
 
@@ -100,13 +107,14 @@ def write_tiny_bundle(folder: str | Path, seed: int = 0) -> Path:
         vocab_size=vocab_size, hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, projection_dim=TEXT_DIM))
-    scheduler = DPMSolverMultistepScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1, prediction_type="epsilon")
+    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
+    # save_pretrained adds keys the published file lacks (timestep_spacing): a scheduler of another
+    # family built from the published file takes its own defaults for them
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER_CONFIG, indent=2) + "\n")
     for kind in ("canny", "depth"):
         cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
         # from_unet zero-initialises the output convolutions (as ControlNet training starts); give

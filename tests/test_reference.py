@@ -1,7 +1,10 @@
 """cinefx against references outside it: diffusers' own img2img step count, SD1.5's published
-scheduler config."""
+scheduler config, and the package docstring's example."""
 
 import json
+import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,7 +14,7 @@ import torch
 from cinefx.diffusion.models import ModelSpec
 from cinefx.engines import EngineSettings, build_diffusion_engine
 from cinefx.presets import load_preset, override
-from cinefx.testing.clips import Move, render_move
+from cinefx.testing.clips import Move, render_move, write_clip
 
 # stable-diffusion-v1-5's scheduler/scheduler_config.json, copied key for key from the hub.
 SD15_SCHEDULER = {
@@ -96,3 +99,19 @@ def test_ddim_matches_diffusers_on_the_sd15_config(tiny_bundle):
     ddim = make_scheduler("ddim", bare)
     assert ddim.config.clip_sample is False and ddim.config.set_alpha_to_one is False
 
+
+def test_package_docstring_example_runs(tmp_path, monkeypatch):
+    """`import cinefx` stays light, and the example the package docstring shows runs as written."""
+    import cinefx
+
+    code = subprocess.run([sys.executable, "-c", "import cinefx, sys; print(sorted(m for m in sys.modules "
+                           "if m.startswith(('cinefx.', 'torch', 'av', 'numpy'))))"],
+                          capture_output=True, text=True, check=True)
+    assert code.stdout.strip() == "[]", code.stdout
+    example = "\n".join(line[4:] for line in re.search(r"::\n\n((?:    .*\n)+)", cinefx.__doc__).group(1).splitlines())
+    assert "load_preset(" in example
+    write_clip(tmp_path / "in.mp4", render_move(Move("coffee", 12), (96, 64)), fps=24, audio=None)
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(example, ns)
+    assert ns["result"].frames == 12 and (tmp_path / "out.mp4").stat().st_size > 1000

@@ -111,6 +111,42 @@ def test_broken_weights_file_is_a_one_line_error(tiny_bundle, tmp_path, clips):
     assert r.exit_code == 1 and "base" in r.output and "cannot be loaded" in r.output, r.output
 
 
+@pytest.mark.parametrize("folder, safetensors, pickle_name", [
+    ("text_encoder", "model.safetensors", "pytorch_model.bin"),
+    ("depth-estimator", "model.safetensors", "pytorch_model.bin"),
+    ("unet", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+])
+def test_refused_pickle_weights_are_one_quiet_line(tiny_bundle, tmp_path, capfd, caplog, folder, safetensors,
+                                                    pickle_name):
+    """A .bin that torch's weights-only loader refuses (it holds an object besides tensors, as old
+    training scripts saved), loaded with --allow-pickle: one ModelError naming the file, and
+    nothing from the libraries on the terminal (diffusers logs its fallback to the pickle as an
+    error, torch warns about the pickle protocol)."""
+    import collections
+    import logging
+    import pickle
+    import shutil
+    import warnings
+
+    from cinefx.diffusion.models import load_components
+    from cinefx.errors import ModelError
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    (bundle / folder / safetensors).unlink()
+    (bundle / folder / pickle_name).write_bytes(pickle.dumps({"step": collections.Counter(a=1)}))
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ModelError) as err:
+        warnings.simplefilter("always")
+        load_components(ModelSpec(base=str(bundle), allow_pickle=True), ("depth",), "cpu", torch.float32)
+    assert capfd.readouterr() == ("", "")
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not caught, [str(w.message) for w in caught]
+    msg = str(err.value)
+    assert folder in msg and pickle_name in msg, msg
+    assert "\n" not in msg and len(msg) < 400 and ".safetensors" in msg, msg
+
+
 # -- the temporal machinery -----------------------------------------------------------------------
 
 def test_temporal_attention_and_residual_prior_raise_consistency(tiny_bundle, slow_frames):

@@ -15,13 +15,15 @@ where" without importing torch; `load_components` loads.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from cinefx.controls import CONTROLNETS
 from cinefx.controls.annotators import AUX_KINDS, DEFAULT_ANNOTATORS, INSTALL_HINT
-from cinefx.errors import ModelError, OptionError
+from cinefx.errors import CinefxError, ModelError, OptionError
 
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_DEPTH = "depth-anything/Depth-Anything-V2-Small-hf"
@@ -186,31 +188,78 @@ class Components:
     dtype: object
 
 
+WEIGHT_SUFFIXES = {".safetensors", *PICKLE_SUFFIXES}
+
+
+def _file_being_read(ex: BaseException) -> Path | None:
+    """The weight file a loader was reading when it raised `ex` (or the error `ex` wraps): the
+    innermost frame with a local naming an existing weight file. Loaders' own messages often leave
+    it out (torch's unpickler, safetensors' header parser), and a model folder holds several."""
+    found = None
+    for e in _chain(ex):
+        tb = e.__traceback__
+        while tb is not None:
+            for value in tb.tb_frame.f_locals.values():
+                if isinstance(value, (str, Path)) and Path(value).suffix.lower() in WEIGHT_SUFFIXES \
+                        and Path(value).is_file():
+                    found = Path(value)
+            tb = tb.tb_next
+    return found
+
+
+def _chain(ex: BaseException | None):
+    """`ex` and the errors it was raised from, outermost first."""
+    while ex is not None:
+        yield ex
+        ex = ex.__cause__ or ex.__context__
+
+
 def _load_error(r: Resolved, ex: Exception) -> ModelError:
+    import pickle
+
     first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
     if r.how == "hub":
         return ModelError(f"{r.role} {r.spec!r}: could not be downloaded ({first}); check the network, or "
                           f"download it elsewhere with `huggingface-cli download {r.spec}` and copy the cache")
     hint = ""
-    if r.how == "file" and r.role == "base":
+    if any(isinstance(e, pickle.UnpicklingError) for e in _chain(ex)):  # torch's message: a paragraph on its defaults
+        first = "a pickle holding more than tensors, which torch's safe loader refuses"
+        hint = "; if you trust it, convert it to .safetensors"
+    elif r.how == "file" and r.role == "base":
         hint = ("; a single-file checkpoint also needs its architecture's config from the Hugging Face hub "
                 "(cached, or online once), or use a diffusers folder")
-    return ModelError(f"{r.role} {r.spec!r}: cannot be loaded ({first[:300]}){hint}")
+    file, what = _file_being_read(ex), ""
+    if file is not None and file != r.path and str(file) not in first:
+        what = f" {file.relative_to(r.path) if r.path and file.is_relative_to(r.path) else file}"
+    return ModelError(f"{r.role} {r.spec!r}:{what} cannot be loaded ({first[:300]}){hint}")
 
 
-_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
+@contextlib.contextmanager
+def _loading(r: Resolved):
+    """Around a library's load of `r`: its warnings silenced (cinefx reports problems itself) and
+    any failure turned into one `ModelError` naming the model and the file. Loaders raise many
+    types (OSError, SafetensorError, UnpicklingError, NotImplementedError for weights missing from
+    a file), so every Exception counts."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        except CinefxError:
+            raise
+        except Exception as ex:
+            raise _load_error(r, ex) from ex
 
 
-def _load(cls, r: Resolved, allow_pickle: bool, **kwargs):
-    """`cls` (a diffusers pipeline or model class) from a single file or a folder / hub id, with
-    failures turned into one `ModelError` naming the model."""
-    try:
+def _load(cls, r: Resolved, allow_pickle: bool, device: str, **kwargs):
+    """`cls` (a diffusers pipeline or model class) from a single file or a folder / hub id, on
+    `device`, with failures turned into one `ModelError` naming the model."""
+    with _loading(r):
         if r.how == "file":
-            return cls.from_single_file(str(r.path), local_files_only=True, **kwargs)
-        return cls.from_pretrained(r.where, local_files_only=r.how != "hub",
-                                   use_safetensors=None if allow_pickle else True, **kwargs)
-    except _LOAD_ERRORS as ex:
-        raise _load_error(r, ex) from ex
+            model = cls.from_single_file(str(r.path), local_files_only=True, **kwargs)
+        else:
+            model = cls.from_pretrained(r.where, local_files_only=r.how != "hub",
+                                        use_safetensors=None if allow_pickle else True, **kwargs)
+        return model.to(device)  # inside: weights missing from a file fail here (meta tensors)
 
 
 def load_components(spec: ModelSpec, controls: tuple[str, ...], device: str, dtype) -> Components:
@@ -224,12 +273,11 @@ def load_components(spec: ModelSpec, controls: tuple[str, ...], device: str, dty
     check_resolved(found)
     by_role = {r.role: r for r in found}
     base = by_role["base"]
-    host = _load(StableDiffusionPipeline, base, spec.allow_pickle, safety_checker=None, feature_extractor=None,
-                 requires_safety_checker=False, dtype=dtype)
-    host.to(device)
+    host = _load(StableDiffusionPipeline, base, spec.allow_pickle, device, safety_checker=None,
+                 feature_extractor=None, requires_safety_checker=False, dtype=dtype)
     host.set_progress_bar_config(disable=True)
-    controlnets = {kind: _load(ControlNetModel, by_role[f"controlnet-{kind}"], spec.allow_pickle, dtype=dtype)
-                   .to(device).eval() for kind in controls}
+    controlnets = {kind: _load(ControlNetModel, by_role[f"controlnet-{kind}"], spec.allow_pickle, device,
+                               dtype=dtype).eval() for kind in controls}
     control_models = {}
     if "depth" in controls:
         control_models["depth"] = _load_depth(by_role["depth-estimator"], spec.allow_pickle, device, dtype)
@@ -241,14 +289,20 @@ def load_components(spec: ModelSpec, controls: tuple[str, ...], device: str, dty
 
 
 def quiet_libraries() -> None:
-    """Silence diffusers/transformers progress bars and advice (e.g. that torchvision is absent,
-    which cinefx does not need): cinefx reports progress and problems itself."""
+    """Silence the logging and progress bars of diffusers, transformers and huggingface_hub:
+    cinefx reports progress and problems itself, so a failed load prints cinefx's one line and
+    not the library's log of the same failure before it (nor advice such as torchvision being
+    absent, which cinefx does not need)."""
+    import logging
+
     from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging
 
-    for lib in (diffusers_logging, transformers_logging):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
+    for lib in (diffusers_logging, transformers_logging, hub_logging):
+        lib.set_verbosity(logging.CRITICAL)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def _load_depth(r: Resolved, allow_pickle: bool, device: str, dtype):
@@ -257,30 +311,26 @@ def _load_depth(r: Resolved, allow_pickle: bool, device: str, dtype):
     from transformers import AutoModelForDepthEstimation
     from transformers.utils import cached_file
 
-    model = _load(AutoModelForDepthEstimation, r, allow_pickle, dtype=dtype)  # a folder or hub id, never a file
-    try:
+    model = _load(AutoModelForDepthEstimation, r, allow_pickle, device, dtype=dtype)  # a folder or hub id, never a file
+    with _loading(r):
         # The preprocessing numbers only: resizing and normalising happen on the GPU in batches,
         # not through the (PIL-based) image processor class.
         cfg = json.loads(Path(cached_file(r.where, "preprocessor_config.json",
                                           local_files_only=r.how != "hub")).read_text())
-    except _LOAD_ERRORS as ex:
-        raise _load_error(r, ex) from ex
     size = cfg.get("size", {})
     side = int(size.get("height") or size.get("shortest_edge") or 518)
-    return (model.to(device).eval(), tuple(cfg.get("image_mean", (0.5,) * 3)),
-            tuple(cfg.get("image_std", (0.5,) * 3)), side)
+    return (model.eval(), tuple(cfg.get("image_mean", (0.5,) * 3)), tuple(cfg.get("image_std", (0.5,) * 3)), side)
 
 
 def _load_annotator(kind: str, r: Resolved, device: str):
     from cinefx.controls.annotators import load_annotator
 
-    try:
-        return load_annotator(kind, r.where, r.how != "hub", device)
-    except ImportError as ex:  # installed but broken, typically a CUDA torchvision without a driver
-        raise ModelError(f"{r.role}: controlnet-aux cannot be imported ({str(ex).splitlines()[0]}); "
-                         f"{INSTALL_HINT}") from ex
-    except _LOAD_ERRORS as ex:
-        raise _load_error(r, ex) from ex
+    with _loading(r):
+        try:
+            return load_annotator(kind, r.where, r.how != "hub", device)
+        except ImportError as ex:  # installed but broken, typically a CUDA torchvision without a driver
+            raise ModelError(f"{r.role}: controlnet-aux cannot be imported ({str(ex).splitlines()[0]}); "
+                             f"{INSTALL_HINT}") from ex
 
 
 def pick_device_dtype(precision: str = "auto"):

@@ -75,19 +75,24 @@ def choose_engine(requested: str, models=None, controls: tuple[str, ...] = ("can
     return EngineChoice("diffusion", "GPU and model weights found")
 
 
-_loaded: dict = {}  # one loaded model set per process: a batch over many files loads it once
+# The loaded model set, by what was loaded (models, controls, device, dtype): a batch over many
+# files, or several engines in one process, load it once. Adapters are not part of the key: every
+# engine sharing the set puts its own adapters on it before each render (`DiffusionEngine.render`),
+# so engines may alternate in any order, with one copy of the weights in memory.
+_loaded: dict = {}
 
 
 def build_diffusion_engine(preset, models, settings: EngineSettings):
-    """Load (or reuse) the models the preset's controls need, apply its adapters, and return a
-    `DiffusionEngine` for it."""
+    """Load (or reuse) the models the preset's controls need, apply its adapters (so a bad adapter
+    file fails here, before any rendering), and return a `DiffusionEngine` for it."""
     from cinefx.diffusion.adapters import apply_adapters
     from cinefx.diffusion.engine import DiffusionEngine
-    from cinefx.diffusion.models import load_components, pick_device_dtype
+    from cinefx.diffusion.models import load_components, pick_device_dtype, with_user_defaults
     from cinefx.diffusion.pipeline import SCHEDULERS, TemporalControlPipeline
 
     if settings.scheduler not in SCHEDULERS:
         raise OptionError(f"--scheduler {settings.scheduler!r}: must be one of {', '.join(SCHEDULERS)}")
+    models = with_user_defaults(models)  # the config file's allow_pickle counts for adapters too
     device, dtype = pick_device_dtype(settings.precision)
     controls = tuple(k for k, _ in preset.diffusion.controls)
     key = (models, controls, device, str(dtype))
@@ -95,6 +100,7 @@ def build_diffusion_engine(preset, models, settings: EngineSettings):
         _loaded.clear()  # free the previous set before loading another
         _loaded[key] = load_components(models, controls, device, dtype)
     comps = _loaded[key]
-    apply_adapters(comps.host, preset.diffusion.adapters)
+    apply_adapters(comps.host, preset.diffusion.adapters, models.allow_pickle)
     pipe = TemporalControlPipeline.from_components(comps, settings.scheduler)
-    return DiffusionEngine(pipe, preset, settings, control_models=comps.control_models)
+    return DiffusionEngine(pipe, preset, settings, control_models=comps.control_models, host=comps.host,
+                           allow_pickle=models.allow_pickle)

@@ -300,7 +300,7 @@ def test_flow_prior_follows_motion():
 
 # -- adapters ---------------------------------------------------------------------------------------
 
-def _write_kohya_lora(unet_config, path, rank=4):
+def _write_kohya_lora(unet_config, path, rank=4, alpha=None):
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(1)
@@ -310,7 +310,7 @@ def _write_kohya_lora(unet_config, path, rank=4):
             stem = f"lora_unet_down_blocks_{block}_attentions_0_transformer_blocks_0_attn1_{proj}"
             tensors[f"{stem}.lora_down.weight"] = torch.randn(rank, ch, generator=g) * 0.5
             tensors[f"{stem}.lora_up.weight"] = torch.randn(ch, rank, generator=g) * 0.5
-            tensors[f"{stem}.alpha"] = torch.tensor(float(rank))
+            tensors[f"{stem}.alpha"] = torch.tensor(float(rank if alpha is None else alpha))
     save_file(tensors, str(path))
 
 
@@ -348,6 +348,55 @@ def test_lora_and_textual_inversion_load_and_change_output(tiny_bundle, slow_fra
     # back to no adapters on the same loaded models: the original output returns
     again = build_diffusion_engine(load_preset(_preset_file(tmp_path, [])), spec, EngineSettings()).render(frames, 0)
     assert np.array_equal(again, plain)
+
+
+def test_engines_sharing_loaded_models_keep_their_own_adapters(tiny_bundle, slow_frames, tmp_path, monkeypatch):
+    """Engines built in one process share the loaded models (a batch with two presets, a library
+    user): engine A with a LoRA (alpha ≠ rank) and a textual inversion, engine B with neither,
+    rendered A, B, A. B renders as on a freshly loaded model, A twice the same and as alone."""
+    import cinefx.engines as E
+
+    _write_kohya_lora(None, tmp_path / "look_kohya.safetensors", rank=4, alpha=1.0)
+    _write_embedding(tmp_path / "look_ti.safetensors")
+    with_look = load_preset(_preset_file(tmp_path, [("lora", "look_kohya.safetensors", ["scale = 0.8"]),
+                                                    ("textual-inversion", "look_ti.safetensors",
+                                                     ['token = "<cinefx-look>"'])]))
+    plain = load_preset(_preset_file(tmp_path, []))
+    spec = ModelSpec(base=str(tiny_bundle))
+    frames = slow_frames[:3]
+    a = build_diffusion_engine(with_look, spec, EngineSettings())
+    b = build_diffusion_engine(plain, spec, EngineSettings())
+    assert a.pipe.unet is b.pipe.unet  # one copy of the weights
+    a1 = a.render(frames, 0)
+    b1 = b.render(frames, 0)
+    a.start_scene(0)
+    a2 = a.render(frames, 0)
+
+    def alone(preset):
+        monkeypatch.setattr(E, "_loaded", {})  # a fresh load from disk
+        return build_diffusion_engine(preset, spec, EngineSettings()).render(frames, 0)
+
+    assert np.array_equal(b1, alone(plain))
+    assert np.array_equal(a1, alone(with_look))
+    assert np.array_equal(a2, a1)
+    assert np.abs(a1.astype(int) - b1).mean() > 0.5
+
+
+def test_pickled_embedding_in_a_preset_follows_allow_pickle(tiny_bundle, slow_frames, tmp_path):
+    """An A1111 `.pt` embedding named by a preset loads only with allow_pickle (--allow-pickle or
+    the config file), which must reach the adapters, not only the model weights."""
+    from cinefx.errors import AdapterError
+
+    torch.save({"string_to_param": {"*": torch.randn(2, 32, generator=torch.Generator().manual_seed(6)) * 2},
+                "name": "pt-look", "step": 500}, tmp_path / "look.pt")
+    preset = load_preset(_preset_file(tmp_path, [("textual-inversion", "look.pt", ['token = "<pt-look>"'])]))
+    with pytest.raises(AdapterError, match="look.pt: .pt files are pickles"):
+        build_diffusion_engine(preset, ModelSpec(base=str(tiny_bundle)), EngineSettings())
+    spec = ModelSpec(base=str(tiny_bundle), allow_pickle=True)
+    e = build_diffusion_engine(preset, spec, EngineSettings())
+    plain = build_diffusion_engine(load_preset(_preset_file(tmp_path, [])), spec, EngineSettings())
+    assert "<pt-look>" in e.prompt
+    assert np.abs(e.render(slow_frames[:3], 0).astype(int) - plain.render(slow_frames[:3], 0)).mean() > 0.5
 
 
 def test_diffusers_format_lora_loads(tiny_bundle, slow_frames, tmp_path):

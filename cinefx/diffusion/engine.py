@@ -15,6 +15,7 @@ import torch
 
 from cinefx import interrupt
 from cinefx.controls import EXTRACTORS
+from cinefx.diffusion.adapters import apply_adapters
 from cinefx.diffusion.noise import NoiseCarry, initial_noise
 from cinefx.diffusion.pipeline import Anchors, TemporalControlPipeline
 from cinefx.engines import EngineSettings
@@ -47,13 +48,18 @@ def add_detail(render: np.ndarray, source: np.ndarray, size: tuple[int, int], am
 
 
 class DiffusionEngine:
-    """`render(frames, scene)` → frames of the same shape; call in order, scene by scene."""
+    """`render(frames, scene)` → frames of the same shape; call in order, scene by scene.
+
+    `host` is the diffusers pipeline whose modules `pipe` uses, given when other engines may share
+    them: each render first puts this preset's adapters on it (a no-op when they are there), so
+    engines built in one process render the same interleaved as alone."""
 
     name = "diffusion"
 
     def __init__(self, pipe: TemporalControlPipeline, preset: Preset, settings: EngineSettings,
-                 control_models: dict | None = None):
+                 control_models: dict | None = None, host=None, allow_pickle: bool = False):
         self.pipe, self.preset, self.settings = pipe, preset, settings
+        self.host, self.allow_pickle = host, allow_pickle
         self.cfg = preset.diffusion
         kinds = [k for k, _ in self.cfg.controls]
         models = control_models or {}
@@ -96,6 +102,8 @@ class DiffusionEngine:
             self.start_scene(scene)
         if self.cfg.strength == 0:
             return frames.copy()  # img2img at strength 0 is the source itself
+        if self.host is not None:
+            apply_adapters(self.host, self.cfg.adapters, self.allow_pickle)
         h, w = frames.shape[1:3]
         rw, rh = render_size(w, h, self.settings.size or self.pipe.native_size, self.pipe.size_multiple)
         if self._fitted != (rw, rh):

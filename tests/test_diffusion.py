@@ -194,6 +194,27 @@ def test_cut_resets_scene_state(tiny_bundle, slow_frames):
     assert np.array_equal(after_cut, alone)
 
 
+def test_colour_anchor_applies_without_temporal_attention(tiny_bundle, slow_frames):
+    """`colour_anchor` holds each frame's colour offset from its source to the scene's first
+    frame's (Lab means) with `temporal = "none"` too: it needs no attention between frames."""
+    import cv2
+
+    frames = slow_frames[:8]
+
+    def drift(anchor):
+        out = engine(tiny_bundle, temporal="none", noise_prior="independent", colour_anchor=anchor, detail=0.0,
+                     steps=4, chunk=3, strength=0.8).render(frames, 0)
+        mean = [np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2LAB).reshape(-1, 3).mean(0) for f in x]) for x in (out, frames)]
+        offset = mean[0] - mean[1]
+        return out, np.abs(offset - offset[0]).max()
+
+    held, held_drift = drift(1.0)
+    free, free_drift = drift(0.0)
+    print(f"largest Lab drift from frame 0: anchored {held_drift:.2f}, free {free_drift:.2f}")
+    assert np.abs(held.astype(int) - free).mean() > 0.2
+    assert held_drift < 0.5 < free_drift
+
+
 def test_chunks_carry_anchors_without_seams(tiny_bundle, slow_frames, monkeypatch):
     """With chunk 4, calls 2+ get the scene's first frame and the previous chunk's last frame as
     anchors, and the frame pair across a seam is about as consistent as pairs inside a chunk."""

@@ -172,9 +172,10 @@ class DiffusionEngine:
     def _anchor_colour(self, out: np.ndarray, src: np.ndarray) -> np.ndarray:
         """Colour anchoring: hold each frame's Lab mean/std to the scene's first stylized frame,
         moved by how much the *input* changed since then, so lighting changes in the source still
-        come through while the render's own colour drift does not (Rerender-A-Video's AdaIN idea)."""
+        come through while the render's own colour drift does not (Rerender-A-Video's AdaIN idea).
+        It needs no attention between frames, so it applies with `temporal = "none"` too."""
         amount = self.cfg.colour_anchor
-        if amount <= 0 or self.temporal_off:
+        if amount <= 0:
             return out
         lab = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2LAB) for f in out]).astype(np.float32)
         src_lab = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2LAB) for f in src]).astype(np.float32)

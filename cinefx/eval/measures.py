@@ -34,8 +34,8 @@ from cinefx.video.reader import read_frames
 # progress(frames done, frames in all, message or None), as `cinefx.stylize.Progress`
 Progress = Callable[[int, int, str | None], None]
 
-KEYS = ("warp_error", "source_warp_error", "psnr_delta", "tssim_delta", "clip_consistency",
-        "source_clip_consistency", "content_similarity", "dino", "clip_t", "source_clip_t")
+MODEL_KEYS = ("clip_consistency", "source_clip_consistency", "content_similarity", "dino", "clip_t", "source_clip_t")
+KEYS = ("warp_error", "source_warp_error", "psnr_delta", "tssim_delta", *MODEL_KEYS)  # as in the JSON and CSV
 
 
 @dataclass(frozen=True)
@@ -187,8 +187,7 @@ def _figures(spans: list[_Span], warp) -> Figures:
 
     return Figures(pairs=sum(s.pairs for s in spans), frames=sum(s.frames for s in spans),
                    warp_error=warp[1], source_warp_error=warp[0], psnr_delta=delta("psnr"),
-                   tssim_delta=delta("tssim"), **{k: mean(k) for k in KEYS if k not in
-                                                   ("warp_error", "source_warp_error", "psnr_delta", "tssim_delta")})
+                   tssim_delta=delta("tssim"), **{k: mean(k) for k in MODEL_KEYS})
 
 
 class _ModelBatch:

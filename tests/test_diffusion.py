@@ -82,19 +82,19 @@ def test_preview_contact_sheet(tiny_bundle, clips, tmp_path):
     assert sheet is not None and sheet.shape[1] > 2 * 320  # two scenes side by side
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--model", "/nonexistent/sd15"], "no such file or folder"),
-    (["--model", "{tmp}"], "no model_index.json"),
-    (["--model", "{tmp}/weights.ckpt"], "pickles"),
-    (["--model", "{bundle}", "--controlnet", "canny=org/not-cached"], "not in the Hugging Face cache"),
-    (["--model", "{bundle}", "--controlnet", "sketch=x"], "unknown control kind"),
+@pytest.mark.parametrize("args, needle, code", [
+    (["--model", "/nonexistent/sd15"], "no such file or folder", 1),
+    (["--model", "{tmp}"], "no model_index.json", 1),
+    (["--model", "{tmp}/weights.ckpt"], "pickles", 1),
+    (["--model", "{bundle}", "--controlnet", "canny=org/not-cached"], "not in the Hugging Face cache", 1),
+    (["--model", "{bundle}", "--controlnet", "sketch=x"], "unknown control kind", 2),  # an impossible option
 ])
-def test_bad_model_messages(tiny_bundle, clips, tmp_path, args, needle):
+def test_bad_model_messages(tiny_bundle, clips, tmp_path, args, needle, code):
     (tmp_path / "weights.ckpt").write_bytes(b"not really")
     args = [a.format(tmp=tmp_path, bundle=tiny_bundle) for a in args]
     out = tmp_path / "o.mp4"
     r = runner.invoke(app, ["stylize", str(clips["mp4"]), "--engine", "diffusion", "-o", str(out), *args])
-    assert r.exit_code == 1, r.output
+    assert r.exit_code == code, r.output
     assert needle in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1
     assert not out.exists()

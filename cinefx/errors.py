@@ -31,6 +31,10 @@ class OutputError(CinefxError, OSError):
     """The output cannot be written (folder missing or unwritable, exists without --overwrite)."""
 
 
+class OutputBusyError(OutputError):
+    """Another cinefx run (on this machine or another one sharing the folder) is writing the output."""
+
+
 class OptionError(CinefxError, ValueError):
     """An option value is impossible (names the option, the value and what is allowed)."""
 

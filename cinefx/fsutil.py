@@ -116,7 +116,8 @@ def write_text(target: str | os.PathLike, text: str) -> Path:
     return Path(target)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -145,7 +146,7 @@ def stale_temps(target: str | os.PathLike) -> list[Path]:
         if m is None or m.group("host") != _HOST:
             continue
         pid = int(m.group("pid"))
-        if pid != os.getpid() and not _alive(pid) and p.is_file() and not p.is_symlink():
+        if pid != os.getpid() and not alive(pid) and p.is_file() and not p.is_symlink():
             out.append(p)
     return out
 

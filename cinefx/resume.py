@@ -35,8 +35,8 @@ import av
 import numpy as np
 
 from cinefx import __version__
-from cinefx.errors import OutputError
-from cinefx.fsutil import TEMP_MARK, _alive, commit, host_name, remove_quietly, temp_path_for, write_text
+from cinefx.errors import OutputBusyError, OutputError
+from cinefx.fsutil import TEMP_MARK, alive, commit, host_name, remove_quietly, temp_path_for, write_text
 
 
 def run_key(**parts) -> str:
@@ -195,10 +195,6 @@ class WorkFolder:
 
 # -- one run per output ------------------------------------------------------------------------
 
-class OutputBusyError(OutputError):
-    """Another cinefx run holds the output's lock."""
-
-
 LOCK_BEAT = 5.0  # seconds between heartbeats
 LOCK_STALE = 60.0  # a heartbeat older than this: the run is gone (a killed machine, a lost mount)
 
@@ -253,7 +249,7 @@ class OutputLock:
         return text, {"heartbeat": mtime, **_fields(text)}
 
     def _is_stale(self, holder: dict) -> bool:
-        if holder.get("host") == host_name() and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+        if holder.get("host") == host_name() and isinstance(holder.get("pid"), int) and not alive(holder["pid"]):
             return True
         beat = holder.get("heartbeat")
         return not isinstance(beat, (int, float)) or time.time() - beat > self.stale

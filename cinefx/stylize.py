@@ -25,12 +25,12 @@ import numpy as np
 from cinefx import __version__, interrupt
 from cinefx.diffusion.models import ModelSpec, with_user_defaults
 from cinefx.engines import EngineSettings, build_diffusion_engine, choose_engine
-from cinefx.errors import CinefxError, InputFileError, MissingFileError, OptionError, OutputError
+from cinefx.errors import CinefxError, InputFileError, MissingFileError, OptionError, OutputBusyError, OutputError
 from cinefx.grade.grader import Grader
 from cinefx.metrics import DEFAULT_METRIC_WIDTH, TemporalMeter
 from cinefx.presets import Preset
 from cinefx.report import Report, build_report
-from cinefx.resume import OutputBusyError, OutputLock, WorkFolder, file_identity, run_key, space_needed
+from cinefx.resume import OutputLock, WorkFolder, file_identity, run_key, space_needed
 from cinefx.scenes import DetectorOptions, Scene, SceneDetector, scenes_from_boundaries
 from cinefx.video.probe import VideoInfo, probe
 from cinefx.video.reader import Frame, read_frames

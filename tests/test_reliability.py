@@ -229,7 +229,8 @@ def test_a_locked_output_is_refused_until_its_run_is_gone(tmp_path, clips):
 
 
 def test_locks_of_other_hosts_go_stale_by_their_heartbeat(tmp_path):
-    from cinefx.resume import OutputBusyError, OutputLock
+    from cinefx.errors import OutputBusyError
+    from cinefx.resume import OutputLock
 
     out = tmp_path / "o.mp4"
     lock = lock_file(out, "render-node-7", 1, time.time() - 5)  # pid 1 lives here, but that is another machine

@@ -347,3 +347,14 @@ def test_pickled_weights_need_allow_pickle(tiny_eval, tmp_path):
     assert isinstance(ex.value, CinefxError)
     m = EvalModels(EvalModelSpec(dino=str(folder), allow_pickle=True), ("dino",))
     assert m.embed_dino([np.zeros((40, 40, 3), np.uint8)]).shape == (1, 32)
+
+
+def test_a_damaged_model_is_one_line(tiny_eval, tmp_path):
+    import shutil
+
+    folder = tmp_path / "clip-cut"
+    shutil.copytree(tiny_eval["clip"], folder)
+    (folder / "model.safetensors").write_bytes((tiny_eval["clip"] / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(ModelError) as ex:
+        EvalModels(EvalModelSpec(clip=str(folder)), ("clip",))
+    assert str(ex.value).startswith(f"clip model {str(folder)!r}: cannot be loaded (") and "\n" not in str(ex.value)

@@ -15,6 +15,7 @@ level.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -93,15 +94,17 @@ def _unit(x) -> np.ndarray:
 
 
 def quiet_transformers() -> None:
-    """Silence transformers' progress bars and advice (e.g. that torchvision is absent: its image
-    processors fall back to PIL, which is all cinefx needs)."""
-    from transformers.utils import logging
+    """Silence transformers' and huggingface_hub's logs and progress bars: a failed load prints
+    cinefx's one line, not the library's log of it first, nor advice such as torchvision being
+    absent (the image processors fall back to PIL, which is all cinefx needs)."""
+    import logging
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
 
-
-_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
+    for lib in (transformers_logging, hub_logging):
+        lib.set_verbosity(logging.CRITICAL)
+    transformers_logging.disable_progress_bar()
 
 
 def _load(loader, r: Resolved, allow_pickle: bool, weights: bool = True, **kwargs):
@@ -109,8 +112,10 @@ def _load(loader, r: Resolved, allow_pickle: bool, weights: bool = True, **kwarg
     if weights:
         kwargs["use_safetensors"] = None if allow_pickle else True
     try:
-        return loader.from_pretrained(r.where, local_files_only=r.how != "hub", **kwargs)
-    except _LOAD_ERRORS as ex:
+        with warnings.catch_warnings():  # e.g. torch's note on pickles: the error below says it all
+            warnings.simplefilter("ignore")
+            return loader.from_pretrained(r.where, local_files_only=r.how != "hub", **kwargs)
+    except Exception as ex:  # libraries raise many kinds (SafetensorError, OSError, …): each is one line here
         first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
         hint = ""
         if weights and not allow_pickle and "safetensors" in first:

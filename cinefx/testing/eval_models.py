@@ -86,10 +86,9 @@ def write_wordpiece_tokenizer(folder: Path) -> int:
 def write_eval_models(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write the four tiny models into `folder` (created). Returns role → folder, the roles being
     `cinefx.eval.models.EvalModelSpec`'s fields."""
-    from transformers.utils import logging
+    from cinefx.eval.models import quiet_transformers
 
-    logging.set_verbosity_error()  # before the imports below, which advise installing torchvision
-    logging.disable_progress_bar()
+    quiet_transformers()  # before the imports below, which advise installing torchvision
     import torch
     from transformers import (BertConfig, BertModel, CLIPConfig, CLIPImageProcessor, CLIPModel,
                               CLIPProcessor, CLIPTokenizer, GPT2Config, GPT2LMHeadModel, GenerationConfig,

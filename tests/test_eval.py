@@ -216,6 +216,23 @@ def test_without_weights_the_weight_free_measures_run_with_a_note(videos):
     assert "\n" not in note
 
 
+def test_default_models_come_from_the_hugging_face_cache(tiny_eval, videos, tmp_path, monkeypatch):
+    """A default id found in the cache (as `huggingface-cli download` leaves it) loads offline."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--facebook--dino-vits16" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_eval["dino"], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    ev = evaluate(videos["source"], [videos["flicker"]], models=EvalModelSpec(), every=13)
+    assert ev.models == (("dino", "facebook/dino-vits16"),)
+    assert 0 < ev.renders[0].overall.dino <= 1 and ev.renders[0].overall.clip_t is None
+    assert "DINO" not in ev.notes[0] and "openai/clip-vit-large-patch14" in ev.notes[0]
+
+
 def test_a_named_model_that_is_missing_is_an_error(videos, tmp_path):
     with pytest.raises(ModelError) as ex:
         evaluate(videos["source"], [videos["flicker"]], models=EvalModelSpec(clip=str(tmp_path / "nowhere")))

@@ -47,7 +47,7 @@ class Figures:
     frames: int  # frames measured by the per-frame measures
     warp_error: float | None = None  # the render's: mean squared intensity error in [0, 1]
     source_warp_error: float | None = None  # the source's own, under the same flow and mask
-    psnr_delta: float | None = None  # dB, render − source adjacent-frame PSNR
+    psnr_delta: float | None = None  # dB, render − source adjacent-frame PSNR, over pairs finite in both
     tssim_delta: float | None = None
     clip_consistency: float | None = None
     source_clip_consistency: float | None = None

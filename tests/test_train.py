@@ -69,19 +69,31 @@ def test_method_trains_and_its_preset_changes_the_output(tiny_bundle, stills, tm
     assert np.abs(styled.astype(int) - plain).mean() > 0.5
 
 
-def test_resumed_training_gives_the_same_weights(tiny_bundle, stills, tmp_path):
+def _stop_at(step):
+    """A progress callback that presses Ctrl-C once step `step` is done."""
+    def progress(done, total, loss):
+        if done == step:
+            raise KeyboardInterrupt
+    return progress
+
+
+def test_interrupted_training_saves_and_resumes_to_the_same_weights(tiny_bundle, stills, tmp_path):
+    """Ctrl-C at step 3 (no periodic checkpoint there) saves that step; resumed, the run ends with
+    the weights of a run never stopped, bit for bit."""
     from cinefx.train.data import scan_dataset
     from cinefx.train.export import export_preset
     from cinefx.train.loop import TrainConfig, train as run
 
-    cfg = TrainConfig(model=str(tiny_bundle), trigger="<look>", steps=6, resolution=64, checkpoint_every=2, seed=3)
+    cfg = TrainConfig(model=str(tiny_bundle), trigger="<look>", steps=6, resolution=64, checkpoint_every=4, seed=3)
     data = scan_dataset(stills, "<look>", min_side=64)
     host, state = run(cfg, data, tmp_path / "a")
     export_preset(host, cfg, state, tmp_path / "a", "a")
-    _, stopped = run(cfg, data, tmp_path / "b", stop_after=3)  # "killed" after step 3
-    assert stopped.step == 3
-    host, state = run(cfg, data, tmp_path / "b", resume=True)
-    assert state.step == 6
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, data, tmp_path / "b", progress=_stop_at(3))
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["checkpoint.pt"]  # whole, no temporaries left
+    steps = []
+    host, state = run(cfg, data, tmp_path / "b", resume=True, progress=lambda done, *_: steps.append(done))
+    assert steps == [4, 5, 6] and state.step == 6
     export_preset(host, cfg, state, tmp_path / "b", "b")
     a, b = load_file(str(tmp_path / "a" / "lora.safetensors")), load_file(str(tmp_path / "b" / "lora.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
@@ -163,21 +175,36 @@ def test_dreambooth_prior_preservation_changes_training(tiny_bundle, stills, tmp
                for k in weights["lora"])
 
 
-def test_random_crop_trains_and_resumes_exactly(tiny_bundle, stills, tmp_path):
-    """Random crops are drawn from the checkpointed generator: a resumed run still matches."""
+def test_random_crop_interrupted_mid_step_resumes_exactly(tiny_bundle, stills, tmp_path, monkeypatch):
+    """Random crops are drawn from the checkpointed generator. Ctrl-C inside step 3, after its crop
+    and noise were drawn, saves step 2 with the generators as they were before step 3 drew: the
+    resumed run still matches a run never stopped."""
+    import torch.nn.functional as F
+
+    from cinefx.train import loop
     from cinefx.train.data import scan_dataset
-    from cinefx.train.loop import TrainConfig, train as run
     from peft.utils import get_peft_model_state_dict
 
-    cfg = TrainConfig(model=str(tiny_bundle), trigger="<look>", steps=4, resolution=64, random_crop=True,
-                      checkpoint_every=2, seed=2)
+    cfg = loop.TrainConfig(model=str(tiny_bundle), trigger="<look>", steps=4, resolution=64, random_crop=True,
+                           checkpoint_every=0, seed=2)
     data = scan_dataset(stills, "<look>", min_side=64)
-    whole, _ = run(cfg, data, tmp_path / "a")
+    whole, _ = loop.train(cfg, data, tmp_path / "a")
     a = {k: v.clone() for k, v in get_peft_model_state_dict(whole.unet).items()}
-    run(cfg, data, tmp_path / "b", stop_after=2)
-    resumed, state = run(cfg, data, tmp_path / "b", resume=True)
+    calls = []
+
+    def loss_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return F.mse_loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "F", type("F", (), {"mse_loss": staticmethod(loss_then_ctrl_c)}))
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, data, tmp_path / "b")
+    monkeypatch.undo()
+    resumed, state = loop.train(cfg, data, tmp_path / "b", resume=True)
     b = get_peft_model_state_dict(resumed.unet)
-    assert state.step == 4 and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    assert state.step == 4 and len(state.losses) == 4 and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
 
 
 def test_default_output_is_usable_by_name_with_validation_sheet(tiny_bundle, stills, clips, tmp_path, monkeypatch):
@@ -229,3 +256,42 @@ def test_half_precision_training_path_runs(tiny_bundle, stills, tmp_path, monkey
     weights = load_file(str(out / "lora.safetensors"))
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
     assert (out / "validation.png").is_file()
+
+
+def test_multi_vector_textual_inversion_trains_every_vector(tiny_bundle, stills, tmp_path, monkeypatch):
+    """Three vectors behind the trigger: training reads the trigger as diffusers' inference expands
+    it (<look> <look>_1 <look>_2), so each vector moves from its starting embedding, and the
+    exported embedding, loaded by diffusers into a fresh pipeline, tokenizes captions as training did."""
+    import torch
+    from transformers import CLIPTextModel
+
+    from cinefx.diffusion.adapters import apply_adapters
+    from cinefx.diffusion.models import ModelSpec, load_components
+    from cinefx.presets import Adapter
+    from cinefx.train.data import scan_dataset
+    from cinefx.train.export import export_preset
+    from cinefx.train.loop import TrainConfig, train as run
+
+    seen = []
+    forward = CLIPTextModel.forward
+    monkeypatch.setattr(CLIPTextModel, "forward", lambda self, ids, *a, **k: seen.append(ids) or forward(self, ids, *a, **k))
+    cfg = TrainConfig(method="ti", model=str(tiny_bundle), trigger="<look>", vectors=3, steps=3, resolution=64)
+    host, state = run(cfg, scan_dataset(stills, "<look>", min_side=64), tmp_path / ".train")
+    export_preset(host, cfg, state, tmp_path, "look")
+    monkeypatch.undo()
+
+    fresh = load_components(ModelSpec(base=str(tiny_bundle)), (), "cpu", torch.float32).host
+    tok = fresh.tokenizer
+    start = fresh.text_encoder.get_input_embeddings().weight[tok.encode("film", add_special_tokens=False)[0]]
+    vectors = load_file(str(tmp_path / "embedding.safetensors"))["<look>"]
+    moved = (vectors - start).abs().max(dim=1).values
+    assert vectors.shape == (3, 32) and (moved > 1e-4).all(), moved
+
+    apply_adapters(fresh, [Adapter(kind="textual-inversion", path=tmp_path / "embedding.safetensors", token="<look>")])
+    caption = "<look>, film still"
+    expanded = fresh.maybe_convert_prompt(caption, tok)
+    assert expanded == "<look> <look>_1 <look>_2, film still"
+    ids = tok(expanded, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    assert any(torch.equal(ids[0], row) for batch in seen for row in batch)  # training saw this very caption
+    assert all(row.tolist().count(tok.convert_tokens_to_ids(t)) == 1 for batch in seen for row in batch
+               for t in cfg.tokens)  # every caption holds every vector, once

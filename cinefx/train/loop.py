@@ -3,7 +3,9 @@ tuning (new tokens and LoRA together) on SD1.5.
 
 Read it top to bottom: models → what trains → cached latents → optimizer → steps → checkpoint.
 Everything a resumed run needs (trainable weights, optimizer, LR schedule, both RNG states, the
-step) is in each checkpoint, so `resume` continues exactly where the run stopped.
+step) is in each checkpoint, so `resume` continues exactly where the run stopped. A checkpoint is
+written every `checkpoint_every` steps, at the end, and when the run is interrupted (Ctrl-C,
+SIGTERM: any KeyboardInterrupt), as one file renamed into place whole.
 
 Defaults (`TrainConfig`) follow what the kohya sd-scripts and diffusers training examples use for
 a style from 20–50 images: LoRA rank 16, alpha 16, learning rate 1e-4, AdamW; textual inversion
@@ -13,7 +15,6 @@ image per epoch, as kohya folders usually say.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,10 +26,12 @@ import torch.nn.functional as F
 
 from cinefx import interrupt
 from cinefx.errors import CinefxError, OptionError
+from cinefx.fsutil import atomic_path
 from cinefx.train.data import Dataset, Item, bucket_sizes, load_image, nearest_bucket
 
 METHODS = ("lora", "ti", "dreambooth-lora", "pivotal")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out")
+CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,9 @@ def total_steps(cfg: TrainConfig, data: Dataset) -> int:
 
 
 def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
-          progress: Callable[[int, int, float], None] | None = None, stop_after: int | None = None):
-    """Train and return (host pipeline with the trained adapter in it, TrainState).
-    `stop_after` ends the run early at that step (as an interruption would), for tests."""
+          progress: Callable[[int, int, float], None] | None = None):
+    """Train and return (host pipeline with the trained adapter in it, TrainState). On a
+    KeyboardInterrupt the state of the last whole step is saved in `work` before it propagates."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
@@ -152,7 +155,10 @@ def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
         p.data = p.data.float()  # trainable weights stay fp32 whatever the model's precision
 
     # 3. samples: cached latents of every image (and its mirror when flipping), centre-cropped;
-    # with random crops the image itself, encoded at each step
+    # with random crops the image itself, encoded at each step. Captions read the trigger as inference
+    # will: diffusers expands a multi-vector token to all of its tokens (trigger trigger_1 …), and
+    # trained on the trigger alone, vectors 2… would never move
+    expand = (lambda text: host.maybe_convert_prompt(text, tokenizer)) if cfg.trains_tokens else str
     buckets = bucket_sizes(cfg.resolution)
     rng = np.random.default_rng(cfg.seed)
     cache: list[tuple[torch.Tensor | Item, str, tuple[int, int]]] = []
@@ -160,13 +166,14 @@ def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
         for item in data.items:
             bucket = nearest_bucket(item.size, buckets)
             copies = cfg.repeats or item.repeats
+            caption = expand(item.caption)
             if cfg.random_crop:
-                cache += [(item, item.caption, bucket)] * copies
+                cache += [(item, caption, bucket)] * copies
                 continue
             for flip in ((False, True) if cfg.flip else (False,)):
                 img = load_image(item, bucket, rng, random_crop=False, flip=False)
                 z = _encode(vae, img[:, ::-1] if flip else img, sample=True)
-                cache += [(z.cpu(), item.caption, bucket)] * copies
+                cache += [(z.cpu(), caption, bucket)] * copies
 
     def latent(source, bucket) -> torch.Tensor:
         if isinstance(source, torch.Tensor):
@@ -207,43 +214,61 @@ def train(cfg: TrainConfig, data: Dataset, work: Path, resume: bool = False,
         return loss.mean()
 
     bad = 0
+    start = None  # generator states at the start of the step being computed (its weights are untouched)
+    updating = False  # weights half-written: no clean state to save until the update ends
     unet.train()
-    while state.step < steps and (stop_after is None or state.step < stop_after):
-        interrupt.check()
-        loss = diffusion_loss([cache[i] for i in _batch(cache, cfg.batch, rng)])
-        if class_cache:  # DreamBooth prior preservation: keep the class looking like itself
-            loss = loss + cfg.prior_loss_weight * diffusion_loss([class_cache[i] for i in _batch(class_cache, cfg.batch, rng)])
-        if not torch.isfinite(loss):  # NaN guard: skip the step; give up if it keeps happening
-            bad += 1
+    try:
+        while state.step < steps:
+            start = gen.get_state(), rng.bit_generator.state
+            interrupt.check()
+            loss = diffusion_loss([cache[i] for i in _batch(cache, cfg.batch, rng)])
+            if class_cache:  # DreamBooth prior preservation: keep the class looking like itself
+                loss = loss + cfg.prior_loss_weight * diffusion_loss([class_cache[i] for i in _batch(class_cache, cfg.batch, rng)])
+            value = loss.item()  # waits for the GPU here, not inside the update below
+            if not math.isfinite(value):  # NaN guard: skip the step; give up if it keeps happening
+                bad += 1
+                opt.zero_grad(set_to_none=True)
+                if bad >= 5:
+                    raise TrainingDiverged(f"loss is {value} for 5 steps running at step {state.step}; "
+                                           "lower --lr or use --precision fp32")
+                continue
+            bad = 0
+            loss.backward()
+            updating = True
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
             opt.zero_grad(set_to_none=True)
-            if bad >= 5:
-                raise TrainingDiverged(f"loss is {loss.item()} for 5 steps running at step {state.step}; "
-                                       "lower --lr or use --precision fp32")
-            continue
-        bad = 0
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if cfg.trains_tokens:  # only the new tokens' rows may change
-            with torch.no_grad():
-                emb[~new_rows] = frozen_rows[~new_rows].to(emb.dtype)
-        state.step += 1
-        state.losses.append(loss.item())
-        if progress:
-            progress(state.step, steps, state.losses[-1])
-        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            if cfg.trains_tokens:  # only the new tokens' rows may change
+                with torch.no_grad():
+                    emb[~new_rows] = frozen_rows[~new_rows].to(emb.dtype)
+            state.step += 1
+            state.losses.append(value)
+            updating, start = False, None
+            if progress:
+                progress(state.step, steps, state.losses[-1])
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                _save_checkpoint(work, state, params, opt, sched, gen, rng)
+    except KeyboardInterrupt:
+        # an interrupt inside the optimizer step (milliseconds of each step) leaves no whole state:
+        # the last periodic checkpoint stands
+        if not updating:
+            if start is not None:  # the interrupted step drew its noise: draw it again on resume
+                gen.set_state(start[0])
+                rng.bit_generator.state = start[1]
             _save_checkpoint(work, state, params, opt, sched, gen, rng)
+        raise
     unet.eval()
-    if state.step < steps:
-        _save_checkpoint(work, state, params, opt, sched, gen, rng)
+    if not (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
+        _save_checkpoint(work, state, params, opt, sched, gen, rng)  # export and validation can still be stopped
     return host, state
 
 
 def _class_latents(host, cfg: TrainConfig, work: Path, device) -> list:
     """Generate (or reuse from `work`) the class images with the base model, and encode them."""
     import cv2
+
+    from cinefx.sheet import write_png
 
     folder = work / "class_images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -254,7 +279,7 @@ def _class_latents(host, cfg: TrainConfig, work: Path, device) -> list:
             g = torch.Generator(device).manual_seed(cfg.seed * 100_003 + i)
             img = host(cfg.class_prompt, num_inference_steps=25, height=side, width=side, generator=g,
                        output_type="np").images[0]
-            cv2.imwrite(str(f), cv2.cvtColor((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), cv2.COLOR_RGB2BGR))
+            write_png((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), f)  # whole or absent: reused as found
     out = []
     for i in range(cfg.class_images):
         img = cv2.cvtColor(cv2.imread(str(folder / f"{i:04d}.png")), cv2.COLOR_BGR2RGB)
@@ -278,40 +303,33 @@ def _batch(cache, size: int, rng: np.random.Generator) -> list[int]:
 
 
 def _save_checkpoint(work: Path, state: TrainState, params, opt, sched, gen, rng) -> None:
-    from safetensors.torch import save_file
-
-    d = work / "checkpoint"
-    tmp = work / "checkpoint.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file({f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}, str(tmp / "params.safetensors"))
-    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": state.step, "losses": state.losses,
-                                                "rng": rng.bit_generator.state}, default=int))
-    if d.exists():
-        import shutil
-
-        shutil.rmtree(d)
-    tmp.rename(d)
+    """Everything a resumed run needs, in one file renamed into place whole: a crash or a second
+    Ctrl-C while writing leaves the previous checkpoint."""
+    work.mkdir(parents=True, exist_ok=True)
+    blob = {"params": [p.detach().cpu().contiguous() for p in params], "opt": opt.state_dict(),
+            "sched": sched.state_dict(), "gen": gen.get_state(), "step": state.step, "losses": state.losses,
+            "rng": rng.bit_generator.state}
+    with atomic_path(work / CHECKPOINT) as tmp:
+        torch.save(blob, tmp)
 
 
 def _load_checkpoint(work: Path, params, opt, sched, gen, rng) -> TrainState:
-    from safetensors.torch import load_file
-
-    d = work / "checkpoint"
-    if not (d / "state.json").is_file():
+    path = work / CHECKPOINT
+    if not path.is_file():
         raise OptionError(f"--resume: no checkpoint in {work}")
-    saved = load_file(str(d / "params.safetensors"))
+    # our own file; weights_only keeps torch.load from running arbitrary code anyway
+    blob = torch.load(path, weights_only=True)
+    if [p.shape for p in params] != [p.shape for p in blob["params"]]:
+        raise OptionError(f"--resume: the checkpoint in {work} was trained with other settings (method, rank, "
+                          "vectors); resume with those, or start afresh without --resume")
     with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(saved[f"p{i}"].to(p.device, p.dtype))
-    # our own file, written above; weights_only keeps torch.load from running arbitrary code anyway
-    blob = torch.load(d / "optimizer.pt", weights_only=True)
+        for p, saved in zip(params, blob["params"]):
+            p.copy_(saved.to(p.device, p.dtype))
     opt.load_state_dict(blob["opt"])
     sched.load_state_dict(blob["sched"])
     gen.set_state(blob["gen"])
-    meta = json.loads((d / "state.json").read_text())
-    rng.bit_generator.state = meta["rng"]
-    return TrainState(step=meta["step"], losses=list(meta["losses"]))
+    rng.bit_generator.state = blob["rng"]
+    return TrainState(step=blob["step"], losses=list(blob["losses"]))
 
 
 def config_dict(cfg: TrainConfig) -> dict:

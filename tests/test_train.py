@@ -1,5 +1,6 @@
 """`cinefx train-preset` on the tiny bundle: each method trains a few steps on real photographs, its
-preset loads back through the stylize path and changes the output; resume gives the same weights."""
+preset loads back through the stylize path at the trained strength and changes the output; an
+interrupted run resumes to the same weights; preset names and TOML strings are checked."""
 
 import cv2
 import numpy as np
@@ -258,6 +259,70 @@ def test_half_precision_training_path_runs(tiny_bundle, stills, tmp_path, monkey
     assert (out / "validation.png").is_file()
 
 
+@pytest.fixture(scope="module")
+def lora_r4_a8(tiny_bundle, stills, tmp_path_factory):
+    """A LoRA trained at rank 4, alpha 8 (scale α/r = 2: alpha ≠ rank, or a lost alpha would not
+    show), exported; the trained peft UNet kept as the reference."""
+    from cinefx.train.data import scan_dataset
+    from cinefx.train.export import export_preset
+    from cinefx.train.loop import TrainConfig, train as run
+
+    out = tmp_path_factory.mktemp("lora_r4_a8")
+    cfg = TrainConfig(model=str(tiny_bundle), trigger="<look>", steps=2, resolution=64, rank=4, alpha=8.0, lr=1e-2)
+    host, state = run(cfg, scan_dataset(stills, "<look>", min_side=64), out / ".train")
+    export_preset(host, cfg, state, out, "look")
+    return host, cfg, out
+
+
+def _lora_deltas(unet, adapter):
+    """ΔW = scaling·B·A of every LoRA layer, as peft applies it."""
+    return {name: m.get_delta_weight(adapter).detach().clone() for name, m in unet.named_modules()
+            if adapter in getattr(m, "lora_A", {})}
+
+
+def _unet_out(unet):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    z, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(z, torch.tensor([500]), encoder_hidden_states=text).sample
+
+
+@pytest.mark.parametrize("export", ["current", "legacy"])
+def test_lora_preset_loads_at_the_trained_strength(tiny_bundle, lora_r4_a8, tmp_path, export):
+    """The preset's lora.safetensors, loaded by diffusers' load_lora_weights through the stylize
+    path's apply_adapters into a fresh pipeline, gives the trained UNet exactly. `legacy`: a file
+    written as train-preset did before alpha/rank was folded in (diffusers' own save_lora_weights,
+    no alpha) loads right too, from the alpha and rank in the train_config.json beside it."""
+    import shutil
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from cinefx.diffusion.adapters import apply_adapters
+    from cinefx.diffusion.models import ModelSpec, load_components
+    from cinefx.presets import Adapter
+
+    trained, _, out = lora_r4_a8
+    if export == "legacy":
+        StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(trained.unet),
+                                                  weight_name="lora.safetensors")
+        shutil.copy(out / "train_config.json", tmp_path)
+        out = tmp_path
+    fresh = load_components(ModelSpec(base=str(tiny_bundle)), (), "cpu", torch.float32).host
+    base = _unet_out(fresh.unet)
+    apply_adapters(fresh, [Adapter(kind="lora", path=out / "lora.safetensors", scale=1.0)])
+    want, got = _lora_deltas(trained.unet, "default"), _lora_deltas(fresh.unet, "cinefx_0")
+    assert want.keys() == got.keys() and len(want) > 10
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-8)
+    trained_change, loaded_change = _unet_out(trained.unet) - base, _unet_out(fresh.unet) - base
+    assert loaded_change.abs().mean() > 1e-3
+    torch.testing.assert_close(loaded_change, trained_change, rtol=1e-4, atol=1e-5)
+
+
 def test_multi_vector_textual_inversion_trains_every_vector(tiny_bundle, stills, tmp_path, monkeypatch):
     """Three vectors behind the trigger: training reads the trigger as diffusers' inference expands
     it (<look> <look>_1 <look>_2), so each vector moves from its starting embedding, and the
@@ -295,3 +360,75 @@ def test_multi_vector_textual_inversion_trains_every_vector(tiny_bundle, stills,
     assert any(torch.equal(ids[0], row) for batch in seen for row in batch)  # training saw this very caption
     assert all(row.tolist().count(tok.convert_tokens_to_ids(t)) == 1 for batch in seen for row in batch
                for t in cfg.tokens)  # every caption holds every vector, once
+
+
+def test_failed_export_leaves_no_preset_toml(lora_r4_a8, tmp_path, monkeypatch):
+    """Every file is written whole, preset.toml last: an export stopped part-way leaves a folder
+    that is not a preset, and no temporaries."""
+    from cinefx.train import export
+    from cinefx.train.loop import TrainState
+
+    host, cfg, _ = lora_r4_a8
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "_loss_plot", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        export.export_preset(host, cfg, TrainState(2, [0.5, 0.4]), tmp_path, "look")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors", "lora_kohya.safetensors",
+                                                          "train_config.json"]
+
+
+@pytest.mark.parametrize("text", ["a \"quoted\" back\\slash", "tab\tnew\nline\r\x00\x1f\x7f", "film 😀 still",
+                                  "ünïcødé ✓", "\ud83d lone surrogate"])
+def test_toml_strings_round_trip(text):
+    """Checked against Python's own TOML reader; json.dumps, used before, writes 😀 as a surrogate
+    pair TOML refuses. A lone surrogate (an undecodable file name) cannot be stored: it reads back as U+FFFD."""
+    import tomllib
+
+    from cinefx.train.export import toml_string
+
+    assert tomllib.loads(f"x = {toml_string(text)}")["x"] == text.replace("\ud83d", "\ufffd")
+
+
+def test_presets_import_refuses_unsafe_names_and_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
+    """A name that leaves the presets folder or that TOML and file systems cannot hold is refused
+    before anything is written; a file named with an emoji imports under a plain --name; an import
+    that fails (here a scale out of range) leaves no folder in the way of the next try."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cinefx.presets import load_preset
+
+    user = tmp_path / "presets" / "user"
+    monkeypatch.setenv("CINEFX_PRESETS_DIR", str(user))
+    emb = tmp_path / "grain 😀.safetensors"
+    save_file({"<grain>": torch.randn(2, 32)}, str(emb))
+    for name in ("../../escaped", str(tmp_path / "absolute"), ".hidden", "look 😀", "x" * 65, "a/b", ""):
+        r = runner.invoke(app, ["presets", "import", str(emb), "--name", name])
+        assert r.exit_code == 1 and "preset name" in r.output and "letters, digits" in r.output, (name, r.output)
+    r = runner.invoke(app, ["presets", "import", str(emb)])  # the file's stem is the default name
+    assert r.exit_code == 1 and "--name" in r.output, r.output
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "absolute").exists() and not user.exists()
+
+    r = runner.invoke(app, ["presets", "import", str(emb), "--name", "grain", "--scale", "9"])
+    assert r.exit_code == 1 and "scale" in r.output, r.output
+    assert list(user.iterdir()) == []  # no folder, no temporary
+    r = runner.invoke(app, ["presets", "import", str(emb), "--name", "grain", "--trigger", 'film "grain" 😀\\'])
+    assert r.exit_code == 0, r.output
+    p = load_preset("grain")
+    assert p.prompt.trigger == ('film "grain" 😀\\',) and "grain 😀.safetensors" in p.description
+    assert sorted(f.name for f in (user / "grain").iterdir()) == ["grain.safetensors", "preset.toml"]
+
+
+def test_train_preset_refuses_an_unsafe_name(tmp_path):
+    """export_preset checks the name before it writes anything (the CLI checks it before training)."""
+    from cinefx.errors import PresetError
+    from cinefx.train.export import export_preset
+    from cinefx.train.loop import TrainConfig, TrainState
+
+    for name in ("look 😀", "../look", ".look"):
+        with pytest.raises(PresetError, match="preset name"):
+            export_preset(None, TrainConfig(), TrainState(), tmp_path / "out", name)
+    assert not (tmp_path / "out").exists()

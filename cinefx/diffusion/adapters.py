@@ -13,11 +13,14 @@ Loading goes through diffusers' own loaders on the host pipeline, which convert 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from cinefx.errors import AdapterError
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin"}
+# safetensors metadata of a LoRA `cinefx train-preset` wrote with alpha/rank folded into lora_B
+FOLDED_ALPHA_KEY = "cinefx_lora_alpha_folded"
 
 
 def inspect_file(path: Path, allow_pickle: bool = False) -> tuple[str, str]:
@@ -57,8 +60,8 @@ def inspect_file(path: Path, allow_pickle: bool = False) -> tuple[str, str]:
 
 def apply_adapters(host, adapters, allow_pickle: bool = False) -> None:
     """Load `adapters` (preset `Adapter`s) into `host`, a diffusers SD pipeline, replacing any
-    loaded before. LoRA scales are set per adapter; a textual inversion's scale multiplies its
-    embedding rows."""
+    loaded before. LoRA scales are set per adapter (times alpha/rank for an older train-preset
+    export, see `_unfolded_alpha`); a textual inversion's scale multiplies its embedding rows."""
     adapters = tuple(adapters)
     current = getattr(host, "_cinefx_adapters", ())
     if current == adapters:
@@ -78,7 +81,7 @@ def apply_adapters(host, adapters, allow_pickle: bool = False) -> None:
                 name = f"cinefx_{i}"
                 host.load_lora_weights(str(a.path), adapter_name=name)
                 names.append(name)
-                weights.append(a.scale)
+                weights.append(a.scale * (_unfolded_alpha(Path(a.path)) if fmt == "diffusers" else 1.0))
             else:
                 _load_embedding(host, a, fmt)
         except AdapterError:
@@ -89,6 +92,28 @@ def apply_adapters(host, adapters, allow_pickle: bool = False) -> None:
     if names:
         host.set_adapters(names, adapter_weights=weights)
     host._cinefx_adapters = adapters
+
+
+def _unfolded_alpha(path: Path) -> float:
+    """alpha / rank for a `lora.safetensors` that `cinefx train-preset` wrote before it folded that
+    factor into lora_B, else 1. A diffusers-format file carries no alpha, so diffusers applies it
+    at alpha = rank (scale 1.0 where training used alpha/rank, e.g. 8/4 = 2: half the look); such
+    an export is known by its train_config.json beside it and no fold mark in its metadata."""
+    from safetensors import safe_open
+
+    record = path.with_name("train_config.json")
+    if path.name != "lora.safetensors" or not record.is_file():
+        return 1.0
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if FOLDED_ALPHA_KEY in meta or "lora_adapter_metadata" in meta:  # diffusers' metadata carries alpha itself
+        return 1.0
+    try:
+        cfg = json.loads(record.read_text(encoding="utf-8"))
+        return float(cfg["alpha"]) / int(cfg["rank"])
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as ex:
+        raise AdapterError(f"{record}: cannot read the LoRA's alpha and rank ({type(ex).__name__}: "
+                           f"{str(ex)[:100]}); restore its \"alpha\" and \"rank\" or train the preset again") from None
 
 
 def _load_embedding(host, a, fmt: str) -> None:

@@ -1,25 +1,71 @@
 """Write a trained look as a preset folder that `cinefx stylize --preset NAME` uses at once.
 
     NAME/preset.toml            names the weight files, trigger, recommended scales, base model
-    NAME/lora.safetensors       LoRA, diffusers/peft format            (method lora)
+    NAME/lora.safetensors       LoRA, diffusers/peft format, alpha/rank folded into lora_B (method lora)
     NAME/lora_kohya.safetensors the same LoRA in kohya/A1111 format with explicit alpha
     NAME/embedding.safetensors  textual-inversion vectors, diffusers format (method ti)
     NAME/train_config.json      the training settings, for the record
     NAME/loss.png               the loss curve
     NAME/validation.png         base model vs preset on fixed prompts and seeds
+
+Every file is written whole or not at all (`cinefx.fsutil`), preset.toml last and only once it
+parses: a folder is a preset only when everything it names is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import secrets
+import shutil
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cinefx.diffusion.adapters import FOLDED_ALPHA_KEY
+from cinefx.errors import OutputError, PresetError
+from cinefx.fsutil import TEMP_MARK, atomic_path, host_name, write_text
 from cinefx.train.loop import LORA_TARGETS, TrainConfig, TrainState, config_dict
 
 VALIDATION_PROMPTS = ("a city street at night", "a portrait of a woman by a window", "a wide landscape at dusk")
+# a preset's name is also its folder's name: nothing that leaves the presets folder ('..', '/', an
+# absolute path), hides (a leading '.') or that file systems store differently (ASCII only)
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+NAME_RULE = "letters, digits, '-', '_' and '.', not starting with '.', at most 64 characters"
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+_NOT_IN_COMMENT = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+
+
+def check_name(name: str) -> str:
+    """`name` if it is a safe preset name, else `PresetError` naming it and the rule."""
+    if not _NAME.fullmatch(name):
+        raise PresetError(f"preset name {name[:100]!r}: use only {NAME_RULE} (choose one with --name)")
+    return name
+
+
+def toml_string(text: str) -> str:
+    """`text` as a TOML basic string. Quote, backslash and control characters are escaped; every
+    other character is written as itself: json.dumps would write an emoji as a UTF-16 surrogate
+    pair, which TOML refuses. An unpaired surrogate (an undecodable file name) becomes U+FFFD."""
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif o < 0x20 or o == 0x7F:
+            out.append(f"\\u{o:04X}")
+        else:
+            out.append("\ufffd" if 0xD800 <= o <= 0xDFFF else ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_value(value: str | float) -> str:
+    return toml_string(value) if isinstance(value, str) else repr(float(value))
 
 
 def kohya_state_dict(peft_sd: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -36,65 +82,113 @@ def kohya_state_dict(peft_sd: dict[str, torch.Tensor], alpha: float) -> dict[str
     return out
 
 
+def save_lora(path: Path, peft_sd: dict[str, torch.Tensor], alpha: float, rank: int) -> Path:
+    """The UNet LoRA in diffusers/peft format, as diffusers' own `save_lora_weights` lays it out,
+    with alpha/rank multiplied into lora_B. The format has no alpha, so loaders apply B·A as it
+    stands (diffusers: alpha = rank); folded, that is the trained change ΔW = (α/r)·B·A in every
+    one of them, where diffusers' optional adapter metadata would reach only recent diffusers.
+    The file's metadata marks the fold, so older exports can be told apart (see adapters.py)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    factor = alpha / rank
+    folded = {k: v * factor if ".lora_B." in k else v for k, v in peft_sd.items()}
+
+    def save(weights: dict[str, torch.Tensor], filename: str) -> None:
+        with atomic_path(filename) as tmp:
+            save_file(weights, str(tmp), metadata={"format": "pt", FOLDED_ALPHA_KEY: repr(factor)})
+
+    StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=folded, weight_name=path.name,
+                                              save_function=save)
+    return path
+
+
 def export_preset(host, cfg: TrainConfig, state: TrainState, out: Path, name: str,
                   description: str = "") -> Path:
     """Write the preset folder `out` (created) and return its preset.toml."""
     from safetensors.torch import save_file
 
+    check_name(name)
     out.mkdir(parents=True, exist_ok=True)
     adapters = []
     if cfg.trains_lora:
-        from diffusers import StableDiffusionPipeline
         from peft.utils import get_peft_model_state_dict
 
         sd = get_peft_model_state_dict(host.unet)
-        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=sd, weight_name="lora.safetensors")
-        save_file(kohya_state_dict(sd, cfg.alpha), str(out / "lora_kohya.safetensors"))
-        adapters.append('[[diffusion.adapters]]\nkind = "lora"\npath = "lora.safetensors"\nscale = 0.8')
+        save_lora(out / "lora.safetensors", sd, cfg.alpha, cfg.rank)
+        with atomic_path(out / "lora_kohya.safetensors") as tmp:
+            save_file(kohya_state_dict(sd, cfg.alpha), str(tmp))
+        adapters.append({"kind": "lora", "path": "lora.safetensors", "scale": 0.8})
     if cfg.trains_tokens:
         tok, enc = host.tokenizer, host.text_encoder
         rows = enc.get_input_embeddings().weight[tok.convert_tokens_to_ids(cfg.tokens)].detach().float().cpu()
-        save_file({cfg.trigger: rows.contiguous()}, str(out / "embedding.safetensors"))
-        adapters.append(f'[[diffusion.adapters]]\nkind = "textual-inversion"\npath = "embedding.safetensors"\n'
-                        f'token = "{cfg.trigger}"\nscale = 1.0')
-    write_preset_toml(out, name, description or f"{cfg.method} look trained on your stills", cfg.trigger,
-                      cfg.model, adapters, f"Trained by `cinefx train-preset` ({cfg.method}, {state.step} steps) "
-                      f"on base model {cfg.model or '(the default)'}.")
-    (out / "train_config.json").write_text(json.dumps({**config_dict(cfg), "steps_done": state.step,
-                                                       "lora_targets": list(LORA_TARGETS)}, indent=2))
+        with atomic_path(out / "embedding.safetensors") as tmp:
+            save_file({cfg.trigger: rows.contiguous()}, str(tmp))
+        adapters.append({"kind": "textual-inversion", "path": "embedding.safetensors", "token": cfg.trigger,
+                         "scale": 1.0})
+    write_text(out / "train_config.json", json.dumps({**config_dict(cfg), "steps_done": state.step,
+                                                      "lora_targets": list(LORA_TARGETS)}, indent=2))
     _loss_plot(state.losses, out / "loss.png")
-    return out / "preset.toml"
+    return write_preset_toml(out, name, description or f"{cfg.method} look trained on your stills", cfg.trigger,
+                             cfg.model, adapters, f"Trained by `cinefx train-preset` ({cfg.method}, {state.step} "
+                             f"steps) on base model {cfg.model or '(the default)'}.")
 
 
 def write_preset_toml(out: Path, name: str, description: str, trigger: str, base_model: str,
-                      adapters: list[str], comment: str) -> Path:
-    """preset.toml for a folder of weights; `adapters` are ready [[diffusion.adapters]] tables."""
-    def q(text: str) -> str:
-        return json.dumps(text)  # a JSON string is a valid TOML basic string
+                      adapters: list[dict[str, str | float]], comment: str) -> Path:
+    """preset.toml for a folder holding the weights `adapters` name (one dict per
+    [[diffusion.adapters]] table). Checked by the preset parser before it is written, so a
+    preset.toml that does not load is never left behind."""
+    from cinefx.presets import parse_preset
 
-    lines = [f"# {comment}", f"name = {q(name)}", f"description = {q(description)}", "", "[prompt]",
-             'positive = "cinematic film still"']
+    lines = [f"# {_NOT_IN_COMMENT.sub('?', comment)}", f"name = {toml_string(name)}",
+             f"description = {toml_string(description)}", "", "[prompt]", 'positive = "cinematic film still"']
     if trigger:
-        lines.append(f"trigger = [{q(trigger)}]")
+        lines.append(f"trigger = [{toml_string(trigger)}]")
     lines += ["", "[diffusion]"]
     if base_model:
-        lines.append(f"base_model = {q(base_model)}")
-    lines += ["", *adapters, ""]
+        lines.append(f"base_model = {toml_string(base_model)}")
+    for table in adapters:
+        lines += ["", "[[diffusion.adapters]]", *(f"{k} = {_toml_value(v)}" for k, v in table.items())]
+    text = "\n".join([*lines, ""])
     path = out / "preset.toml"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as ex:  # pragma: no cover - toml_string escapes what TOML refuses
+        raise PresetError(f"{path}: would not be valid TOML ({ex})") from None
+    parse_preset(raw, path)
+    return write_text(path, text)
+
+
+@contextlib.contextmanager
+def _folder_in_place(folder: Path) -> Iterator[Path]:
+    """A new hidden folder beside `folder`, to fill; renamed to `folder` when the block ends, removed
+    on any error, so a failed import leaves nothing (and nothing in the way of the next try)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}{TEMP_MARK}{host_name()}-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, folder)  # replaces an empty folder; refuses a full one
+        except OSError as ex:
+            raise OutputError(f"{folder}: cannot be written ({ex.strerror}); pick another --name or remove it") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def import_adapter(file: Path, name: str, folder: Path, token: str = "", trigger: str = "", scale: float = 0.0,
                    base_model: str = "", allow_pickle: bool = False, kind: str = "") -> Path:
-    """Wrap a downloaded LoRA or embedding file into a preset folder `folder` (created): the file
-    is copied in, its format detected (`inspect_file`), and preset.toml written. Returns the TOML."""
-    import shutil
-
+    """Wrap a downloaded LoRA or embedding file into a preset folder `folder` (created whole, or not
+    at all): the file is copied in as NAME.suffix, its format detected (`inspect_file`), and
+    preset.toml written. Returns the TOML."""
     from cinefx.diffusion.adapters import inspect_file
-    from cinefx.errors import AdapterError, OutputError
+    from cinefx.errors import AdapterError
 
-    found, fmt = inspect_file(Path(file), allow_pickle)
+    check_name(name)
+    file = Path(file)
+    found, fmt = inspect_file(file, allow_pickle)
     if found == "unknown":
         if kind not in ("lora", "textual-inversion"):
             raise AdapterError(f"{file}: a pickle's contents cannot be checked before loading; "
@@ -102,18 +196,19 @@ def import_adapter(file: Path, name: str, folder: Path, token: str = "", trigger
         found = kind
     if found == "textual-inversion" and not token:
         token = f"<{name}>"
-    if folder.exists() and any(folder.iterdir()):
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise OutputError(f"{folder}: already exists; pick another --name or remove it")
-    folder.mkdir(parents=True, exist_ok=True)
-    dest = folder / Path(file).name
-    shutil.copy2(file, dest)
-    entry = [f'[[diffusion.adapters]]', f'kind = "{found}"', f"path = {json.dumps(dest.name)}",
-             f"scale = {scale or (0.8 if found == 'lora' else 1.0):g}"]
-    if found == "textual-inversion":
-        entry.append(f"token = {json.dumps(token)}")
-    return write_preset_toml(folder, name, f"imported {found} ({fmt} format) from {Path(file).name}",
-                             trigger or token, base_model, ["\n".join(entry)],
-                             f"Imported by `cinefx presets import` from {file}.")
+    with _folder_in_place(folder) as tmp:
+        # named after the checked preset name: the user's file name may hold anything
+        dest = tmp / f"{name}{file.suffix.lower()}"
+        shutil.copy2(file, dest)
+        entry: dict[str, str | float] = {"kind": found, "path": dest.name,
+                                         "scale": scale or (0.8 if found == "lora" else 1.0)}
+        if found == "textual-inversion":
+            entry["token"] = token
+        write_preset_toml(tmp, name, f"imported {found} ({fmt} format) from {file.name}", trigger or token,
+                          base_model, [entry], f"Imported by `cinefx presets import` from {file}.")
+    return folder / "preset.toml"
 
 
 def _loss_plot(losses: list[float], path: Path) -> None:
@@ -132,7 +227,8 @@ def _loss_plot(losses: list[float], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
 

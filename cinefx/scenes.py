@@ -57,7 +57,7 @@ class DetectorOptions:
     cut_min: float = 9.0  # and at least this mean Lab difference (0-255)
     flash_frames: int = 6  # a flash lasts at most this long
     flash_light: float = 30.0  # a flash's mean lightness (Lab L, 0-255) differs this much from both sides
-    flash_corr: float = 0.4  # and it keeps the shot's structure: 16-px luma correlation above this
+    flash_corr: float = 0.45  # and keeps the shot's structure: luma correlation above this
     same_shot_corr: float = 0.9  # luma correlation above which two frames are the same shot
     dissolve_half: tuple[int, ...] = (4, 7, 11)  # half-lengths of dissolve windows tried
     dissolve_min: float = 14.0  # Lab difference between the ends of a dissolve
@@ -307,8 +307,8 @@ class SceneDetector:
             if not f.flat and max(lighter, darker) < o.flash_light:
                 return False
         first, last = self._f(start), self._f(after - 1)
-        return ((first.flat or _coarse_corr(first, a) >= o.flash_corr)
-                and (last.flat or _coarse_corr(last, b) >= o.flash_corr))
+        return ((first.flat or self._corr(first, a) >= o.flash_corr)
+                and (last.flat or self._corr(last, b) >= o.flash_corr))
 
     def _dissolve(self, c: int) -> tuple[int, float]:
         """(half-length, change) of the widest dissolve window centred on frame c, or (0, 0)."""

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from cinefx.cli import app
 from cinefx.scenes import DetectorOptions, SceneDetector, detect_scenes
-from cinefx.testing.clips import Move, events_clip, fast_cut_clip, flash, render_move, write_clip
+from cinefx.testing.clips import Move, events_clip, fast_cut_clip, fast_shots, flash, render_move, write_clip
 
 QUICK = ((0.4, 0.4, 0.9), (0.6, 0.5, 0.7))  # a quick push-in and pan: the whole frame in about a second
 
@@ -92,6 +92,14 @@ def test_fast_cutting_every_cut_found(size):
     found = detect_scenes(frames)
     assert [s.start for s in found[1:]] == cuts
     assert {s.kind for s in found[1:]} == {"cut"}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_cutting_random_edits(seed):
+    """40 random shots of 2-10 frames, every seventh with a 2- or 3-frame insert: every cut at its
+    own frame, none extra."""
+    frames, cuts = fast_cut_clip((160, 90), fast_shots(40, seed))
+    assert [s.start for s in detect_scenes(frames)[1:]] == cuts
 
 
 @pytest.mark.parametrize("length", [1, 2, 3])

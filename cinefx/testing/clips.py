@@ -261,3 +261,29 @@ def fast_cut_clip(size: tuple[int, int] = (160, 90), shots=FAST_SHOTS) -> tuple[
                         next(host)  # the host's camera keeps moving under the insert
 
     return frames(), cuts[1:]
+
+
+def fast_shots(n: int, seed: int = 0) -> tuple:
+    """`n` random shots in the form of FAST_SHOTS: 2 to 10 frames, each photograph unlike the one
+    before, camera moves of up to 1.5 % of the photograph per frame (across it in three seconds),
+    every seventh shot with a 2- or 3-frame insert of another photograph."""
+    rng = np.random.default_rng(seed)
+    shots, last = [], None
+
+    def move(start: tuple[float, ...], frames: int) -> tuple[float, ...]:
+        return tuple(float(v) for v in np.clip(np.add(start, rng.uniform(-0.015, 0.015, 3) * (frames - 1)), 0.3, 1.0))
+
+    for i in range(n):
+        name = str(rng.choice([p for p in PHOTOS if p != last]))
+        start = tuple(float(v) for v in rng.uniform((0.35, 0.35, 0.75), (0.65, 0.65, 1.0)))
+        if i % 7 == 3:
+            other = str(rng.choice([p for p in PHOTOS if p != name]))
+            spot = (float(rng.uniform(0.4, 0.6)), float(rng.uniform(0.4, 0.6)), 0.9)
+            before, ins, after = (int(k) for k in rng.integers((2, 2, 2), (5, 4, 5)))
+            shots.append((name, [before, (other, ins, spot, move(spot, ins)), after], start,
+                          move(start, before + ins + after)))
+        else:
+            length = int(rng.integers(2, 11))
+            shots.append((name, length, start, move(start, length)))
+        last = name
+    return tuple(shots)

@@ -57,7 +57,7 @@ class DetectorOptions:
     cut_min: float = 9.0  # and at least this mean Lab difference (0-255)
     flash_frames: int = 6  # a flash lasts at most this long
     flash_light: float = 30.0  # a flash's mean lightness (Lab L, 0-255) differs this much from both sides
-    flash_corr: float = 0.45  # and keeps the shot's structure: luma correlation above this
+    flash_corr: float = 0.45  # and keeps the shot's structure: luma correlation (other photos: < 0.4)
     same_shot_corr: float = 0.9  # luma correlation above which two frames are the same shot
     dissolve_half: tuple[int, ...] = (4, 7, 11)  # half-lengths of dissolve windows tried
     dissolve_min: float = 14.0  # Lab difference between the ends of a dissolve
@@ -103,8 +103,8 @@ def _coarse_mad(a: _Features, b: _Features) -> float:
 
 
 def _coarse_corr(a: _Features, b: _Features) -> float:
-    """Luma correlation (-1..1) on 16-pixel-wide thumbnails: the same shot a few frames on, or
-    under a flash, stays above 0.4; other photographs stay below."""
+    """Luma correlation (-1..1) on 16-pixel-wide thumbnails, where a shot a few frames on still
+    correlates with itself under a quick camera move."""
     x, y = _coarse(a)[1], _coarse(b)[1]
     return float(x @ y) / x.size
 

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 NOISE_PRIORS = ("independent", "shared", "residual", "flow")
-RESIDUAL_THRESHOLD = 0.1  # τ of Control-A-Video: share of the chunk's largest change
-# Absolute floor on the change that counts as motion (about 5 of 255 levels): without it a still
-# shot, whose largest change is sensor noise, would call its own noise "motion".
+RESIDUAL_THRESHOLD = 0.1  # τ of Control-A-Video: share of the largest change over the frames rendered together
+# Absolute floor on the change that counts as motion (about 5 of 255 levels). It only binds when the
+# largest change is under RESIDUAL_FLOOR / τ (51 levels): a still shot, whose largest change is
+# sensor noise, would otherwise call its own noise "motion".
 RESIDUAL_FLOOR = 0.02
 
 
@@ -70,13 +71,25 @@ def initial_noise(prior: str, frames: np.ndarray, shape: tuple[int, int, int], g
 
 
 def _residual_masks(frames: np.ndarray, prev: np.ndarray | None, size: tuple[int, int]) -> np.ndarray:
-    """(F, h, w) bool: True where frame i moved against frame i-1 (frame 0 against `prev`)."""
+    """(F, h, w) bool: True where frame i moved against frame i-1 (frame 0 against `prev`).
+
+    Control-A-Video's mask: r_f = |I_f − I_{f−1}| on [0, 1], over its largest value at full
+    resolution, resized bilinearly (no antialiasing) to latent size, averaged over RGB, > τ. It
+    differs in two places. The largest value is taken over the frames rendered together (this call,
+    with the carried frame before them), which is the reference's clip; a scene rendered in several
+    chunks normalises each by its own. And the threshold never drops under RESIDUAL_FLOOR, which only
+    changes chunks whose largest change is under 51 levels: still shots, where the reference would
+    scale sensor noise up to motion (and divide by zero on a perfectly still clip).
+    """
     h, w = size
-    seq = np.concatenate([prev[None], frames]) if prev is not None else np.concatenate([frames[:1], frames])
-    diff = np.abs(np.diff(seq.astype(np.float32) / 255.0, axis=0)).mean(-1)  # (F, H, W), RGB averaged
-    small = np.stack([cv2.resize(d, (w, h), interpolation=cv2.INTER_AREA) for d in diff])
-    threshold = max(RESIDUAL_THRESHOLD * float(small.max()), RESIDUAL_FLOOR)
-    return small > threshold
+    seq = np.concatenate([prev[None] if prev is not None else frames[:1], frames])
+    small, peak = [], 0
+    for a, b in zip(seq[:-1], seq[1:]):
+        d = cv2.absdiff(a, b)
+        peak = max(peak, int(d.max()))
+        # averaging RGB before resizing, not after: both are linear, and this resizes one plane
+        small.append(cv2.resize(d.mean(-1, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR))
+    return np.stack(small) / 255 > max(RESIDUAL_THRESHOLD * peak / 255, RESIDUAL_FLOOR)
 
 
 def _flow_noise(frame: np.ndarray, prev_frame: np.ndarray, prev_noise: torch.Tensor,

@@ -20,6 +20,11 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
+from cinefx.config import field_default
+
+_S, _E, _W, _T = (("cinefx.stylize", "StylizeOptions"), ("cinefx.renderers", "EngineSettings"),
+                  ("cinefx.video.writer", "EncodeOptions"), ("cinefx.train.loop", "TrainConfig"))
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -131,7 +136,7 @@ def stylize(
     inputs: Annotated[list[Path], typer.Argument(help="Video files or folders of videos.", show_default=False)],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (one input) or folder (several inputs or a folder). Default: IN.<preset>.mp4 beside the input.")] = None,
     preset: Annotated[list[str], typer.Option("--preset", "-p", help="Preset name or .toml path; repeat to combine (later ones override).")] = ["epic"],
-    engine: Annotated[str, typer.Option(help="grade | diffusion | auto (diffusion only where weights and a GPU are usable).")] = "auto",
+    engine: Annotated[str, typer.Option(help="grade | diffusion | auto (diffusion only where weights and a GPU are usable).")] = field_default(*_S, "engine"),
     model: Annotated[Optional[str], typer.Option(help="Diffusion base model: folder, .safetensors or hub id (default $CINEFX_MODEL, the config file, else SD1.5).", rich_help_panel="Models")] = None,
     controlnet: Annotated[list[str], typer.Option(help="ControlNet for a control, KIND=folder|file|hub-id; repeatable.", rich_help_panel="Models")] = [],
     depth_model: Annotated[Optional[str], typer.Option(help="Depth estimator (transformers folder or hub id).", rich_help_panel="Models")] = None,
@@ -145,14 +150,14 @@ def stylize(
     chunk: Annotated[Optional[int], typer.Option(help="Diffusion: frames rendered together (attention span).", rich_help_panel="Diffusion")] = None,
     keyframes: Annotated[Optional[int], typer.Option(help="Diffusion: render every K-th frame, propagate along optical flow between (0 = all).", rich_help_panel="Diffusion")] = None,
     detail: Annotated[Optional[float], typer.Option(help="Diffusion: source detail finer than the render added back, 0-1.", rich_help_panel="Diffusion")] = None,
-    size: Annotated[int, typer.Option(help="Diffusion: short side of the render in pixels (0 = the model's native size).", rich_help_panel="Diffusion")] = 0,
-    batch: Annotated[int, typer.Option(help="Diffusion: frames per GPU call (0 = chunk, capped by free memory).", rich_help_panel="Diffusion")] = 0,
-    scheduler: Annotated[str, typer.Option(help="Diffusion: dpm++ | ddim | euler | unipc.", rich_help_panel="Diffusion")] = "dpm++",
-    precision: Annotated[str, typer.Option(help="Diffusion: auto | fp32 | fp16 | bf16.", rich_help_panel="Diffusion")] = "auto",
+    size: Annotated[int, typer.Option(help="Diffusion: short side of the render in pixels (0 = the model's native size).", rich_help_panel="Diffusion")] = field_default(*_E, "size"),
+    batch: Annotated[int, typer.Option(help="Diffusion: frames per GPU call (0 = chunk, capped by free memory).", rich_help_panel="Diffusion")] = field_default(*_E, "batch"),
+    scheduler: Annotated[str, typer.Option(help="Diffusion: dpm++ | ddim | euler | unipc.", rich_help_panel="Diffusion")] = field_default(*_E, "scheduler"),
+    precision: Annotated[str, typer.Option(help="Diffusion: auto | fp32 | fp16 | bf16.", rich_help_panel="Diffusion")] = field_default(*_E, "precision"),
     preview: Annotated[Optional[Path], typer.Option(help="Write one stylized frame per scene as a contact-sheet PNG instead of the video.")] = None,
-    crf: Annotated[float, typer.Option(help="x264 quality, 0-51, lower is better.")] = 18.0,
-    x264_preset: Annotated[str, typer.Option("--x264-preset", help="x264 speed preset (ultrafast … veryslow).")] = "medium",
-    seed: Annotated[int, typer.Option(help="Seed for grain (and diffusion noise): same seed, same file.")] = 0,
+    crf: Annotated[float, typer.Option(help="x264 quality, 0-51, lower is better.")] = field_default(*_W, "crf"),
+    x264_preset: Annotated[str, typer.Option("--x264-preset", help="x264 speed preset (ultrafast … veryslow).")] = field_default(*_W, "x264_preset"),
+    seed: Annotated[int, typer.Option(help="Seed for grain (and diffusion noise): same seed, same file.")] = field_default(*_S, "seed"),
     letterbox: Annotated[Optional[float], typer.Option(help="Override the preset's letterbox aspect (0 = none).")] = None,
     grain: Annotated[Optional[float], typer.Option(help="Override the preset's grain strength (0-1).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
@@ -320,29 +325,16 @@ def scenes(
 
 
 def _scenes(path: Path, as_json: bool):
-    from cinefx.scenes import SceneDetector, scenes_from_boundaries, thumbnail_size
-    from cinefx.video.probe import probe
-    from cinefx.video.reader import read_frames
+    from cinefx.stylize import list_scenes
 
-    info = probe(path)
-    det = SceneDetector()
-    bounds, times = [], []
-    # decode straight to thumbnail size: swscale shrinks while converting, far cheaper than full RGB
-    for f in read_frames(info, size=thumbnail_size(info.width, info.height), exact=False):
-        times.append(float(f.pts * info.time_base))
-        bounds += det.push(f.rgb)
-    bounds += det.finish()
-    found = scenes_from_boundaries(bounds, len(times))
-    end = times[-1] + (times[-1] - times[-2] if len(times) > 1 else float(1 / info.fps)) if times else 0.0
-    rows = [{"scene": s.index + 1, "kind": s.kind, "start_frame": s.start, "end_frame": s.end,
-             "start_time": round(times[s.start], 6),
-             "end_time": round(times[s.end] if s.end < len(times) else end, 6)} for s in found]
+    found = list_scenes(path)
+    rows, frames = found.rows, found.frames
     if as_json:
-        print(json.dumps({"input": str(path), "frames": len(times), "scenes": rows}, indent=2))
+        print(json.dumps({"input": str(path), "frames": frames, "scenes": list(rows)}, indent=2))
         return
     from rich.table import Table
 
-    t = Table(title=escape(f"{path.name}: {_count(len(rows), 'scene')}, {_count(len(times), 'frame')}"))
+    t = Table(title=escape(f"{path.name}: {_count(len(rows), 'scene')}, {_count(frames, 'frame')}"))
     for col in ("scene", "begins with", "frames", "start", "end"):
         t.add_column(col)
     for r in rows:
@@ -394,33 +386,33 @@ def models(
 def train_preset(
     stills: Annotated[Path, typer.Argument(help="Folder of images (+ .txt captions), kohya N_name/ folders, or metadata.jsonl.")],
     name: Annotated[str, typer.Option(help="Preset name (also the output folder's name).")],
-    method: Annotated[str, typer.Option(help="lora | ti (textual inversion) | dreambooth-lora (with prior preservation) | pivotal (ti + lora).")] = "lora",
+    method: Annotated[str, typer.Option(help="lora | ti (textual inversion) | dreambooth-lora (with prior preservation) | pivotal (ti + lora).")] = field_default(*_T, "method"),
     model: Annotated[Optional[str], typer.Option(help="Base model: folder, .safetensors or hub id (default $CINEFX_MODEL, else SD1.5).")] = None,
     trigger: Annotated[Optional[str], typer.Option(help="Trigger word the look binds to (default <NAME>).")] = None,
     caption: Annotated[str, typer.Option(help="Caption for images without a caption file; {trigger} is replaced.")] = "{trigger}, film still",
-    steps: Annotated[int, typer.Option(help="Training steps (0 = images × repeats × epochs ÷ batch).")] = 0,
-    epochs: Annotated[int, typer.Option(help="Passes over the (repeated) images.")] = 10,
-    repeats: Annotated[int, typer.Option(help="Repeats per image per epoch (0 = the kohya folder's number, else 1).")] = 0,
-    batch: Annotated[int, typer.Option(help="Images per step.")] = 1,
-    resolution: Annotated[int, typer.Option(help="Training resolution (aspect-ratio buckets of about this squared).")] = 512,
-    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
-    alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / rank).")] = 16.0,
-    vectors: Annotated[int, typer.Option(help="Textual inversion: vectors behind the trigger.")] = 4,
-    lr: Annotated[float, typer.Option(help="Learning rate (0 = 1e-4 LoRA, 5e-4 TI).")] = 0.0,
-    min_snr: Annotated[float, typer.Option("--min-snr", help="Min-SNR loss weighting gamma (0 = off).")] = 5.0,
-    noise_offset: Annotated[float, typer.Option(help="Offset noise (e.g. 0.05) for deeper blacks and brighter whites.")] = 0.0,
-    class_prompt: Annotated[str, typer.Option(help="DreamBooth: the class the look belongs to.")] = "a cinematic film still",
-    class_images: Annotated[int, typer.Option(help="DreamBooth: class images generated for prior preservation.")] = 100,
-    prior_loss_weight: Annotated[float, typer.Option(help="DreamBooth: weight of the prior-preservation loss.")] = 1.0,
+    steps: Annotated[int, typer.Option(help="Training steps (0 = images × repeats × epochs ÷ batch).")] = field_default(*_T, "steps"),
+    epochs: Annotated[int, typer.Option(help="Passes over the (repeated) images.")] = field_default(*_T, "epochs"),
+    repeats: Annotated[int, typer.Option(help="Repeats per image per epoch (0 = the kohya folder's number, else 1).")] = field_default(*_T, "repeats"),
+    batch: Annotated[int, typer.Option(help="Images per step.")] = field_default(*_T, "batch"),
+    resolution: Annotated[int, typer.Option(help="Training resolution (aspect-ratio buckets of about this squared).")] = field_default(*_T, "resolution"),
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = field_default(*_T, "rank"),
+    alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / rank).")] = field_default(*_T, "alpha"),
+    vectors: Annotated[int, typer.Option(help="Textual inversion: vectors behind the trigger.")] = field_default(*_T, "vectors"),
+    lr: Annotated[float, typer.Option(help="Learning rate (0 = 1e-4 LoRA, 5e-4 TI).")] = field_default(*_T, "lr"),
+    min_snr: Annotated[float, typer.Option("--min-snr", help="Min-SNR loss weighting gamma (0 = off).")] = field_default(*_T, "min_snr_gamma"),
+    noise_offset: Annotated[float, typer.Option(help="Offset noise (e.g. 0.05) for deeper blacks and brighter whites.")] = field_default(*_T, "noise_offset"),
+    class_prompt: Annotated[str, typer.Option(help="DreamBooth: the class the look belongs to.")] = field_default(*_T, "class_prompt"),
+    class_images: Annotated[int, typer.Option(help="DreamBooth: class images generated for prior preservation.")] = field_default(*_T, "class_images"),
+    prior_loss_weight: Annotated[float, typer.Option(help="DreamBooth: weight of the prior-preservation loss.")] = field_default(*_T, "prior_loss_weight"),
     no_flip: Annotated[bool, typer.Option("--no-flip", help="Do not add mirrored copies.")] = False,
     random_crop: Annotated[bool, typer.Option("--random-crop", help="Random crops each step instead of cached centre crops (slower).")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade speed for memory.")] = False,
     min_side: Annotated[int, typer.Option(help="Skip images whose short side is below this.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed: same seed, same weights.")] = 0,
-    checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps (0 = only when stopped).")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same weights.")] = field_default(*_T, "seed"),
+    checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps (0 = only when stopped).")] = field_default(*_T, "checkpoint_every"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in the output folder.")] = False,
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Preset folder to write (default: the user presets folder / NAME).")] = None,
-    precision: Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16.")] = field_default(*_T, "precision"),
     validation: Annotated[bool, typer.Option(help="Render the base-vs-preset validation sheet.")] = True,
 ):
     """Train a preset (LoRA, textual inversion, DreamBooth-LoRA or pivotal) on your own stills."""

@@ -18,6 +18,8 @@ the file, the key and the value.
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,17 @@ class ModelDefaults:
     depth: str | None = None
     annotators: str | None = None
     allow_pickle: bool = False
+
+
+def field_default(module: str, cls: str, name: str):
+    """The default of field `name` of dataclass `cls` in `module`, read from its source without
+    importing it: the CLI takes its defaults from the dataclasses (one place) while `cinefx --help`
+    imports neither torch nor PyAV. Only literal defaults can be read; tests check each against the
+    imported field."""
+    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls).body
+    stmt = next(n for n in body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", None) == name)
+    return ast.literal_eval(stmt.value)
 
 
 def config_path() -> Path:

@@ -1,5 +1,5 @@
-"""Which engine renders — `grade` (no model), `diffusion` (SD1.5 + ControlNet), or `auto` — and
-building it.
+"""Which engine renders — `grade` (no model), `diffusion` (SD1.5 + ControlNet), or `auto` — the
+renderer registry (name → class) and the model cache.
 
 `auto` picks diffusion only when it can really run well: torch importable, a CUDA GPU, and every
 model weight present locally (a folder, a file or the Hugging Face cache; `auto` never starts a
@@ -13,25 +13,16 @@ import importlib.util
 from dataclasses import dataclass
 
 from cinefx.errors import EngineUnavailableError, OptionError
+from cinefx.renderers import DiffusionRenderer, EngineSettings, GradeRenderer
 
-ENGINES = ("auto", "grade", "diffusion")
+RENDERERS = {"grade": GradeRenderer, "diffusion": DiffusionRenderer}
+ENGINES = ("auto", *RENDERERS)
 
 
 @dataclass(frozen=True)
 class EngineChoice:
     name: str  # "grade" or "diffusion"
     reason: str
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """How the diffusion engine runs, as opposed to the look the preset asks for."""
-
-    seed: int = 0
-    size: int = 0  # short side of the render in pixels; 0 = the model's native size (512 for SD1.5)
-    batch: int = 0  # frames per pipeline call; 0 = the preset's chunk, capped by free GPU memory
-    scheduler: str = "dpm++"
-    precision: str = "auto"  # auto | fp32 | fp16 | bf16
 
 
 def _missing_packages() -> list[str]:
@@ -75,32 +66,61 @@ def choose_engine(requested: str, models=None, controls: tuple[str, ...] = ("can
     return EngineChoice("diffusion", "GPU and model weights found")
 
 
-# The loaded model set, by what was loaded (models, controls, device, dtype): a batch over many
-# files, or several engines in one process, load it once. Adapters are not part of the key: every
-# engine sharing the set puts its own adapters on it before each render (`DiffusionEngine.render`),
-# so engines may alternate in any order, with one copy of the weights in memory.
-_loaded: dict = {}
+class ModelCache:
+    """Loaded model sets keyed by what was loaded: (models, controls, device, dtype). A batch over
+    many files, or several engines in one process, load a set once. Adapters are not part of the
+    key: every engine sharing a set puts its own adapters on it before each render
+    (`DiffusionEngine.render`), so engines may alternate in any order with one copy of the weights.
+    `keep` sets are held; loading another frees the oldest first."""
+
+    def __init__(self, keep: int = 1):
+        self.keep = keep
+        self.sets: dict = {}
+
+    def get(self, models, controls: tuple[str, ...], device, dtype):
+        from cinefx.diffusion.models import load_components
+
+        key = (models, controls, str(device), str(dtype))
+        if key not in self.sets:
+            while len(self.sets) >= self.keep:
+                self.sets.pop(next(iter(self.sets)))
+            self.sets[key] = load_components(models, controls, device, dtype)
+        return self.sets[key]
+
+    def clear(self) -> None:
+        self.sets.clear()
 
 
-def build_diffusion_engine(preset, models, settings: EngineSettings):
-    """Load (or reuse) the models the preset's controls need, apply its adapters (so a bad adapter
-    file fails here, before any rendering), and return a `DiffusionEngine` for it."""
+MODELS = ModelCache()
+
+
+def build_diffusion_engine(preset, models, settings: EngineSettings, cache: ModelCache | None = None):
+    """Load (or reuse from `cache`) the models the preset's controls need, apply its adapters (so a
+    bad adapter file fails here, before any rendering), and return a `DiffusionEngine` for it.
+    `models` is used as given: the caller has resolved it with the config file (`with_user_defaults`)."""
     from cinefx.diffusion.adapters import apply_adapters
     from cinefx.diffusion.engine import DiffusionEngine
-    from cinefx.diffusion.models import load_components, pick_device_dtype, with_user_defaults
+    from cinefx.diffusion.models import pick_device_dtype
     from cinefx.diffusion.pipeline import SCHEDULERS, TemporalControlPipeline
 
     if settings.scheduler not in SCHEDULERS:
         raise OptionError(f"--scheduler {settings.scheduler!r}: must be one of {', '.join(SCHEDULERS)}")
-    models = with_user_defaults(models)  # the config file's allow_pickle counts for adapters too
     device, dtype = pick_device_dtype(settings.precision)
-    controls = tuple(k for k, _ in preset.diffusion.controls)
-    key = (models, controls, device, str(dtype))
-    if key not in _loaded:
-        _loaded.clear()  # free the previous set before loading another
-        _loaded[key] = load_components(models, controls, device, dtype)
-    comps = _loaded[key]
+    comps = (cache or MODELS).get(models, tuple(k for k, _ in preset.diffusion.controls), device, dtype)
     apply_adapters(comps.host, preset.diffusion.adapters, models.allow_pickle)
     pipe = TemporalControlPipeline.from_components(comps, settings.scheduler)
     return DiffusionEngine(pipe, preset, settings, control_models=comps.control_models, host=comps.host,
                            allow_pickle=models.allow_pickle)
+
+
+def build_renderer(name: str, preset, size: tuple[int, int], seed: int, models=None,
+                   settings: EngineSettings = EngineSettings()):
+    """The registered renderer `name` for frames of `size` (width, height); one that needs a model
+    gets a diffusion engine whose noise is seeded by `seed`."""
+    cls = RENDERERS[name]
+    engine = None
+    if cls.needs_model:
+        from dataclasses import replace
+
+        engine = build_diffusion_engine(preset, models, replace(settings, seed=seed))
+    return cls(preset, size, seed, engine)

@@ -8,8 +8,8 @@ same key reads finished scenes back instead of rendering them, and renders the r
 scene is rendered from its own seed (see `cinefx.diffusion.engine.scene_seed`), the result is the
 same as an uninterrupted run. A kept scene whose size or checksum no longer matches (a truncated
 copy, a bad disk) is rendered again, never reused. A different key clears the folder. The folder
-is removed once the output is complete. Stored frames are the engine's output before the grade,
-which is cheap and re-run.
+is removed once the output is complete. Stored frames are the renderer's output (graded), so a
+kept scene is written as it was rendered; the grade is part of the key.
 
 The lock (`OutputLock`) is ``.<output name>.cinefx-lock`` beside the output, created exclusively
 and holding the run's host, pid and a heartbeat time a thread refreshes. It works where the folder
@@ -191,6 +191,41 @@ class WorkFolder:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def close(self) -> list[str]:
+        """Remove the folder of a complete run; returns what to tell the user about it."""
+        notes = []
+        if self.damaged:
+            notes.append(f"resume: kept scene(s) {', '.join(str(k + 1) for k in self.damaged)} failed their "
+                         "checksum and were rendered again")
+        if self.reused:
+            notes.append(f"resumed: {len(self.reused)} finished scene(s) reused from {self.path.name}")
+        self.remove()
+        return notes
+
+
+class ResumingRenderer:
+    """A renderer (see `cinefx.renderers`) whose finished scenes are kept in `work` and read back,
+    instead of rendered, on a re-run with the same key."""
+
+    def __init__(self, renderer, work: WorkFolder):
+        self.renderer, self.work = renderer, work
+        self.name, self.run_length = renderer.name, renderer.run_length
+
+    def render(self, frames, scene: int, start: int) -> np.ndarray:
+        self.work.begin(scene)
+        if self.work.has(scene):
+            return self.work.read(scene, len(frames))
+        out = np.stack(list(self.renderer.render(frames, scene, start)))
+        try:
+            self.work.record(scene, out)
+        except OSError as ex:  # a full disk, mostly: say where, and how to run without it
+            raise OutputError(f"{self.work.path}: cannot keep finished scenes for resume ({ex}); "
+                              "free some space or use --no-resume") from ex
+        return out
+
+    def close(self) -> None:
+        self.renderer.close()
 
 
 # -- one run per output ------------------------------------------------------------------------

@@ -22,7 +22,9 @@ thumbnails, which is why it costs less than decoding.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -337,6 +339,86 @@ class SceneDetector:
         return 0, 0.0
 
 
+@dataclass(frozen=True)
+class SceneRun:
+    """Consecutive frames of one scene, as the scene stream hands them on.
+
+    `items` are what the caller streamed (decoded frames, arrays) in display order; `start` is the
+    index of `items[0]` in the video and `at` its position in the scene (runs are cut at multiples
+    of the run length from the scene's first frame). `first` / `last`: the run begins / ends its
+    scene."""
+
+    scene: int  # 0-based; what users see is 1-based
+    kind: str  # how the scene begins: "start", "cut", "dissolve" or "fade"
+    start: int
+    at: int
+    items: list
+    first: bool
+    last: bool
+
+
+class SceneStream:
+    """Iterate over `items` (frames in display order) as `SceneRun`s that never cross a scene
+    boundary, each at most `run_length` frames. A run is handed on once the detector has settled
+    its frames, so memory holds at most the detector's lookahead and one run, however long the
+    video. After the iteration, `scenes` lists every scene and `count` the frames seen.
+
+    `pixels(item)` gives the (H, W, 3) uint8 picture the detector looks at (default: `item.rgb`,
+    or the item itself when it is an array)."""
+
+    def __init__(self, items: Iterable, run_length: int, options: DetectorOptions = DetectorOptions(),
+                 pixels: Callable | None = None):
+        if run_length < 1:
+            raise ValueError(f"run_length {run_length}: must be 1 or more")
+        self.items, self.run_length, self.options = items, run_length, options
+        self.pixels = pixels or (lambda x: x if isinstance(x, np.ndarray) else x.rgb)
+        self.scenes: list[Scene] = []
+        self.count = 0
+        self._starts, self._kinds = [0], ["start"]
+        self._pending: deque = deque()
+        self._done = 0  # frames handed on
+
+    def __iter__(self) -> Iterator[SceneRun]:
+        det = SceneDetector(self.options)
+        for item in self.items:
+            self._pending.append(item)
+            self.count += 1
+            self._found(det.push(self.pixels(item)))
+            yield from self._runs(det.settled, final=False)
+        self._found(det.finish())
+        yield from self._runs(self.count, final=True)
+        ends = self._starts[1:] + [self.count]
+        self.scenes = [Scene(i, s, e, k) for i, (s, e, k) in enumerate(zip(self._starts, ends, self._kinds))
+                       if self.count]
+
+    def _found(self, boundaries: list[Boundary]) -> None:
+        for b in boundaries:
+            if b.frame > self._starts[-1]:  # the detector emits them in increasing order
+                self._starts.append(b.frame)
+                self._kinds.append(b.kind)
+
+    def _runs(self, settled: int, final: bool) -> Iterator[SceneRun]:
+        while self._pending:
+            p = self._done
+            s = bisect.bisect_right(self._starts, p) - 1
+            e = self._starts[s + 1] if s + 1 < len(self._starts) else (self.count if final else None)
+            end = p + self.run_length if e is None else min(e, p + self.run_length)
+            # frame `end` settled: a boundary there would be known by now
+            if not (final or end == e or end < settled):
+                return
+            items = [self._pending.popleft() for _ in range(end - p)]
+            self._done = end
+            yield SceneRun(s, self._kinds[s], p, p - self._starts[s], items, p == self._starts[s], end == e)
+
+
+def scene_rows(scenes: list[Scene], times: list[float], end: float) -> list[dict]:
+    """What `cinefx scenes` shows of each scene: 1-based number, kind, frames [start, end) and
+    times in seconds (`times[i]`: frame i's display time; `end`: the video's end)."""
+    return [{"scene": s.index + 1, "kind": s.kind, "start_frame": s.start, "end_frame": s.end,
+             "start_time": round(times[s.start], 6),
+             "end_time": round(times[s.end] if s.end < len(times) else end, 6)} for s in scenes]
+
+
 def scenes_from_boundaries(boundaries: list[Boundary], frame_count: int) -> list[Scene]:
     scenes, start, kind = [], 0, "start"
     for b in boundaries:
@@ -351,11 +433,7 @@ def scenes_from_boundaries(boundaries: list[Boundary], frame_count: int) -> list
 
 def detect_scenes(frames, options: DetectorOptions = DetectorOptions()) -> list[Scene]:
     """All scenes of an iterable of (H, W, 3) uint8 frames (small frames are fine)."""
-    det = SceneDetector(options)
-    bounds = []
-    n = 0
-    for rgb in frames:
-        bounds += det.push(rgb)
-        n += 1
-    bounds += det.finish()
-    return scenes_from_boundaries(bounds, n)
+    stream = SceneStream(frames, 1, options)
+    for _ in stream:
+        pass
+    return stream.scenes

@@ -1,22 +1,22 @@
-"""The orchestrator: probe → decode → scenes → engine → grade → encode → metrics → report.
+"""The orchestrator: probe → scene stream → renderer → encode → metrics → report.
 
-One streaming pass over the input. Frames wait in a buffer only until the scene detector has
-settled them (its lookahead) and a chunk is full, so memory holds at most one chunk plus the
-lookahead, however long the video.
+One streaming pass over the input. The scene stream (`cinefx.scenes.SceneStream`) hands on runs
+of a scene's frames once the detector has settled them, so memory holds at most one run plus the
+detector's lookahead, however long the video. Every engine is a renderer from the registry
+(`cinefx.engines.RENDERERS`); a scene is a task (`SceneTask`) whose result depends only on the
+input, the scene's frames, the preset and the options, so a resumed run writes the same bytes.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import os
 import shutil
 import time
 import traceback
-from array import array
-from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import av
@@ -24,16 +24,15 @@ import numpy as np
 
 from cinefx import __version__, interrupt
 from cinefx.diffusion.models import ModelSpec, with_user_defaults
-from cinefx.engines import EngineSettings, build_diffusion_engine, choose_engine
+from cinefx.engines import EngineChoice, EngineSettings, build_renderer, choose_engine
 from cinefx.errors import CinefxError, InputFileError, MissingFileError, OptionError, OutputBusyError, OutputError
-from cinefx.grade.grader import Grader
 from cinefx.metrics import DEFAULT_METRIC_WIDTH, TemporalMeter
 from cinefx.presets import Preset
 from cinefx.report import Report, build_report
-from cinefx.resume import OutputLock, WorkFolder, file_identity, run_key, space_needed
-from cinefx.scenes import DetectorOptions, Scene, SceneDetector, scenes_from_boundaries
+from cinefx.resume import OutputLock, ResumingRenderer, WorkFolder, file_identity, run_key, space_needed
+from cinefx.scenes import DetectorOptions, Scene, SceneStream, scene_rows, thumbnail_size
 from cinefx.video.probe import VideoInfo, probe
-from cinefx.video.reader import Frame, read_frames
+from cinefx.video.reader import read_frames
 from cinefx.video.writer import EncodeOptions, VideoWriter, check_output_path
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".m4v", ".webm", ".mts", ".m2ts", ".ts",
@@ -46,13 +45,15 @@ Progress = Callable[[int, int, str | None], None]
 
 @dataclass(frozen=True)
 class StylizeOptions:
+    """Everything a run depends on besides the preset; the CLI's defaults are these fields'.
+    How many frames go to the renderer at once is the renderer's `run_length`, not an option."""
+
     engine: str = "auto"
     models: ModelSpec = ModelSpec()
     diffusion: EngineSettings = EngineSettings()  # its seed is replaced by `seed` below
     encode: EncodeOptions = EncodeOptions()
     overwrite: bool = False
     seed: int = 0
-    chunk: int = 48  # frames per chunk: bounds memory, and is the diffusion batch upper limit
     metrics: bool = True
     metric_width: int = DEFAULT_METRIC_WIDTH
     audio: bool = True
@@ -62,6 +63,11 @@ class StylizeOptions:
     def __post_init__(self):
         if self.seed < 0:
             raise OptionError(f"--seed {self.seed}: must be 0 or more")
+
+
+def default(cls, name: str):
+    """The default of field `name` of dataclass `cls` (the CLI's defaults come from here)."""
+    return cls.__dataclass_fields__[name].default
 
 
 @dataclass(frozen=True)
@@ -79,32 +85,87 @@ class StylizeResult:
     warnings: tuple[str, ...] = ()  # what the user should look at in the output
 
 
-def _prepare_engine(preset: Preset, options: StylizeOptions):
-    """(options, choice, engine): the engine chosen for `preset`, built when it is diffusion (None
-    for the grade engine). A preset trained on a particular base model names it; --model wins."""
+def resolve_options(preset: Preset, options: StylizeOptions) -> tuple[StylizeOptions, EngineChoice]:
+    """Options with every default filled in once (the base model a preset was trained on unless
+    --model names one; the config file's models unless the grade engine is asked for, which reads
+    no weights), and the engine chosen for them."""
     if preset.diffusion.base_model and not options.models.base:
         options = dataclasses.replace(options, models=dataclasses.replace(options.models, base=preset.diffusion.base_model))
-    if options.engine != "grade":  # the grade engine reads no weights, so no config either
+    if options.engine != "grade":
         options = dataclasses.replace(options, models=with_user_defaults(options.models))
-    choice = choose_engine(options.engine, options.models, tuple(k for k, _ in preset.diffusion.controls))
-    engine = None
-    if choice.name == "diffusion":
-        settings = dataclasses.replace(options.diffusion, seed=options.seed)
-        engine = build_diffusion_engine(preset, options.models, settings)
-    return options, choice, engine
+    return options, choose_engine(options.engine, options.models, tuple(k for k, _ in preset.diffusion.controls))
 
 
-def _room_for_resume(info: VideoInfo, dst: Path, notes: list[str]) -> bool:
-    """Whether the output's disk can hold every finished scene (lossless) beside the output; if
-    not, say so and run without resume rather than fill the disk half way through."""
+def renderer_for(preset: Preset, options: StylizeOptions, choice: EngineChoice, size: tuple[int, int]):
+    """The registered renderer for `choice`, for frames of `size` (width, height)."""
+    return build_renderer(choice.name, preset, size, options.seed, options.models, options.diffusion)
+
+
+@dataclass(frozen=True)
+class SceneTask:
+    """One scene of one input to render: its result depends on these fields alone, so any worker
+    (this process, a resumed run, another machine) renders the same frames. `options` are resolved
+    (`resolve_options`); `options.seed` seeds the scene's noise with the scene's index."""
+
+    input: Path
+    scene: Scene
+    preset: Preset
+    options: StylizeOptions
+    engine: str = "diffusion"
+
+
+def render_scene(renderer, scene: Scene, runs: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """Render `runs` ((F, H, W, 3) uint8 each, `renderer.run_length` frames from the scene's first
+    frame on, the last one shorter) of `scene` in order; yields each run's rendered frames."""
+    start = scene.start
+    for frames in runs:
+        yield renderer.render(frames, scene.index, start)
+        start += len(frames)
+
+
+def run_scene_task(task: SceneTask, renderer=None) -> Iterator[np.ndarray]:
+    """The task's scene rendered, run by run: decodes frames [start, end) of the input and renders
+    them with fresh per-scene state. `renderer` may be one built for the same preset and options
+    (a worker keeps its renderer, and the models, across tasks)."""
+    info = probe(task.input)
+    renderer = renderer or build_renderer(task.engine, task.preset, info.display_size, task.options.seed,
+                                          task.options.models, task.options.diffusion)
+    frames = islice((f.rgb for f in read_frames(info)), task.scene.start, task.scene.end)
+    runs = iter(lambda: list(islice(frames, renderer.run_length)), [])
+    yield from (np.stack(list(out)) for out in render_scene(renderer, task.scene, map(np.stack, runs)))
+
+
+def _notes(info: VideoInfo, choice: EngineChoice) -> list[str]:
+    notes = [f"engine: {choice.name} ({choice.reason})"]
+    if info.field_order != "progressive" and choice.name == "diffusion":
+        notes.append("interlaced source: diffusion sees whole frames, whose two fields are different "
+                     "moments; deinterlace it first (e.g. ffmpeg -vf bwdif) for clean results")
+    if info.colour.assumed:
+        notes.append(f"colour {'/'.join(info.colour.assumed)} untagged: assumed "
+                     f"{info.colour.matrix_name} {'full' if info.colour.full_range else 'limited'} range")
+    return notes
+
+
+def _work_folder(src: Path, dst: Path, info: VideoInfo, preset: Preset, options: StylizeOptions,
+                 choice: EngineChoice, notes: list[str]) -> WorkFolder | None:
+    """The folder that keeps finished scenes for resume: for the engines worth resuming (diffusion),
+    when --no-resume is not given and the output's disk can hold every scene beside the output (if
+    not, say so and run without resume rather than fill the disk half way through). It is keyed by
+    every field of `SceneTask` but the scene."""
+    if choice.name == "grade" or not options.resume:
+        return None
     frames = info.frame_count or round(info.duration * float(info.fps or 0))
     need = space_needed(frames, *info.display_size)
     free = shutil.disk_usage(dst.parent).free
-    if need <= 0.8 * free:
-        return True
-    notes.append(f"resume off: keeping finished scenes would take about {need / 1e9:.1f} GB and "
-                 f"{dst.parent} has {free / 1e9:.1f} GB free (a crash would mean starting over)")
-    return False
+    if need > 0.8 * free:
+        notes.append(f"resume off: keeping finished scenes would take about {need / 1e9:.1f} GB and "
+                     f"{dst.parent} has {free / 1e9:.1f} GB free (a crash would mean starting over)")
+        return None
+    work = WorkFolder(dst, run_key(input=file_identity(src), prompt=preset.prompt, diffusion=preset.diffusion,
+                                   grade=preset.grade, engine=choice.name, models=options.models,
+                                   settings=options.diffusion, seed=options.seed, detector=options.detector))
+    work.open()
+    return work
 
 
 def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
@@ -112,150 +173,98 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
     """Render `src` in the look of `preset` to `dst`. The input is only read; `dst` appears only
     when complete (see `VideoWriter`). While it runs, `dst` (and its work folder) is locked:
     another run on it raises `OutputBusyError`."""
-    src, dst = Path(src), Path(dst)
+    t0, src, dst = time.perf_counter(), Path(src), Path(dst)
     check_output_path(dst, options.overwrite)  # the folder must exist to hold the lock
     with OutputLock(dst) as lock:
-        return _stylize_locked(src, dst, preset, options, progress, lock)
-
-
-def _stylize_locked(src: Path, dst: Path, preset: Preset, options: StylizeOptions, progress: Progress | None,
-                    lock: OutputLock) -> StylizeResult:
-    t0 = time.perf_counter()
-    # 1. check inputs before any work (the output again: another run may have finished it meanwhile)
-    check_output_path(dst, options.overwrite)
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise OutputError(f"{dst}: output would overwrite the input")
-    info = probe(src)
-    options, choice, engine = _prepare_engine(preset, options)
-    notes = [f"engine: {choice.name} ({choice.reason})"]
-    if info.field_order != "progressive" and choice.name == "diffusion":
-        notes.append("interlaced source: diffusion sees whole frames, whose two fields are different "
-                      "moments; deinterlace it first (e.g. ffmpeg -vf bwdif) for clean results")
-    if info.colour.assumed:
-        notes.append(f"colour {'/'.join(info.colour.assumed)} untagged: assumed "
-                     f"{info.colour.matrix_name} {'full' if info.colour.full_range else 'limited'} range")
-    # 2. prepare stages
-    work = None
-    if engine is not None and options.resume and _room_for_resume(info, dst, notes):
-        work = WorkFolder(dst, run_key(input=file_identity(src), prompt=preset.prompt,
-                                       diffusion=preset.diffusion, models=options.models,
-                                       settings=engine.settings, detector=options.detector))
-        work.open()
-    grader = Grader(preset.grade, info.display_size, seed=options.seed)
-    detector = SceneDetector(options.detector)
-    meter = TemporalMeter(options.metric_width, background=True) if options.metrics else None
-    boundaries: list = []
-    pts = array("q")
-    pending: deque[Frame] = deque()
-    done = concealed = 0
-
-    starts: list[int] = []  # boundary frames; the detector emits them in increasing order
-
-    def found(new: list) -> None:
-        boundaries.extend(new)
-        starts.extend(b.frame for b in new)
-
-    def scene_of(index: int) -> int:
-        return bisect.bisect_right(starts, index)
-
-    def render(chunk: list[Frame], scene: int, writer: VideoWriter) -> None:
-        nonlocal done
+        # 1. check inputs before any work (the output again: another run may have finished it meanwhile)
+        check_output_path(dst, options.overwrite)
+        if dst.exists() and dst.resolve() == src.resolve():
+            raise OutputError(f"{dst}: output would overwrite the input")
+        info = probe(src)
+        # 2. resolve options once, choose the renderer, keep finished scenes where it pays
+        options, choice = resolve_options(preset, options)
+        notes = _notes(info, choice)
+        renderer = renderer_for(preset, options, choice, info.display_size)
+        work = _work_folder(src, dst, info, preset, options, choice, notes)
         if work is not None:
-            work.begin(scene)
-        if work is not None and work.has(scene):
-            out = work.read(scene, len(chunk))
-        elif engine is not None:
-            out = engine.render(np.stack([f.rgb for f in chunk]), scene)
+            renderer = ResumingRenderer(renderer, work)
+        meter = TemporalMeter(options.metric_width, background=True) if options.metrics else None
+        stream = SceneStream(read_frames(info, notes=notes), renderer.run_length, options.detector)
+        times, concealed = [], 0
+        # 3. one streaming pass: scene runs → renderer → writer (and the meter)
+        try:
+            with VideoWriter(dst, info, options.encode, overwrite=options.overwrite, audio=options.audio,
+                             comment=output_comment(preset)) as writer:
+                for run in stream:
+                    out = renderer.render([f.rgb for f in run.items], run.scene, run.start)
+                    lock.check()
+                    for f, o in zip(run.items, out):
+                        interrupt.check()
+                        writer.write(o, f.pts, f.duration)
+                        if meter is not None:
+                            meter.add(run.scene, f.rgb, o)
+                        times.append(float(f.pts * info.time_base))
+                        concealed += f.concealed
+                    if progress:
+                        progress(len(times), info.frame_count, None)
+                if not times:
+                    raise InputFileError(f"{src}: contains no decodable video frames")
+                if work is not None:
+                    work.finish()
+                writer.commit()
+                notes += writer.notes
+        except BaseException:
             if work is not None:
-                try:
-                    work.record(scene, out)
-                except OSError as ex:  # a full disk, mostly: say where, and how to run without it
-                    raise OutputError(f"{work.path}: cannot keep finished scenes for resume ({ex}); "
-                                      "free some space or use --no-resume") from ex
-        else:
-            out = [f.rgb for f in chunk]  # the grade engine streams frame by frame: no copies
-        if not grader.is_identity:
-            out = grader.grade_many(zip(out, (f.index for f in chunk)))
-        lock.check()
-        for f, o in zip(chunk, out):
-            interrupt.check()
-            writer.write(o, f.pts, f.duration)
+                work.abandon()  # finished scenes stay for the next run; the unfinished one goes
+            raise
+        finally:
+            renderer.close()
             if meter is not None:
-                meter.add(scene, f.rgb, o)
-        done += len(chunk)
-        if progress:
-            progress(done, info.frame_count, None)
-
-    def flush(writer: VideoWriter, settled: int, final: bool) -> None:
-        """Hand settled frames on in chunks that never cross a scene boundary."""
-        while pending and pending[0].index < settled:
-            scene = scene_of(pending[0].index)
-            run = []
-            for f in pending:
-                if f.index >= settled or scene_of(f.index) != scene or len(run) == options.chunk:
-                    break
-                run.append(f)
-            scene_ends = len(run) < len(pending) and scene_of(pending[len(run)].index) != scene
-            if len(run) < options.chunk and not scene_ends and not final:
-                return  # wait for a full chunk
-            for _ in run:
-                pending.popleft()
-            render(run, scene, writer)
-
-    # 3. one streaming pass
-    try:
-        with VideoWriter(dst, info, options.encode, overwrite=options.overwrite, audio=options.audio,
-                         comment=output_comment(preset)) as writer:
-            for frame in read_frames(info, notes=notes):
-                interrupt.check()
-                concealed += frame.concealed
-                pending.append(frame)
-                pts.append(frame.pts)
-                found(detector.push(frame.rgb))
-                flush(writer, detector.settled, final=False)
-            found(detector.finish())
-            flush(writer, len(pts), final=True)
-            if not pts:
-                raise InputFileError(f"{src}: contains no decodable video frames")
-            if work is not None:
-                work.finish()
-            writer.commit()
-            notes += writer.notes
-    except BaseException:
+                meter.close()  # also after a failure: the measuring thread must not outlive the run
         if work is not None:
-            work.abandon()  # finished scenes stay for the next run; the unfinished one goes
-        raise
-    finally:
-        grader.close()
-        if meter is not None:
-            meter.close()  # also after a failure: the measuring thread must not outlive the run
-    if work is not None:
-        if work.damaged:
-            notes.append(f"resume: kept scene(s) {', '.join(str(k + 1) for k in work.damaged)} failed their "
-                         "checksum and were rendered again")
-        if work.reused:
-            notes.append(f"resumed: {len(work.reused)} finished scene(s) reused from {work.path.name}")
-        work.remove()
+            notes += work.close()
     # 4. report
-    scenes = scenes_from_boundaries(boundaries, len(pts))
-    tb = info.time_base
-    times = [float(p * tb) for p in pts]
-    step = (times[-1] - times[-2]) if len(times) > 1 else float(1 / info.fps)
     report = None
     if meter is not None:
         meter.finish()
-        report = build_report(meter, scenes, times, times[-1] + step, str(src), str(dst),
+        report = build_report(meter, stream.scenes, times, _end(times, info), str(src), str(dst),
                               choice.name, preset.name, grain=preset.grade.grain, concealed_frames=concealed)
     warnings = ()
     if concealed:
         warnings = (f"{src}: {concealed} frame{'s' if concealed > 1 else ''} could not be decoded and "
                     f"{'were' if concealed > 1 else 'was'} replaced by the previous frame",)
     return StylizeResult(input=src, output=dst, engine=choice.name, engine_reason=choice.reason,
-                         frames=len(pts), scenes=tuple(scenes), report=report, notes=tuple(notes),
+                         frames=len(times), scenes=tuple(stream.scenes), report=report, notes=tuple(notes),
                          seconds=time.perf_counter() - t0, concealed_frames=concealed, warnings=warnings)
 
 
-# -- preview ---------------------------------------------------------------------------------
+def _end(times: list[float], info: VideoInfo) -> float:
+    """The video's end: its last frame's time plus one frame step."""
+    if not times:
+        return 0.0
+    return times[-1] + ((times[-1] - times[-2]) if len(times) > 1 else float(1 / info.fps))
+
+
+# -- scenes and preview ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SceneList:
+    input: Path
+    frames: int
+    scenes: tuple[Scene, ...]
+    rows: tuple[dict, ...]  # `cinefx.scenes.scene_rows`: what `cinefx scenes` prints, 1-based
+
+
+def list_scenes(src: str | os.PathLike, options: DetectorOptions = DetectorOptions()) -> SceneList:
+    """The scenes of `src`, found by the same scene stream as a render (on thumbnails: swscale
+    shrinks while converting, far cheaper than full RGB)."""
+    src = Path(src)
+    info = probe(src)
+    frames = read_frames(info, size=thumbnail_size(info.width, info.height), exact=False)
+    stream = SceneStream(frames, 1, options)
+    times = [float(f.pts * info.time_base) for run in stream for f in run.items]
+    return SceneList(src, len(times), tuple(stream.scenes), tuple(scene_rows(stream.scenes, times, _end(times, info))))
+
 
 @dataclass(frozen=True)
 class PreviewResult:
@@ -273,64 +282,31 @@ def preview_file(src: str | os.PathLike, png: str | os.PathLike, preset: Preset,
     contact-sheet PNG: a look check in seconds instead of a full render."""
     from cinefx.sheet import contact_sheet, write_png
 
-    t0 = time.perf_counter()
-    src, png = Path(src), Path(png)
+    t0, src, png = time.perf_counter(), Path(src), Path(png)
     if png.suffix.lower() != ".png":
         raise OutputError(f"{png}: the preview is a PNG contact sheet; name it .png")
     if png.exists() and not options.overwrite:
         raise OutputError(f"{png}: exists; pass --overwrite to replace it")
     info = probe(src)
-    options, choice, engine = _prepare_engine(preset, options)
-    grader = Grader(preset.grade, info.display_size, seed=options.seed)
+    options, choice = resolve_options(preset, options)
+    renderer = renderer_for(preset, options, choice, info.display_size)
     offset = max(0, round(float(info.fps) / 2))
-    detector = SceneDetector(options.detector)
-    boundaries, starts, times = [], [0], []
-    waiting: deque[Frame] = deque()  # decoded, scene not yet settled (the detector's lookahead)
-    pick: dict[int, Frame] = {}  # the open scene → its frame nearest `offset` so far
+    stream = SceneStream(read_frames(info), renderer.run_length, options.detector)
     images, captions = [], []
-
-    def kind_of(scene: int) -> str:
-        return "start" if scene == 0 else boundaries[scene - 1].kind
-
-    def shoot(scene: int) -> None:
-        f = pick.pop(scene)
-        out = f.rgb[None]
-        if engine is not None:
-            out = engine.render(out, scene)
-        out = out if grader.is_identity else grader(out, f.index)
-        images.append(out[0])
-        captions.append(f"scene {scene + 1} - {times[f.index]:.2f}s - {kind_of(scene)}")
-
-    def settle(upto: int) -> None:
-        while waiting and waiting[0].index < upto:
-            f = waiting.popleft()
-            scene = bisect.bisect_right(starts, f.index) - 1
-            for done in [k for k in pick if k < scene]:
-                shoot(done)
-            if f.index - starts[scene] <= offset:
-                pick[scene] = f
-
     try:
-        for frame in read_frames(info):
-            times.append(float(frame.pts * info.time_base))
-            waiting.append(frame)
-            for b in detector.push(frame.rgb):
-                starts.append(b.frame)
-                boundaries.append(b)
-            settle(detector.settled)
-        for b in detector.finish():
-            starts.append(b.frame)
-            boundaries.append(b)
-        settle(len(times))
-        if not times:
-            raise InputFileError(f"{src}: contains no decodable video frames")
-        for k in sorted(pick):
-            shoot(k)
+        for run in stream:
+            k = min(offset - run.at, len(run.items) - 1)
+            if k < 0 or (k < offset - run.at and not run.last):
+                continue  # the scene's pick is in an earlier run, or a later one
+            f = run.items[k]
+            images.append(next(iter(renderer.render(f.rgb[None], run.scene, f.index))))
+            captions.append(f"scene {run.scene + 1} - {float(f.pts * info.time_base):.2f}s - {run.kind}")
     finally:
-        grader.close()
-    scenes = scenes_from_boundaries(boundaries, len(times))
+        renderer.close()
+    if not stream.count:
+        raise InputFileError(f"{src}: contains no decodable video frames")
     write_png(contact_sheet(images, captions), png)
-    return PreviewResult(src, png, choice.name, tuple(scenes), (f"engine: {choice.name} ({choice.reason})",),
+    return PreviewResult(src, png, choice.name, tuple(stream.scenes), (f"engine: {choice.name} ({choice.reason})",),
                          time.perf_counter() - t0)
 
 

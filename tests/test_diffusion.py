@@ -394,7 +394,7 @@ def test_engines_sharing_loaded_models_keep_their_own_adapters(tiny_bundle, slow
     a2 = a.render(frames, 0)
 
     def alone(preset):
-        monkeypatch.setattr(E, "_loaded", {})  # a fresh load from disk
+        monkeypatch.setattr(E, "MODELS", E.ModelCache())  # a fresh load from disk
         return build_diffusion_engine(preset, spec, EngineSettings()).render(frames, 0)
 
     assert np.array_equal(b1, alone(plain))

@@ -18,7 +18,7 @@ from cinefx.controls import EXTRACTORS
 from cinefx.diffusion.adapters import apply_adapters
 from cinefx.diffusion.noise import NoiseCarry, initial_noise
 from cinefx.diffusion.pipeline import Anchors, TemporalControlPipeline
-from cinefx.engines import EngineSettings
+from cinefx.renderers import EngineSettings
 from cinefx.presets import Preset, prompt_text
 
 

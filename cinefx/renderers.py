@@ -1,0 +1,85 @@
+"""Renderers: one interface for every engine, `render(frames, scene, start) -> frames`.
+
+`frames` are one run of a scene in display order ((F, H, W, 3) uint8, or a sequence of (H, W, 3)
+uint8 frames), `scene` the scene's 0-based index and `start` the index of `frames[0]` in the video;
+the result has the same count and shape. State that must not cross a cut (diffusion anchors, the
+noise prior's carry) resets when `scene` changes. `run_length` is how many frames a renderer wants
+per call: the scene stream cuts runs of that length from each scene's first frame, so a scene's
+result never depends on how much memory the caller has. The registry (`cinefx.engines.RENDERERS`)
+maps engine names to these classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from cinefx.grade.grader import Grader
+from cinefx.presets import Preset
+
+# Frames per run for a renderer that has no preference of its own: bounds memory to one run.
+RUN_FRAMES = 48
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the diffusion engine runs, as opposed to the look the preset asks for."""
+
+    seed: int = 0
+    size: int = 0  # short side of the render in pixels; 0 = the model's native size (512 for SD1.5)
+    batch: int = 0  # frames per pipeline call; 0 = the preset's chunk, capped by free GPU memory
+    scheduler: str = "dpm++"
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16
+
+
+class Renderer(Protocol):
+    name: str
+    run_length: int
+
+    def render(self, frames: Sequence[np.ndarray], scene: int, start: int) -> Sequence[np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+class GradeRenderer:
+    """The preset's grade, frame by frame: frames are neither stacked nor copied on the way in,
+    and come back as an iterator, graded a few frames ahead on worker threads (`Grader.grade_many`).
+    An identity grade hands the frames back as they are."""
+
+    name = "grade"
+    needs_model = False
+
+    def __init__(self, preset: Preset, size: tuple[int, int], seed: int, engine=None):
+        self.grader = Grader(preset.grade, size, seed=seed)
+        self.run_length = RUN_FRAMES
+
+    def render(self, frames: Sequence[np.ndarray], scene: int, start: int) -> Iterator[np.ndarray] | Sequence[np.ndarray]:
+        if self.grader.is_identity:
+            return frames
+        return self.grader.grade_many(zip(frames, range(start, start + len(frames))))
+
+    def close(self) -> None:
+        self.grader.close()
+
+
+class DiffusionRenderer(GradeRenderer):
+    """The diffusion engine (`cinefx.diffusion.engine.DiffusionEngine`), then the preset's grade.
+    Runs are whole multiples of the engine's batch, at least `RUN_FRAMES` when the batch is smaller,
+    so batches fall at the same frames of a scene however runs are cut: a preset's chunk is never
+    capped by the run length."""
+
+    name = "diffusion"
+    needs_model = True
+
+    def __init__(self, preset: Preset, size: tuple[int, int], seed: int, engine=None):
+        super().__init__(preset, size, seed)
+        self.engine = engine
+        batch = engine.settings.batch or preset.diffusion.chunk
+        self.run_length = batch * max(1, RUN_FRAMES // batch)
+
+    def render(self, frames: Sequence[np.ndarray], scene: int, start: int) -> Sequence[np.ndarray]:
+        stacked = frames if isinstance(frames, np.ndarray) else np.stack(frames)
+        return super().render(self.engine.render(stacked, scene), scene, start)

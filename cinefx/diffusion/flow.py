@@ -35,15 +35,14 @@ def backward_flow(a: np.ndarray, b: np.ndarray, size: tuple[int, int] | None = N
     return flow
 
 
-def warp(img: np.ndarray, flow: np.ndarray, nearest: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def warp(img: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pull `img` (h, w, ...) along `flow` (h, w, 2). Returns (warped, valid) where `valid` marks
     pixels whose source lies inside the image."""
     h, w = flow.shape[:2]
     gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
     mx, my = gx + flow[..., 0], gy + flow[..., 1]
     valid = (mx >= -0.5) & (mx <= w - 0.5) & (my >= -0.5) & (my <= h - 0.5)
-    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-    out = cv2.remap(img, mx, my, interp, borderMode=cv2.BORDER_REPLICATE)
+    out = cv2.remap(img, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return out, valid
 
 

@@ -137,6 +137,7 @@ def scene_otio(scenes: Sequence[Scene], timing: Timing, source: str | os.PathLik
     first, _ = parse_timecode(timing.start_timecode, timing.fps)
     stem = Path(source).stem if source else "scenes"
     total = scenes[-1].end if scenes else 0
+    url = Path(source).absolute().as_uri() if source else ""
 
     def span(start: int, frames: int):
         return otio.opentime.TimeRange(otio.opentime.RationalTime(first + start, rate),
@@ -145,8 +146,8 @@ def scene_otio(scenes: Sequence[Scene], timing: Timing, source: str | os.PathLik
     timeline = otio.schema.Timeline(name=name or stem, global_start_time=otio.opentime.RationalTime(first, rate))
     track = otio.schema.Track(name="Video 1", kind=otio.schema.TrackKind.Video)
     for s in scenes:
-        media = (otio.schema.ExternalReference(target_url=Path(source).absolute().as_uri(), available_range=span(0, total))
-                 if source else otio.schema.MissingReference())
+        media = (otio.schema.ExternalReference(target_url=url, available_range=span(0, total)) if url
+                 else otio.schema.MissingReference())
         track.append(otio.schema.Clip(
             name=f"{stem} scene {s.index + 1}", media_reference=media, source_range=span(s.start, s.frames),
             metadata={"cinefx": {"scene": s.index, "kind": s.kind, "start_frame": s.start, "end_frame": s.end,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from fractions import Fraction
 
+import opentimelineio as otio
 import pytest
 
 from cinefx.errors import OptionError
@@ -70,7 +71,6 @@ def test_csv_times_follow_variable_frame_rate():
 @pytest.mark.parametrize("fps,tc", [(NTSC, "01:00:00:00"), (Fraction(30000, 1001), "00:59:59;28"),
                                     (Fraction(25), "10:00:00:00")])
 def test_edl_loads_in_otio_cmx_adapter(tmp_path, fps, tc):
-    otio = pytest.importorskip("opentimelineio")
     path = write_scene_list(tmp_path / "scenes.edl", SCENES, Timing(fps, start_timecode=tc), tmp_path / "clip.mov")
     text = path.read_text()
     assert ("FCM: DROP FRAME" in text) == (";" in tc)
@@ -84,7 +84,6 @@ def test_edl_loads_in_otio_cmx_adapter(tmp_path, fps, tc):
 
 
 def test_otio_loads_back_with_kinds(tmp_path):
-    otio = pytest.importorskip("opentimelineio")
     source = tmp_path / "clip.mov"
     path = write_scene_list(tmp_path / "scenes.otio", SCENES, Timing(NTSC, start_timecode="01:00:00:00"), source)
     timeline = otio.adapters.read_from_file(str(path))
@@ -97,9 +96,10 @@ def test_otio_loads_back_with_kinds(tmp_path):
 
 
 def test_timecode_agrees_with_opentimelineio_drop_frame_included():
-    ot = pytest.importorskip("opentimelineio").opentime
+    ot = otio.opentime
     rng = random.Random(3)
-    for fps, drop in [(Fraction(30000, 1001), True), (Fraction(60000, 1001), True), (NTSC, False), (Fraction(25), False)]:
+    rates = [(Fraction(30000, 1001), True), (Fraction(60000, 1001), True), (NTSC, False), (Fraction(25), False)]
+    for fps, drop in rates:
         # minute and ten-minute edges, where drop-frame skips (or does not skip) labels
         for n in [0, 1, 1799, 1800, 17981, 17982, 17983, 107892] + [rng.randrange(2_000_000) for _ in range(300)]:
             tc = format_timecode(n, fps, drop)

@@ -165,6 +165,7 @@ def stylize(
     report: Annotated[Optional[Path], typer.Option(help="Write the temporal report as JSON (a folder in batch mode).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a per-frame PSNR / T-SSIM plot PNG (a folder in batch mode).")] = None,
     no_metrics: Annotated[bool, typer.Option("--no-metrics", help="Skip the temporal report (faster).")] = False,
+    warp_error: Annotated[Optional[bool], typer.Option("--warp-error/--no-warp-error", help="Add flow warping error to the report (default: on for diffusion; off for grade, where the optical flow costs more than the grade).", show_default=False)] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Diffusion: keep no finished scenes beside the output (no disk used; a crash starts over).", rich_help_panel="Diffusion")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the batch summary.")] = False,
 ):
@@ -193,7 +194,7 @@ def stylize(
             engine=engine, models=_model_spec(model, controlnet, depth_model, annotators, allow_pickle),
             diffusion=EngineSettings(size=size, batch=batch, scheduler=scheduler, precision=precision),
             encode=EncodeOptions(crf=crf, x264_preset=x264_preset), overwrite=overwrite, seed=seed,
-            metrics=not no_metrics, resume=not no_resume)
+            metrics=not no_metrics, warp_error=warp_error, resume=not no_resume)
         if preview is not None:
             _preview(inputs, preview, look, options)
         else:
@@ -341,6 +342,83 @@ def _scenes(path: Path, as_json: bool):
         t.add_row(str(r["scene"]), r["kind"], f"{r['start_frame']}–{r['end_frame'] - 1}",
                   f"{r['start_time']:.3f}s", f"{r['end_time']:.3f}s")
     _console(stderr=False).print(t)
+
+
+@app.command("eval")
+def eval_(
+    source: Annotated[Path, typer.Argument(help="The source video (or, with --stills, the folder of generated images).")],
+    renders: Annotated[Optional[list[Path]], typer.Argument(help="Renders of the source: same frames, same timing.", show_default=False)] = None,
+    stills: Annotated[bool, typer.Option("--stills", help="Score a folder of images (CLIP-T, DINO) as DreamShot does, instead of videos.")] = False,
+    reference: Annotated[Optional[Path], typer.Option(help="--stills: folder of real images DINO compares against.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="--stills: prompts (metadata.jsonl, or one prompt for all) — default each image's .txt.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Prompt for CLIP-T (default: the one in each render's --report).")] = None,
+    report: Annotated[Optional[list[Path]], typer.Option(help="A render's stylize report JSON, once per render, in order.")] = None,
+    every: Annotated[int, typer.Option(help="Measure adjacent pairs (t, t+1) every N frames (a long clip on a CPU: 8-12).")] = 1,
+    no_models: Annotated[bool, typer.Option("--no-models", help="Only the measures that need no weights (warp error, PSNR, T-SSIM).")] = False,
+    captioner: Annotated[Optional[str], typer.Option(help="Captioner (default nlpconnect/vit-gpt2-image-captioning).", rich_help_panel="Models")] = None,
+    sentence_model: Annotated[Optional[str], typer.Option(help="Sentence encoder (default sentence-transformers/all-MiniLM-L6-v2).", rich_help_panel="Models")] = None,
+    dino: Annotated[Optional[str], typer.Option(help="DINO model (default facebook/dino-vits16).", rich_help_panel="Models")] = None,
+    clip: Annotated[Optional[str], typer.Option(help="CLIP model (default openai/clip-vit-large-patch14).", rich_help_panel="Models")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled weights (they can run code).", rich_help_panel="Models")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="Write every figure as JSON.")] = None,
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="Write per-scene rows as CSV.")] = None,
+):
+    """Measure renders against their source: warp error, PSNR/T-SSIM Δ, CLIP consistency, content similarity, DINO, CLIP-T."""
+
+    def run():
+        from cinefx.config import model_defaults
+        from cinefx.errors import OptionError
+
+        cfg = model_defaults()
+        given = {"captioner": captioner, "sentence": sentence_model, "dino": dino, "clip": clip}
+        from cinefx.eval import EvalModelSpec
+
+        spec = EvalModelSpec(**{**dict(cfg.eval), **{k: v for k, v in given.items() if v}},
+                             allow_pickle=allow_pickle or cfg.allow_pickle)
+        if stills:
+            if renders:
+                raise OptionError("--stills takes one folder of images, not renders")
+            _eval_stills(source, reference, prompts, spec, device, as_json, csv)
+        else:
+            if not renders:
+                raise OptionError("name one or more renders of the source (or use --stills for images)")
+            _eval_videos(source, renders, prompt, report, every, None if no_models else spec, device, as_json, csv)
+
+    _run(run)
+
+
+def _eval_videos(source, renders, prompt, reports, every, spec, device, as_json, csv):
+    from cinefx.eval import evaluate
+    from cinefx.eval.table import render_table, write_csv, write_json
+
+    progress = _Progress(source.name, 0)
+    try:
+        ev = evaluate(source, renders, prompt=prompt, reports=reports or None, models=spec, every=every,
+                      device=device, progress=progress)
+    finally:
+        progress.close()
+    for note in ev.notes:
+        _info(note)
+    _console(stderr=False).print(render_table(ev))
+    if as_json:
+        write_json(ev, as_json)
+    if csv:
+        write_csv(ev, csv)
+
+
+def _eval_stills(folder, reference, prompts, spec, device, as_json, csv):
+    from cinefx.eval import evaluate_stills
+    from cinefx.eval.table import render_stills_table, write_stills_csv, write_stills_json
+
+    ev = evaluate_stills(folder, reference, prompts, models=spec, device=device)
+    for note in ev.notes:
+        _info(note)
+    _console(stderr=False).print(render_stills_table(ev))
+    if as_json:
+        write_stills_json(ev, as_json)
+    if csv:
+        write_stills_csv(ev, csv)
 
 
 @app.command()

@@ -9,6 +9,11 @@
     allow_pickle = false
     [models.controlnets]
     canny = "/models/control_v11p_sd15_canny"
+    [models.eval]                              # `cinefx eval`'s models (folders or hub ids)
+    captioner = "/models/vit-gpt2-image-captioning"
+    sentence = "/models/all-MiniLM-L6-v2"
+    dino = "/models/dino-vits16"
+    clip = "/models/clip-vit-large-patch14"
 
 Precedence, highest first: the command line, ``$CINEFX_MODEL`` (base model only), this file,
 companions found inside a local base model folder, the well-known hub ids. Relative paths are
@@ -35,6 +40,7 @@ class ModelDefaults:
     depth: str | None = None
     annotators: str | None = None
     allow_pickle: bool = False
+    eval: tuple[tuple[str, str], ...] = ()  # role → folder or hub id, for `cinefx eval`
 
 
 def field_default(module: str, cls: str, name: str):
@@ -102,7 +108,16 @@ def model_defaults() -> ModelDefaults:
                     raise ConfigError(f"{at}: models.controlnets.{clip_text(kind)}: unknown control "
                                       f"(known: {', '.join(CONTROLNETS)})")
             out[key] = tuple((k, where(f"controlnets.{k}", v)) for k, v in value.items())
+        elif key == "eval":
+            roles = ("captioner", "sentence", "dino", "clip")
+            if not isinstance(value, dict):
+                raise ConfigError(f"{at}: models.eval must be a table of role = model")
+            for role in value:
+                if role not in roles:
+                    raise ConfigError(f"{at}: models.eval.{clip_text(role)}: unknown model "
+                                      f"(known: {', '.join(roles)})")
+            out[key] = tuple((k, where(f"eval.{k}", v)) for k, v in value.items())
         else:
             raise ConfigError(f"{at}: unknown key models.{clip_text(key)} (expected base, controlnets, depth, "
-                              "annotators, allow_pickle)")
+                              "annotators, allow_pickle, eval)")
     return ModelDefaults(**out)

@@ -30,6 +30,8 @@ class SceneReport:
     pairs: int
     input: Measure
     output: Measure
+    warp_input: float | None = None  # flow warping error (Lai et al. 2018), when measured
+    warp_output: float | None = None
 
     @property
     def delta_psnr(self) -> float | None:
@@ -38,6 +40,10 @@ class SceneReport:
     @property
     def delta_tssim(self) -> float | None:
         return _sub(self.output.tssim, self.input.tssim)
+
+    @property
+    def delta_warp(self) -> float | None:
+        return _sub(self.warp_output, self.warp_input)
 
 
 @dataclass(frozen=True)
@@ -53,21 +59,31 @@ class Report:
     per_pair: tuple[tuple[int, float, float, float, float], ...]  # (frame, in psnr, out psnr, in ssim, out ssim)
     grain: float = 0.0  # the grade's film grain strength: new noise every frame, so it lowers output PSNR
     concealed_frames: int = 0  # input frames that could not be decoded, replaced by the previous one
+    warp_input: float | None = None  # overall flow warping error; None when not measured (--warp-error)
+    warp_output: float | None = None
+    prompt: str = ""  # the diffusion prompt (what `cinefx eval` scores CLIP-T against)
+
+    @property
+    def warped(self) -> bool:
+        return self.warp_input is not None
 
     @property
     def grain_note(self) -> str:
         if not self.grain:
             return ""
         return (f"the output's film grain (strength {self.grain:g}) is new in every frame, as on film, and "
-                "lowers its PSNR by design; --grain 0 measures the render without it")
+                "lowers its PSNR and raises its warp error by design; --grain 0 measures the render without it")
 
     def to_json(self) -> dict:
         d = asdict(self)
         for s, sr in zip(d["scenes"], self.scenes):
-            s["delta_psnr"], s["delta_tssim"] = sr.delta_psnr, sr.delta_tssim
+            s["delta_psnr"], s["delta_tssim"], s["delta_warp"] = sr.delta_psnr, sr.delta_tssim, sr.delta_warp
+        d["delta_warp"] = _sub(self.warp_output, self.warp_input)
         d["per_pair"] = [[f, _finite(a), _finite(b), c, e] for f, a, b, c, e in self.per_pair]
         d["notes"] = ("PSNR in dB over adjacent frames within a scene, identical pairs excluded and "
-                      "counted; T-SSIM: Gaussian-window SSIM (sigma 1.5, data_range 255) of adjacent frames"
+                      "counted; T-SSIM: Gaussian-window SSIM (sigma 1.5, data_range 255) of adjacent frames; "
+                      "warp: flow warping error (Lai et al. 2018) along the input's DIS flow, intensities in [0, 1], "
+                      "occluded pixels excluded; lower is better, null when not measured"
                       + (f"; {self.grain_note}" if self.grain else ""))
         return d
 
@@ -93,22 +109,29 @@ def _measure(series: list[Series]) -> Measure:
 
 def build_report(meter: TemporalMeter, scenes: list[Scene], times: list[float], end_time: float,
                  input: str, output: str, engine: str, preset: str, grain: float = 0.0,
-                 concealed_frames: int = 0) -> Report:
-    """times[i]: display time of frame i in seconds; end_time: when the last frame ends."""
+                 concealed_frames: int = 0, warp=None, prompt: str = "") -> Report:
+    """times[i]: display time of frame i in seconds; end_time: when the last frame ends; `warp`:
+    a finished `cinefx.eval.warp.WarpMeter` fed the same frames, or None."""
     rows, per_pair = [], []
+    warps = warp.scenes() if warp is not None else {}
     for sc in scenes:
         si, so = meter.series.get(sc.index, (Series(), Series()))
+        w = warps.get(sc.index)
         rows.append(SceneReport(
             index=sc.index, kind=sc.kind, start_frame=sc.start, end_frame=sc.end,
             start_time=times[sc.start], end_time=times[sc.end] if sc.end < len(times) else end_time,
-            pairs=len(si.psnr), input=_measure([si]), output=_measure([so])))
+            pairs=len(si.psnr), input=_measure([si]), output=_measure([so]),
+            warp_input=w.source if w else None, warp_output=w.output if w else None))
         for k in range(len(si.psnr)):
             per_pair.append((sc.start + k + 1, si.psnr[k], so.psnr[k], si.tssim[k], so.tssim[k]))
+    overall = warp.overall([s.index for s in scenes]) if warp is not None else None
     all_in = [meter.series[s.index][0] for s in scenes if s.index in meter.series]
     all_out = [meter.series[s.index][1] for s in scenes if s.index in meter.series]
     return Report(input=input, output=output, engine=engine, preset=preset, metric_size=meter.size,
                   scenes=tuple(rows), overall_input=_measure(all_in), overall_output=_measure(all_out),
-                  per_pair=tuple(per_pair), grain=grain, concealed_frames=concealed_frames)
+                  per_pair=tuple(per_pair), grain=grain, concealed_frames=concealed_frames,
+                  warp_input=overall.source if overall else None, warp_output=overall.output if overall else None,
+                  prompt=prompt)
 
 
 def _fmt(v: float | None, digits: int = 2, signed: bool = False) -> str:
@@ -123,22 +146,34 @@ def render_table(report: Report):
     from rich.table import Table
 
     t = Table(title=escape(f"Temporal consistency — {Path(report.output).name} ({report.engine}, {report.preset})"),
-              caption=("adjacent-frame PSNR (dB) and T-SSIM within scenes; Δ = output − input, ≈ 0 is ideal"
+              caption=("adjacent-frame PSNR (dB) and T-SSIM within scenes"
+                       + ("; warp: flow warping error ×1000, lower is better" if report.warped else "")
+                       + "; Δ = output − input, ≈ 0 is ideal"
                        + (f"\n{escape(report.grain_note)}" if report.grain else "")))
-    for col, just in (("scene", "right"), ("kind", "left"), ("time", "left"), ("frames", "right"),
-                      ("PSNR in", "right"), ("PSNR out", "right"), ("Δ", "right"),
-                      ("T-SSIM in", "right"), ("T-SSIM out", "right"), ("Δ", "right")):
+    columns = (("scene", "right"), ("kind", "left"), ("time", "left"), ("frames", "right"),
+               ("PSNR in", "right"), ("PSNR out", "right"), ("Δ", "right"),
+               ("T-SSIM in", "right"), ("T-SSIM out", "right"), ("Δ", "right"))
+    if report.warped:
+        columns += (("warp in", "right"), ("warp out", "right"), ("Δ", "right"))
+    for col, just in columns:
         t.add_column(col, justify=just)
+
+    def warp_cells(a, b):
+        if not report.warped:
+            return ()
+        cell = lambda v, sign="": "–" if v is None else f"{v * 1000:{sign}.2f}"  # noqa: E731
+        return cell(a), cell(b), cell(_sub(b, a), "+")
+
     for s in report.scenes:
         t.add_row(str(s.index + 1), s.kind, f"{s.start_time:6.2f}–{s.end_time:.2f}s",
                   str(s.end_frame - s.start_frame), _fmt(s.input.psnr), _fmt(s.output.psnr),
                   _fmt(s.delta_psnr, signed=True), _fmt(s.input.tssim, 3), _fmt(s.output.tssim, 3),
-                  _fmt(s.delta_tssim, 3, signed=True))
+                  _fmt(s.delta_tssim, 3, signed=True), *warp_cells(s.warp_input, s.warp_output))
     i, o = report.overall_input, report.overall_output
     t.add_row("all", "", "", str(sum(s.end_frame - s.start_frame for s in report.scenes)),
               _fmt(i.psnr), _fmt(o.psnr), _fmt(_sub(o.psnr, i.psnr), signed=True),
               _fmt(i.tssim, 3), _fmt(o.tssim, 3), _fmt(_sub(o.tssim, i.tssim), 3, signed=True),
-              style="bold")
+              *warp_cells(report.warp_input, report.warp_output), style="bold")
     return t
 
 

@@ -27,7 +27,7 @@ from cinefx.diffusion.models import ModelSpec, with_user_defaults
 from cinefx.engines import EngineChoice, EngineSettings, build_renderer, choose_engine
 from cinefx.errors import CinefxError, InputFileError, MissingFileError, OptionError, OutputBusyError, OutputError
 from cinefx.metrics import DEFAULT_METRIC_WIDTH, TemporalMeter
-from cinefx.presets import Preset
+from cinefx.presets import Preset, prompt_text
 from cinefx.report import Report, build_report
 from cinefx.resume import OutputLock, ResumingRenderer, WorkFolder, file_identity, run_key, space_needed
 from cinefx.scenes import DetectorOptions, Scene, SceneStream, scene_rows, thumbnail_size
@@ -55,6 +55,9 @@ class StylizeOptions:
     overwrite: bool = False
     seed: int = 0
     metrics: bool = True
+    # flow warping error in the report: None = the engine's default (on for diffusion, whose
+    # renders it judges; off for the grade engine, where DIS flow costs more than the grade itself)
+    warp_error: bool | None = None
     metric_width: int = DEFAULT_METRIC_WIDTH
     audio: bool = True
     resume: bool = True  # diffusion: keep finished scenes beside the output and reuse them on a re-run
@@ -189,6 +192,7 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
         if work is not None:
             renderer = ResumingRenderer(renderer, work)
         meter = TemporalMeter(options.metric_width, background=True) if options.metrics else None
+        warp = _warp_meter(options, choice)
         stream = SceneStream(read_frames(info, notes=notes), renderer.run_length, options.detector)
         times, concealed = [], 0
         # 3. one streaming pass: scene runs → renderer → writer (and the meter)
@@ -203,6 +207,8 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
                         writer.write(o, f.pts, f.duration)
                         if meter is not None:
                             meter.add(run.scene, f.rgb, o)
+                        if warp is not None:
+                            warp.add(run.scene, f.rgb, o)
                         times.append(float(f.pts * info.time_base))
                         concealed += f.concealed
                     if progress:
@@ -219,16 +225,20 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
             raise
         finally:
             renderer.close()
-            if meter is not None:
-                meter.close()  # also after a failure: the measuring thread must not outlive the run
+            for m in (meter, warp):
+                if m is not None:
+                    m.close()  # also after a failure: the measuring threads must not outlive the run
         if work is not None:
             notes += work.close()
     # 4. report
     report = None
     if meter is not None:
         meter.finish()
+        if warp is not None:
+            warp.finish()
         report = build_report(meter, stream.scenes, times, _end(times, info), str(src), str(dst),
-                              choice.name, preset.name, grain=preset.grade.grain, concealed_frames=concealed)
+                              choice.name, preset.name, grain=preset.grade.grain, concealed_frames=concealed,
+                              warp=warp, prompt=prompt_text(preset) if choice.name == "diffusion" else "")
     warnings = ()
     if concealed:
         warnings = (f"{src}: {concealed} frame{'s' if concealed > 1 else ''} could not be decoded and "
@@ -236,6 +246,16 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
     return StylizeResult(input=src, output=dst, engine=choice.name, engine_reason=choice.reason,
                          frames=len(times), scenes=tuple(stream.scenes), report=report, notes=tuple(notes),
                          seconds=time.perf_counter() - t0, concealed_frames=concealed, warnings=warnings)
+
+
+def _warp_meter(options: StylizeOptions, choice: EngineChoice):
+    """A background flow-warping-error meter when the report wants one (see `warp_error`)."""
+    on = options.warp_error if options.warp_error is not None else choice.name == "diffusion"
+    if not (options.metrics and on):
+        return None
+    from cinefx.eval.warp import WarpMeter
+
+    return WarpMeter(options.metric_width, background=True)
 
 
 def _end(times: list[float], info: VideoInfo) -> float:

@@ -467,7 +467,10 @@ def train_preset(
     method: Annotated[str, typer.Option(help="lora | ti (textual inversion) | dreambooth-lora (with prior preservation) | pivotal (ti + lora).")] = field_default(*_T, "method"),
     model: Annotated[Optional[str], typer.Option(help="Base model: folder, .safetensors or hub id (default $CINEFX_MODEL, else SD1.5).")] = None,
     trigger: Annotated[Optional[str], typer.Option(help="Trigger word the look binds to (default <NAME>).")] = None,
-    caption: Annotated[str, typer.Option(help="Caption for images without a caption file; {trigger} is replaced.")] = "{trigger}, film still",
+    caption: Annotated[str, typer.Option(help="Caption for images without a caption file; {trigger} is replaced. 'auto' captions them with the eval captioner ([models.eval] captioner), the trigger prepended.")] = "{trigger}, film still",
+    save_captions: Annotated[bool, typer.Option("--save-captions", help="With --caption auto: write the captions beside the images as NAME.txt.")] = False,
+    captioner: Annotated[Optional[str], typer.Option(help="With --caption auto: captioner folder or hub id (default nlpconnect/vit-gpt2-image-captioning).")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled captioner weights (they can run code).")] = False,
     steps: Annotated[int, typer.Option(help="Training steps (0 = images × repeats × epochs ÷ batch).")] = field_default(*_T, "steps"),
     epochs: Annotated[int, typer.Option(help="Passes over the (repeated) images.")] = field_default(*_T, "epochs"),
     repeats: Annotated[int, typer.Option(help="Repeats per image per epoch (0 = the kohya folder's number, else 1).")] = field_default(*_T, "repeats"),
@@ -498,12 +501,17 @@ def train_preset(
     def run():
         import dataclasses
 
-        from cinefx.presets import user_dir
-        from cinefx.train.data import scan_dataset
-        from cinefx.train.export import export_preset, validation_sheet
         from cinefx.diffusion.models import ModelSpec, with_user_defaults
+        from cinefx.errors import OptionError
+        from cinefx.presets import user_dir
+        from cinefx.train.data import save_captions as write_captions
+        from cinefx.train.data import scan_dataset
+        from cinefx.train.export import check_name, export_preset, validation_sheet
         from cinefx.train.loop import TrainConfig, total_steps, train
 
+        check_name(name)  # before anything is written under the presets folder
+        if save_captions and caption != "auto":
+            raise OptionError("--save-captions writes the captions of --caption auto; add --caption auto")
         word = trigger or f"<{name}>"
         # the preset records the base it was trained on, also when it came from $CINEFX_MODEL or the config
         base = with_user_defaults(ModelSpec(base=model)).base or ""
@@ -514,9 +522,12 @@ def train_preset(
                           seed=seed, checkpoint_every=checkpoint_every, precision=precision,
                           class_prompt=class_prompt, class_images=class_images, prior_loss_weight=prior_loss_weight)
         cfg.check()
-        data = scan_dataset(stills, word, caption, min_side=min_side)
+        auto = _captioner(captioner, allow_pickle) if caption == "auto" else None
+        data = scan_dataset(stills, word, caption, min_side=min_side, captioner=auto)
         for note in data.notes:
             _info(f"{stills}: {note}")
+        if save_captions:
+            _info(f"{stills}: {_count(len(write_captions(data)), 'caption')} written beside the images")
         n = total_steps(cfg, data)
         per_epoch = sum(cfg.repeats or i.repeats for i in data.items)
         natural = total_steps(dataclasses.replace(cfg, steps=0), data)
@@ -528,6 +539,11 @@ def train_preset(
         try:
             host, state = train(cfg, data, work, resume=resume,
                                 progress=lambda done, total, loss: progress(done, total, f"loss {loss:.4f}"))
+        except KeyboardInterrupt:  # the loop saved a checkpoint at the stop: say how to go on
+            progress.close()
+            _console().print(f"cinefx: training stopped; its checkpoint is kept in {work} — run the same "
+                             "command with --resume to continue", markup=False)
+            raise
         finally:
             progress.close()
         toml = export_preset(host, cfg, state, folder, name)
@@ -542,6 +558,16 @@ def train_preset(
               f"{name if out is None else toml}")
 
     _run(run)
+
+
+def _captioner(model, allow_pickle):
+    """paths → captions, with the eval captioner (`--captioner`, else the config's, else the default)."""
+    from cinefx.config import model_defaults
+    from cinefx.eval import caption_images
+
+    cfg = model_defaults()
+    chosen = model or dict(cfg.eval).get("captioner")
+    return lambda paths: caption_images(paths, chosen, allow_pickle=allow_pickle or cfg.allow_pickle)
 
 
 @presets_app.callback()

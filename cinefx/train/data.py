@@ -5,15 +5,18 @@ Accepted layouts (checked in this order):
     imagefolder);
   - kohya-style ``N_name/`` subfolders, N being the repeat count, given as the parent or the leaf;
   - a plain folder of images.
-A caption comes from a same-name ``.txt`` or ``.caption`` file, else from the template (which names
-the trigger word), and the summary says how many used the template.
+A caption comes from a same-name ``.txt`` or ``.caption`` file, else from a captioner when one is
+given (``train-preset --caption auto``: the eval captioner, as DreamShot built its data set), else
+from the template (which names the trigger word); the summary says how many came from where.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +41,7 @@ class Item:
 class Dataset:
     items: tuple[Item, ...]
     notes: tuple[str, ...] = field(default=())
+    generated: tuple[Item, ...] = ()  # items whose caption the captioner wrote (`save_captions` keeps them)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -60,9 +64,10 @@ def _images(folder: Path) -> list[Path]:
 
 
 def scan_dataset(folder: str | Path, trigger: str, template: str = "{trigger}, film still",
-                 min_side: int = 256) -> Dataset:
-    """Find, caption and check every training image. Raises `InputFileError` naming the folder or
-    file when nothing usable is left."""
+                 min_side: int = 256, captioner: Callable[[Sequence[Path]], list[str]] | None = None) -> Dataset:
+    """Find, caption and check every training image. `captioner` (paths → one caption each)
+    captions the images that have none, instead of `template`. Raises `InputFileError` naming the
+    folder or file when nothing usable is left."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MissingFileError(f"{folder}: training folder not found")
@@ -88,7 +93,7 @@ def scan_dataset(folder: str | Path, trigger: str, template: str = "{trigger}, f
     if not found:
         raise InputFileError(f"{folder}: no training images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
 
-    items, unreadable, small, dupes, templated = [], [], [], [], 0
+    items, unreadable, small, dupes, templated = [], [], [], [], []
     seen: dict[str, Path] = {}
     for path, repeats, meta_caption in found:
         data = path.read_bytes() if path.is_file() else b""
@@ -109,20 +114,43 @@ def scan_dataset(folder: str | Path, trigger: str, template: str = "{trigger}, f
             caption = meta_caption
         else:
             caption, own = _caption_for(path, template, trigger)
-            templated += not own
+            if not own:
+                templated.append(len(items))
         if trigger and trigger not in caption:
             caption = f"{trigger}, {caption}"
         items.append(Item(path, caption, repeats, (w, h)))
+    generated = []
+    if captioner is not None and templated:
+        auto = captioner([items[k].path for k in templated])
+        for k, text in zip(templated, auto):
+            items[k] = dataclasses.replace(items[k], caption=f"{trigger}, {text}" if trigger else text)
+            generated.append(items[k])
     notes = [f"{len(items)} images used"]
     for what, paths in (("unreadable", unreadable), (f"smaller than {min_side} px", small), ("duplicates", dupes)):
         if paths:
             notes.append(f"{len(paths)} skipped as {what}: {', '.join(p.name for p in paths[:5])}"
                          + (" …" if len(paths) > 5 else ""))
-    if templated:
-        notes.append(f"{templated} without a caption file: captioned {template.format(trigger=trigger)!r}")
+    if generated:
+        notes.append(f"{len(generated)} without a caption file captioned automatically, e.g. "
+                     + "; ".join(repr(i.caption) for i in generated[:3]))
+    elif templated:
+        notes.append(f"{len(templated)} without a caption file: captioned {template.format(trigger=trigger)!r}")
     if not items:
         raise InputFileError(f"{folder}: no usable training images ({'; '.join(notes[1:])})")
-    return Dataset(tuple(items), tuple(notes))
+    return Dataset(tuple(items), tuple(notes), tuple(generated))
+
+
+def save_captions(data: Dataset) -> list[Path]:
+    """Write each generated caption beside its image as NAME.txt (where none exists), so the user
+    can read and correct them and the next run uses them as written."""
+    from cinefx.fsutil import write_text
+
+    out = []
+    for item in data.generated:
+        txt = item.path.with_suffix(".txt")
+        if not txt.exists():
+            out.append(write_text(txt, item.caption + "\n"))
+    return out
 
 
 def bucket_sizes(resolution: int, multiple: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:

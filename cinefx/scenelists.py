@@ -132,7 +132,7 @@ def scene_otio(scenes: Sequence[Scene], timing: Timing, source: str | os.PathLik
     try:
         import opentimelineio as otio
     except ImportError:
-        raise OptionError("an .otio scene list needs OpenTimelineIO: pip install 'cinefx[editors]'") from None
+        raise OptionError("an .otio scene list needs OpenTimelineIO: pip install opentimelineio (a cinefx dependency: reinstall cinefx)") from None
     rate = float(timing.fps)
     first, _ = parse_timecode(timing.start_timecode, timing.fps)
     stem = Path(source).stem if source else "scenes"

@@ -121,7 +121,7 @@ def _ocio():
         import PyOpenColorIO
     except ImportError:
         raise EngineUnavailableError("colour management needs OpenColorIO, which is not installed: "
-                                     "pip install 'cinefx[colour]'") from None
+                                     "pip install opencolorio (a cinefx dependency: reinstall cinefx)") from None
     return PyOpenColorIO
 
 

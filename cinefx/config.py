@@ -33,6 +33,9 @@ from cinefx.errors import ConfigError
 from cinefx.presets import clip_path, clip_text, is_file, read_toml
 
 
+EVAL_ROLES = ("captioner", "sentence", "dino", "clip")  # `cinefx eval`'s models (cinefx.eval.models)
+
+
 @dataclass(frozen=True)
 class ModelDefaults:
     base: str | None = None
@@ -98,25 +101,17 @@ def model_defaults() -> ModelDefaults:
                 raise ConfigError(f"{at}: models.allow_pickle = {clip_text(repr(value))}: "
                                   "must be true or false")
             out[key] = value
-        elif key == "controlnets":
+        elif key in ("controlnets", "eval"):
             from cinefx.controls import CONTROLNETS
 
+            known, what = (CONTROLNETS, "control") if key == "controlnets" else (EVAL_ROLES, "model")
             if not isinstance(value, dict):
-                raise ConfigError(f"{at}: models.controlnets must be a table of kind = model")
-            for kind in value:
-                if kind not in CONTROLNETS:
-                    raise ConfigError(f"{at}: models.controlnets.{clip_text(kind)}: unknown control "
-                                      f"(known: {', '.join(CONTROLNETS)})")
-            out[key] = tuple((k, where(f"controlnets.{k}", v)) for k, v in value.items())
-        elif key == "eval":
-            roles = ("captioner", "sentence", "dino", "clip")
-            if not isinstance(value, dict):
-                raise ConfigError(f"{at}: models.eval must be a table of role = model")
-            for role in value:
-                if role not in roles:
-                    raise ConfigError(f"{at}: models.eval.{clip_text(role)}: unknown model "
-                                      f"(known: {', '.join(roles)})")
-            out[key] = tuple((k, where(f"eval.{k}", v)) for k, v in value.items())
+                raise ConfigError(f"{at}: models.{key} must be a table of {what} = folder or hub id")
+            for name in value:
+                if name not in known:
+                    raise ConfigError(f"{at}: models.{key}.{clip_text(name)}: unknown {what} "
+                                      f"(known: {', '.join(known)})")
+            out[key] = tuple((k, where(f"{key}.{k}", v)) for k, v in value.items())
         else:
             raise ConfigError(f"{at}: unknown key models.{clip_text(key)} (expected base, controlnets, depth, "
                               "annotators, allow_pickle, eval)")

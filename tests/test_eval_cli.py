@@ -85,3 +85,11 @@ def test_eval_without_weights_and_refusals(footage, tmp_path):
     assert res.exit_code == 2 and "render" in res.output
     res = runner.invoke(app, ["eval", str(footage["src"]), str(footage["graded"]), "--every", "0"])
     assert res.exit_code == 2 and "--every" in res.output
+
+
+def test_config_eval_table_is_checked(footage, tmp_path, monkeypatch):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[models.eval]\nclipp = "x"\n')
+    monkeypatch.setenv("CINEFX_CONFIG", str(cfg))
+    res = runner.invoke(app, ["eval", str(footage["src"]), str(footage["graded"])])
+    assert res.exit_code == 1 and "models.eval.clipp: unknown model (known: captioner, sentence, dino, clip)" in res.output

@@ -1,6 +1,7 @@
 """Shared fixtures: small real-photo clips generated once per test session."""
 
 import os
+import shutil
 import tempfile
 from fractions import Fraction
 
@@ -33,6 +34,42 @@ def tiny_bundle(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny") / "bundle"
     assert main(["tiny-models", str(d)]) == 0
     return d
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session: Debian's, driven through the system chromedriver
+    (the Service names it, so Selenium Manager never runs and nothing is downloaded). Where the
+    CI variable is set a missing browser fails the tests that use it; elsewhere they skip."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver") or shutil.which("/usr/bin/chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        webdriver = None
+    missing = ("selenium is not installed" if webdriver is None else
+               "chromium is not installed" if chromium is None else
+               "chromedriver is not installed" if driver is None else None)
+    if missing:
+        why = (f"browser tests need Chromium, chromedriver and selenium: {missing} "
+               "(apt-get install chromium chromium-driver)")
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    # --no-sandbox: CI containers run as root, where Chromium's sandbox refuses to start
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--mute-audio",
+                "--autoplay-policy=no-user-gesture-required", "--window-size=1280,900"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=Service(executable_path=driver), options=options)
+    drv.set_page_load_timeout(20)
+    try:
+        yield drv
+    finally:
+        drv.quit()
 
 
 def two_shots(n=24, size=SIZE):

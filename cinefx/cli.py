@@ -36,6 +36,27 @@ app.add_typer(presets_app, name="presets")
 _state = {"debug": False, "quiet": False}
 
 
+def _flag(*decls, **kw):
+    """A flag's option, shown as the flag alone (no value placeholder) in the help."""
+    return typer.Option(*decls, metavar="", **kw)
+
+
+def _one_of(*values: str) -> str:
+    """The help's placeholder for an option with a fixed set of values; the library checks the
+    value, so a wrong one is its one-line error rather than click's usage box."""
+    return f"[{'|'.join(values)}]"
+
+
+# the fixed sets the help lists (tests check them against the library's)
+ENGINES = ("auto", "grade", "diffusion")
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
+TEMPORAL = ("full", "anchor", "none")
+NOISE_PRIORS = ("independent", "shared", "residual", "flow")
+SCHEDULERS = ("dpm++", "ddim", "euler", "unipc")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+METHODS = ("lora", "ti", "dreambooth-lora", "pivotal")
+
+
 def _console(stderr: bool = True):
     from rich.console import Console
 
@@ -126,7 +147,7 @@ class _Progress:
 
 @app.callback()
 def _main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    debug: Annotated[bool, _flag("--debug", help="Show tracebacks for errors.")] = False,
 ):
     _state["debug"] = debug
 
@@ -136,38 +157,40 @@ def stylize(
     inputs: Annotated[list[Path], typer.Argument(help="Video files or folders of videos.", show_default=False)],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (one input) or folder (several inputs or a folder). Default: IN.<preset>.mp4 beside the input.")] = None,
     preset: Annotated[list[str], typer.Option("--preset", "-p", help="Preset name or .toml path; repeat to combine (later ones override).")] = ["epic"],
-    engine: Annotated[str, typer.Option(help="grade | diffusion | auto (diffusion only where weights and a GPU are usable).")] = field_default(*_S, "engine"),
+    engine: Annotated[str, typer.Option(metavar=_one_of(*ENGINES), help="auto: diffusion only where weights and a GPU are usable, else grade.")] = field_default(*_S, "engine"),
     model: Annotated[Optional[str], typer.Option(help="Diffusion base model: folder, .safetensors or hub id (default $CINEFX_MODEL, the config file, else SD1.5).", rich_help_panel="Models")] = None,
     controlnet: Annotated[list[str], typer.Option(help="ControlNet for a control, KIND=folder|file|hub-id; repeatable.", rich_help_panel="Models")] = [],
     depth_model: Annotated[Optional[str], typer.Option(help="Depth estimator (transformers folder or hub id).", rich_help_panel="Models")] = None,
     annotators: Annotated[Optional[str], typer.Option(help="controlnet-aux annotator weights for lineart, softedge, openpose, normal, mlsd (folder or hub id; default lllyasviel/Annotators).", rich_help_panel="Models")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled .ckpt/.pt/.bin weights (they can run code).", rich_help_panel="Models")] = False,
+    allow_pickle: Annotated[bool, _flag("--allow-pickle", help="Allow pickled .ckpt/.pt/.bin weights (they can run code).", rich_help_panel="Models")] = False,
     strength: Annotated[Optional[float], typer.Option(help="Diffusion: img2img strength 0-1 (0 keeps the source).", rich_help_panel="Diffusion")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Diffusion: denoising steps.", rich_help_panel="Diffusion")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Diffusion: classifier-free guidance scale.", rich_help_panel="Diffusion")] = None,
-    temporal: Annotated[Optional[str], typer.Option(help="Diffusion: cross-frame attention full | anchor | none.", rich_help_panel="Diffusion")] = None,
-    noise_prior: Annotated[Optional[str], typer.Option(help="Diffusion: initial noise independent | shared | residual | flow.", rich_help_panel="Diffusion")] = None,
+    temporal: Annotated[Optional[str], typer.Option(metavar=_one_of(*TEMPORAL), help="Diffusion: cross-frame attention.", rich_help_panel="Diffusion")] = None,
+    noise_prior: Annotated[Optional[str], typer.Option(metavar=_one_of(*NOISE_PRIORS), help="Diffusion: initial noise.", rich_help_panel="Diffusion")] = None,
     chunk: Annotated[Optional[int], typer.Option(help="Diffusion: frames rendered together (attention span).", rich_help_panel="Diffusion")] = None,
     keyframes: Annotated[Optional[int], typer.Option(help="Diffusion: render every K-th frame, propagate along optical flow between (0 = all).", rich_help_panel="Diffusion")] = None,
     detail: Annotated[Optional[float], typer.Option(help="Diffusion: source detail finer than the render added back, 0-1.", rich_help_panel="Diffusion")] = None,
     size: Annotated[int, typer.Option(help="Diffusion: short side of the render in pixels (0 = the model's native size).", rich_help_panel="Diffusion")] = field_default(*_E, "size"),
     batch: Annotated[int, typer.Option(help="Diffusion: frames per GPU call (0 = chunk, capped by free memory).", rich_help_panel="Diffusion")] = field_default(*_E, "batch"),
-    scheduler: Annotated[str, typer.Option(help="Diffusion: dpm++ | ddim | euler | unipc.", rich_help_panel="Diffusion")] = field_default(*_E, "scheduler"),
-    precision: Annotated[str, typer.Option(help="Diffusion: auto | fp32 | fp16 | bf16.", rich_help_panel="Diffusion")] = field_default(*_E, "precision"),
+    scheduler: Annotated[str, typer.Option(metavar=_one_of(*SCHEDULERS), help="Diffusion: sampler.", rich_help_panel="Diffusion")] = field_default(*_E, "scheduler"),
+    precision: Annotated[str, typer.Option(metavar=_one_of(*PRECISIONS), help="Diffusion: weights' precision.", rich_help_panel="Diffusion")] = field_default(*_E, "precision"),
     preview: Annotated[Optional[Path], typer.Option(help="Write one stylized frame per scene as a contact-sheet PNG instead of the video.")] = None,
     crf: Annotated[float, typer.Option(help="x264 quality, 0-51, lower is better.")] = field_default(*_W, "crf"),
-    x264_preset: Annotated[str, typer.Option("--x264-preset", help="x264 speed preset (ultrafast … veryslow).")] = field_default(*_W, "x264_preset"),
+    x264_preset: Annotated[str, typer.Option("--x264-preset", metavar=_one_of(*X264_PRESETS), help="x264 speed preset.")] = field_default(*_W, "x264_preset"),
     seed: Annotated[int, typer.Option(help="Seed for grain (and diffusion noise): same seed, same file.")] = field_default(*_S, "seed"),
     letterbox: Annotated[Optional[float], typer.Option(help="Override the preset's letterbox aspect (0 = none).")] = None,
     grain: Annotated[Optional[float], typer.Option(help="Override the preset's grain strength (0-1).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
-    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Batch: skip inputs whose output exists.")] = False,
+    overwrite: Annotated[bool, _flag("--overwrite", help="Replace an existing output.")] = False,
+    skip_existing: Annotated[bool, _flag("--skip-existing", help="Batch: skip inputs whose output exists.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="Write the temporal report as JSON (a folder in batch mode).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a per-frame PSNR / T-SSIM plot PNG (a folder in batch mode).")] = None,
-    no_metrics: Annotated[bool, typer.Option("--no-metrics", help="Skip the temporal report (faster).")] = False,
-    warp_error: Annotated[Optional[bool], typer.Option("--warp-error/--no-warp-error", help="Add flow warping error to the report (default: on for diffusion; off for grade, where the optical flow costs more than the grade).", show_default=False)] = None,
-    no_resume: Annotated[bool, typer.Option("--no-resume", help="Diffusion: keep no finished scenes beside the output (no disk used; a crash starts over).", rich_help_panel="Diffusion")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the batch summary.")] = False,
+    no_metrics: Annotated[bool, _flag("--no-metrics", help="Skip the temporal report (faster).")] = False,
+    warp_error: Annotated[Optional[bool], _flag("--warp-error/--no-warp-error", help="Add flow warping error to the report (default: on for diffusion; off for grade, where the optical flow costs more than the grade).", show_default=False)] = None,
+    no_resume: Annotated[bool, _flag("--no-resume", help="Diffusion: keep no finished scenes beside the output (no disk used; a crash starts over).", rich_help_panel="Diffusion")] = False,
+    input_colorspace: Annotated[str, typer.Option(help="Colour space of the footage: auto (from the stream's tags: Rec.709, BT.2020, PQ, HLG; camera log is rarely tagged) or a name or alias from `cinefx colorspaces` (slog3, logc4, applelog, …). Log and HDR are rendered to Rec.709 before the look.", rich_help_panel="Colour")] = field_default(*_S, "input_colorspace"),
+    output_colorspace: Annotated[str, typer.Option(help="Write the output in this colour space (10-bit H.264, tagged) for grading downstream: log, pq, hlg, rec2020, …. It re-encodes the Rec.709 render and adds no latitude or highlights the render did not have.", rich_help_panel="Colour")] = field_default(*_S, "output_colorspace"),
+    quiet: Annotated[bool, _flag("--quiet", "-q", help="Only errors and the batch summary.")] = False,
 ):
     """Render videos in a preset's cinematic look."""
     _state["quiet"] = quiet
@@ -190,17 +213,29 @@ def stylize(
             raise OptionError("--size and --batch must be 0 (automatic) or positive")
         if (report or plot) and no_metrics:
             raise OptionError("--report/--plot need the metrics; drop --no-metrics")
+        _check_colorspaces(input_colorspace, output_colorspace)
         options = StylizeOptions(
             engine=engine, models=_model_spec(model, controlnet, depth_model, annotators, allow_pickle),
             diffusion=EngineSettings(size=size, batch=batch, scheduler=scheduler, precision=precision),
             encode=EncodeOptions(crf=crf, x264_preset=x264_preset), overwrite=overwrite, seed=seed,
-            metrics=not no_metrics, warp_error=warp_error, resume=not no_resume)
+            metrics=not no_metrics, warp_error=warp_error, resume=not no_resume,
+            input_colorspace=input_colorspace, output_colorspace=output_colorspace)
         if preview is not None:
             _preview(inputs, preview, look, options)
         else:
             _stylize(inputs, output, look, options, skip_existing, report, plot)
 
     _run(run)
+
+
+def _check_colorspaces(input_colorspace: str, output_colorspace: str | None = None) -> None:
+    """Refuse an unknown colour space name before any work (Rec.709 never imports OpenColorIO)."""
+    from cinefx.grade import ocio
+
+    if input_colorspace.strip().lower() != "auto":
+        ocio.resolve(input_colorspace, "--input-colorspace")
+    if output_colorspace is not None:
+        ocio.resolve(output_colorspace, "--output-colorspace")
 
 
 def _model_spec(model, controlnet, depth_model, annotators, allow_pickle):
@@ -319,17 +354,27 @@ def _finish_one(res, report_path, plot_path):
 @app.command()
 def scenes(
     input: Annotated[Path, typer.Argument(help="Video file.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: Annotated[bool, _flag("--json", help="Print JSON instead of a table.")] = False,
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write PySceneDetect's scene-list CSV.")] = None,
+    edl: Annotated[Optional[Path], typer.Option("--edl", help="Also write a CMX 3600 EDL at the source's start timecode.")] = None,
+    otio: Annotated[Optional[Path], typer.Option("--otio", help="Also write an OpenTimelineIO timeline.")] = None,
 ):
     """List the scenes of a video: hard cuts, dissolves and fades (flashes are not cuts)."""
-    _run(lambda: _scenes(input, as_json))
+    _run(lambda: _scenes(input, as_json, {".csv": csv, ".edl": edl, ".otio": otio}))
 
 
-def _scenes(path: Path, as_json: bool):
+def _scenes(path: Path, as_json: bool, lists: dict[str, Optional[Path]]):
+    from cinefx.errors import OptionError
+    from cinefx.scenelists import write_scene_list
     from cinefx.stylize import list_scenes
 
+    for kind, target in lists.items():
+        if target is not None and target.suffix.lower() != kind:
+            raise OptionError(f"--{kind[1:]} {target}: name the file …{kind}")
     found = list_scenes(path)
     rows, frames = found.rows, found.frames
+    for target in filter(None, lists.values()):
+        _info(f"{path.name}: scene list written to {write_scene_list(target, found.scenes, found.timing, path)}")
     if as_json:
         print(json.dumps({"input": str(path), "frames": frames, "scenes": list(rows)}, indent=2))
         return
@@ -344,22 +389,41 @@ def _scenes(path: Path, as_json: bool):
     _console(stderr=False).print(t)
 
 
+@app.command()
+def colorspaces():
+    """List the colour spaces --input-colorspace and --output-colorspace take: cinefx's aliases, then OpenColorIO's ACES studio config names."""
+
+    def run():
+        from rich.table import Table
+
+        from cinefx.grade import ocio
+
+        t = Table(title="cinefx colour spaces (OpenColorIO ACES studio config)")
+        for col in ("alias", "name", "family", "encoding"):
+            t.add_column(col)
+        for c in ocio.colorspaces():
+            t.add_row(c.alias, escape(c.name), escape(c.family), c.encoding)
+        _console(stderr=False).print(t)
+
+    _run(run)
+
+
 @app.command("eval")
 def eval_(
     source: Annotated[Path, typer.Argument(help="The source video (or, with --stills, the folder of generated images).")],
     renders: Annotated[Optional[list[Path]], typer.Argument(help="Renders of the source: same frames, same timing.", show_default=False)] = None,
-    stills: Annotated[bool, typer.Option("--stills", help="Score a folder of images (CLIP-T, DINO) as DreamShot does, instead of videos.")] = False,
+    stills: Annotated[bool, _flag("--stills", help="Score a folder of images (CLIP-T, DINO) as DreamShot does, instead of videos.")] = False,
     reference: Annotated[Optional[Path], typer.Option(help="--stills: folder of real images DINO compares against.")] = None,
     prompts: Annotated[Optional[Path], typer.Option(help="--stills: prompts (metadata.jsonl, or one prompt for all) — default each image's .txt.")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="Prompt for CLIP-T (default: the one in each render's --report).")] = None,
     report: Annotated[Optional[list[Path]], typer.Option(help="A render's stylize report JSON, once per render, in order.")] = None,
     every: Annotated[int, typer.Option(help="Measure adjacent pairs (t, t+1) every N frames (a long clip on a CPU: 8-12).")] = 1,
-    no_models: Annotated[bool, typer.Option("--no-models", help="Only the measures that need no weights (warp error, PSNR, T-SSIM).")] = False,
+    no_models: Annotated[bool, _flag("--no-models", help="Only the measures that need no weights (warp error, PSNR, T-SSIM).")] = False,
     captioner: Annotated[Optional[str], typer.Option(help="Captioner (default nlpconnect/vit-gpt2-image-captioning).", rich_help_panel="Models")] = None,
     sentence_model: Annotated[Optional[str], typer.Option(help="Sentence encoder (default sentence-transformers/all-MiniLM-L6-v2).", rich_help_panel="Models")] = None,
     dino: Annotated[Optional[str], typer.Option(help="DINO model (default facebook/dino-vits16).", rich_help_panel="Models")] = None,
     clip: Annotated[Optional[str], typer.Option(help="CLIP model (default openai/clip-vit-large-patch14).", rich_help_panel="Models")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled weights (they can run code).", rich_help_panel="Models")] = False,
+    allow_pickle: Annotated[bool, _flag("--allow-pickle", help="Allow pickled weights (they can run code).", rich_help_panel="Models")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Write every figure as JSON.")] = None,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Write per-scene rows as CSV.")] = None,
@@ -428,7 +492,7 @@ def models(
     depth_model: Annotated[Optional[str], typer.Option(help="Depth estimator (transformers folder or hub id).")] = None,
     annotators: Annotated[Optional[str], typer.Option(help="controlnet-aux annotator weights (folder or hub id).")] = None,
     control: Annotated[list[str], typer.Option(help="Control kinds to check (default canny and depth; also lineart, softedge, openpose, normal, mlsd).")] = [],
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickled .ckpt/.pt/.bin weights.")] = False,
+    allow_pickle: Annotated[bool, _flag("--allow-pickle", help="Accept pickled .ckpt/.pt/.bin weights.")] = False,
 ):
     """Show which diffusion weights resolve, from where, and what is missing (nothing is loaded)."""
 
@@ -464,13 +528,13 @@ def models(
 def train_preset(
     stills: Annotated[Path, typer.Argument(help="Folder of images (+ .txt captions), kohya N_name/ folders, or metadata.jsonl.")],
     name: Annotated[str, typer.Option(help="Preset name (also the output folder's name).")],
-    method: Annotated[str, typer.Option(help="lora | ti (textual inversion) | dreambooth-lora (with prior preservation) | pivotal (ti + lora).")] = field_default(*_T, "method"),
+    method: Annotated[str, typer.Option(metavar=_one_of(*METHODS), help="ti: textual inversion; dreambooth-lora: with prior preservation; pivotal: ti + lora.")] = field_default(*_T, "method"),
     model: Annotated[Optional[str], typer.Option(help="Base model: folder, .safetensors or hub id (default $CINEFX_MODEL, else SD1.5).")] = None,
     trigger: Annotated[Optional[str], typer.Option(help="Trigger word the look binds to (default <NAME>).")] = None,
     caption: Annotated[str, typer.Option(help="Caption for images without a caption file; {trigger} is replaced. 'auto' captions them with the eval captioner ([models.eval] captioner), the trigger prepended.")] = "{trigger}, film still",
-    save_captions: Annotated[bool, typer.Option("--save-captions", help="With --caption auto: write the captions beside the images as NAME.txt.")] = False,
+    save_captions: Annotated[bool, _flag("--save-captions", help="With --caption auto: write the captions beside the images as NAME.txt.")] = False,
     captioner: Annotated[Optional[str], typer.Option(help="With --caption auto: captioner folder or hub id (default nlpconnect/vit-gpt2-image-captioning).")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled captioner weights (they can run code).")] = False,
+    allow_pickle: Annotated[bool, _flag("--allow-pickle", help="Allow pickled captioner weights (they can run code).")] = False,
     steps: Annotated[int, typer.Option(help="Training steps (0 = images × repeats × epochs ÷ batch).")] = field_default(*_T, "steps"),
     epochs: Annotated[int, typer.Option(help="Passes over the (repeated) images.")] = field_default(*_T, "epochs"),
     repeats: Annotated[int, typer.Option(help="Repeats per image per epoch (0 = the kohya folder's number, else 1).")] = field_default(*_T, "repeats"),
@@ -485,16 +549,16 @@ def train_preset(
     class_prompt: Annotated[str, typer.Option(help="DreamBooth: the class the look belongs to.")] = field_default(*_T, "class_prompt"),
     class_images: Annotated[int, typer.Option(help="DreamBooth: class images generated for prior preservation.")] = field_default(*_T, "class_images"),
     prior_loss_weight: Annotated[float, typer.Option(help="DreamBooth: weight of the prior-preservation loss.")] = field_default(*_T, "prior_loss_weight"),
-    no_flip: Annotated[bool, typer.Option("--no-flip", help="Do not add mirrored copies.")] = False,
-    random_crop: Annotated[bool, typer.Option("--random-crop", help="Random crops each step instead of cached centre crops (slower).")] = False,
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade speed for memory.")] = False,
+    no_flip: Annotated[bool, _flag("--no-flip", help="Do not add mirrored copies.")] = False,
+    random_crop: Annotated[bool, _flag("--random-crop", help="Random crops each step instead of cached centre crops (slower).")] = False,
+    gradient_checkpointing: Annotated[bool, _flag("--gradient-checkpointing", help="Trade speed for memory.")] = False,
     min_side: Annotated[int, typer.Option(help="Skip images whose short side is below this.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same weights.")] = field_default(*_T, "seed"),
     checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps (0 = only when stopped).")] = field_default(*_T, "checkpoint_every"),
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in the output folder.")] = False,
+    resume: Annotated[bool, _flag("--resume", help="Continue from the last checkpoint in the output folder.")] = False,
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Preset folder to write (default: the user presets folder / NAME).")] = None,
-    precision: Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16.")] = field_default(*_T, "precision"),
-    validation: Annotated[bool, typer.Option(help="Render the base-vs-preset validation sheet.")] = True,
+    precision: Annotated[str, typer.Option(metavar=_one_of(*PRECISIONS), help="Training precision.")] = field_default(*_T, "precision"),
+    validation: Annotated[bool, _flag(help="Render the base-vs-preset validation sheet.")] = True,
 ):
     """Train a preset (LoRA, textual inversion, DreamBooth-LoRA or pivotal) on your own stills."""
 
@@ -610,6 +674,27 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or path."
     _run(run)
 
 
+@presets_app.command("export-lut")
+def presets_export_lut(
+    name: Annotated[str, typer.Argument(help="Preset name or path.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The .cube file to write.")],
+    size: Annotated[int, typer.Option(metavar="[17|33|65]", help="Points a side; 65 follows cinefx within a level.")] = 65,
+    input_colorspace: Annotated[Optional[str], typer.Option(help="Make the LUT start from this camera's or display's code values (`cinefx colorspaces`), conversion included.")] = None,
+):
+    """Write a preset's colour grade as a .cube LUT for Resolve, Premiere or FFmpeg (grain, bloom, vignette and letterbox are not colour and stay out)."""
+
+    def run():
+        from cinefx.grade.export import export_look_lut
+        from cinefx.presets import load_preset
+
+        if input_colorspace is not None:
+            _check_colorspaces(input_colorspace)
+        path = export_look_lut(load_preset(name), output, size, input_colorspace)
+        _info(f"{name}: {size}³ look LUT written to {path}")
+
+    _run(run)
+
+
 @presets_app.command("import")
 def presets_import(
     file: Annotated[Path, typer.Argument(help="A LoRA (.safetensors, diffusers or kohya/A1111) or textual-inversion embedding.")],
@@ -619,7 +704,7 @@ def presets_import(
     scale: Annotated[float, typer.Option(help="Recommended scale (default 0.8 LoRA, 1.0 embedding).")] = 0.0,
     base_model: Annotated[str, typer.Option(help="Base model it was trained on (folder or hub id).")] = "",
     kind: Annotated[str, typer.Option(help="lora | textual-inversion: needed for pickles, whose contents cannot be checked.")] = "",
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .pt/.ckpt/.bin pickles (they can run code).")] = False,
+    allow_pickle: Annotated[bool, _flag("--allow-pickle", help="Accept .pt/.ckpt/.bin pickles (they can run code).")] = False,
 ):
     """Wrap a downloaded LoRA or embedding into a preset in the user presets folder."""
 
@@ -646,8 +731,8 @@ def storyboard(
     aspect: Annotated[float, typer.Option(help="Width ÷ height of each still.")] = 16 / 9,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
     seed: Annotated[int, typer.Option(help="Seed of the first still (the next shots use the following seeds).")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing files.")] = False,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle")] = False,
+    overwrite: Annotated[bool, _flag("--overwrite", help="Replace existing files.")] = False,
+    allow_pickle: Annotated[bool, _flag("--allow-pickle")] = False,
 ):
     """Turn shot descriptions into stills in a preset's look, and a contact sheet."""
 

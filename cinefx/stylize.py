@@ -26,14 +26,18 @@ from cinefx import __version__, interrupt
 from cinefx.diffusion.models import ModelSpec, with_user_defaults
 from cinefx.engines import EngineChoice, EngineSettings, build_renderer, choose_engine
 from cinefx.errors import CinefxError, InputFileError, MissingFileError, OptionError, OutputBusyError, OutputError
+from cinefx.grade import ocio
 from cinefx.metrics import DEFAULT_METRIC_WIDTH, TemporalMeter
 from cinefx.presets import Preset, prompt_text
 from cinefx.report import Report, build_report
 from cinefx.resume import OutputLock, ResumingRenderer, WorkFolder, file_identity, run_key, space_needed
+from cinefx.scenelists import Timing
 from cinefx.scenes import DetectorOptions, Scene, SceneStream, scene_rows, thumbnail_size
 from cinefx.video.probe import VideoInfo, probe
-from cinefx.video.reader import read_frames
+from cinefx.video.reader import Frame, read_frames
 from cinefx.video.writer import EncodeOptions, VideoWriter, check_output_path
+
+LOG_HINT_FRAMES = 8  # frames across a clip `ocio.log_hint` looks at
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".m4v", ".webm", ".mts", ".m2ts", ".ts",
                     ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".mxf"}
@@ -62,6 +66,10 @@ class StylizeOptions:
     audio: bool = True
     resume: bool = True  # diffusion: keep finished scenes beside the output and reuse them on a re-run
     detector: DetectorOptions = DetectorOptions()
+    # colour space of the inputs ("auto": from the stream's tags) and of the output file; see
+    # cinefx.grade.ocio. Anything but Rec.709 is converted to / from Rec.709, which the grade works in
+    input_colorspace: str = "auto"
+    output_colorspace: str = "rec709"
 
     def __post_init__(self):
         if self.seed < 0:
@@ -126,6 +134,17 @@ def render_scene(renderer, scene: Scene, runs: Iterable[np.ndarray]) -> Iterator
         start += len(frames)
 
 
+def decode(info: VideoInfo, options: StylizeOptions, notes: list[str] | None = None) -> Iterator[Frame]:
+    """`read_frames(info)` in the grade's working space, Rec.709: frames in another colour space
+    (`options.input_colorspace`, or the stream's tags) are converted in float before the one
+    rounding to 8 bits, from 16-bit RGB for sources over 8 bits. Rec.709 frames pass as decoded."""
+    conv = ocio.input_conversion(ocio.choose_input(options.input_colorspace, info.colour).space)
+    if conv is None:
+        return read_frames(info, notes=notes)
+    return (dataclasses.replace(f, rgb=conv(f.rgb))
+            for f in read_frames(info, notes=notes, depth=16 if info.bit_depth > 8 else 8))
+
+
 def run_scene_task(task: SceneTask, renderer=None) -> Iterator[np.ndarray]:
     """The task's scene rendered, run by run: decodes frames [start, end) of the input and renders
     them with fresh per-scene state. `renderer` may be one built for the same preset and options
@@ -133,13 +152,13 @@ def run_scene_task(task: SceneTask, renderer=None) -> Iterator[np.ndarray]:
     info = probe(task.input)
     renderer = renderer or build_renderer(task.engine, task.preset, info.display_size, task.options.seed,
                                           task.options.models, task.options.diffusion)
-    frames = islice((f.rgb for f in read_frames(info)), task.scene.start, task.scene.end)
+    frames = islice((f.rgb for f in decode(info, task.options)), task.scene.start, task.scene.end)
     runs = iter(lambda: list(islice(frames, renderer.run_length)), [])
     yield from (np.stack(list(out)) for out in render_scene(renderer, task.scene, map(np.stack, runs)))
 
 
-def _notes(info: VideoInfo, choice: EngineChoice) -> list[str]:
-    notes = [f"engine: {choice.name} ({choice.reason})"]
+def _notes(info: VideoInfo, choice: EngineChoice, colour: ocio.InputChoice) -> list[str]:
+    notes = [f"engine: {choice.name} ({choice.reason})", f"input colour: {colour.space} ({colour.reason})"]
     if info.field_order != "progressive" and choice.name == "diffusion":
         notes.append("interlaced source: diffusion sees whole frames, whose two fields are different "
                      "moments; deinterlace it first (e.g. ffmpeg -vf bwdif) for clean results")
@@ -150,11 +169,11 @@ def _notes(info: VideoInfo, choice: EngineChoice) -> list[str]:
 
 
 def _work_folder(src: Path, dst: Path, info: VideoInfo, preset: Preset, options: StylizeOptions,
-                 choice: EngineChoice, notes: list[str]) -> WorkFolder | None:
+                 choice: EngineChoice, notes: list[str], colour: tuple[str, str]) -> WorkFolder | None:
     """The folder that keeps finished scenes for resume: for the engines worth resuming (diffusion),
     when --no-resume is not given and the output's disk can hold every scene beside the output (if
     not, say so and run without resume rather than fill the disk half way through). It is keyed by
-    every field of `SceneTask` but the scene."""
+    every field of `SceneTask` but the scene, and the (input, output) colour spaces."""
     if choice.name == "grade" or not options.resume:
         return None
     frames = info.frame_count or round(info.duration * float(info.fps or 0))
@@ -166,7 +185,8 @@ def _work_folder(src: Path, dst: Path, info: VideoInfo, preset: Preset, options:
         return None
     work = WorkFolder(dst, run_key(input=file_identity(src), prompt=preset.prompt, diffusion=preset.diffusion,
                                    grade=preset.grade, engine=choice.name, models=options.models,
-                                   settings=options.diffusion, seed=options.seed, detector=options.detector))
+                                   settings=options.diffusion, seed=options.seed, detector=options.detector,
+                                   colour=colour))
     work.open()
     return work
 
@@ -184,27 +204,37 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
         if dst.exists() and dst.resolve() == src.resolve():
             raise OutputError(f"{dst}: output would overwrite the input")
         info = probe(src)
+        colour = ocio.choose_input(options.input_colorspace, info.colour)
+        out_space = ocio.resolve(options.output_colorspace, "--output-colorspace")
         # 2. resolve options once, choose the renderer, keep finished scenes where it pays
         options, choice = resolve_options(preset, options)
-        notes = _notes(info, choice)
+        notes = _notes(info, choice, colour)
         renderer = renderer_for(preset, options, choice, info.display_size)
-        work = _work_folder(src, dst, info, preset, options, choice, notes)
+        work = _work_folder(src, dst, info, preset, options, choice, notes, (colour.space, out_space))
         if work is not None:
             renderer = ResumingRenderer(renderer, work)
         meter = TemporalMeter(options.metric_width, background=True) if options.metrics else None
         warp = _warp_meter(options, choice)
-        stream = SceneStream(read_frames(info, notes=notes), renderer.run_length, options.detector)
+        stream = SceneStream(decode(info, options, notes), renderer.run_length, options.detector)
+        back = ocio.output_conversion(out_space)
+        # the tags say what is written: the source's when nothing was converted
+        tags = ocio.output_tags(out_space) if colour.converts or back is not None else None
+        # untagged camera log looks like Rec.709 to `auto`: frames across the clip for `log_hint`
+        hint = [] if options.input_colorspace.strip().lower() == "auto" and not colour.converts else None
+        every = max(1, (info.frame_count or 240) // LOG_HINT_FRAMES)
         times, concealed = [], 0
         # 3. one streaming pass: scene runs → renderer → writer (and the meter)
         try:
             with VideoWriter(dst, info, options.encode, overwrite=options.overwrite, audio=options.audio,
-                             comment=output_comment(preset)) as writer:
+                             comment=output_comment(preset), colour=tags) as writer:
                 for run in stream:
                     out = renderer.render([f.rgb for f in run.items], run.scene, run.start)
                     lock.check()
                     for f, o in zip(run.items, out):
                         interrupt.check()
-                        writer.write(o, f.pts, f.duration)
+                        writer.write(back(o, depth=16) if back is not None else o, f.pts, f.duration)
+                        if hint is not None and f.index % every == 0 and len(hint) < LOG_HINT_FRAMES:
+                            hint.append(f.rgb)
                         if meter is not None:
                             meter.add(run.scene, f.rgb, o)
                         if warp is not None:
@@ -219,6 +249,8 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
                     work.finish()
                 writer.commit()
                 notes += writer.notes
+                if hint and (looks_log := ocio.log_hint(hint)):
+                    notes.append(looks_log)
         except BaseException:
             if work is not None:
                 work.abandon()  # finished scenes stay for the next run; the unfinished one goes
@@ -273,6 +305,7 @@ class SceneList:
     frames: int
     scenes: tuple[Scene, ...]
     rows: tuple[dict, ...]  # `cinefx.scenes.scene_rows`: what `cinefx scenes` prints, 1-based
+    timing: Timing  # the frames' times and the source's start timecode, for scene lists
 
 
 def list_scenes(src: str | os.PathLike, options: DetectorOptions = DetectorOptions()) -> SceneList:
@@ -282,8 +315,12 @@ def list_scenes(src: str | os.PathLike, options: DetectorOptions = DetectorOptio
     info = probe(src)
     frames = read_frames(info, size=thumbnail_size(info.width, info.height), exact=False)
     stream = SceneStream(frames, 1, options)
-    times = [float(f.pts * info.time_base) for run in stream for f in run.items]
-    return SceneList(src, len(times), tuple(stream.scenes), tuple(scene_rows(stream.scenes, times, _end(times, info))))
+    items = [f for run in stream for f in run.items]
+    times = [float(f.pts * info.time_base) for f in items]
+    end_pts = items[-1].pts + (items[-1].duration or info.frame_step) if items else 0
+    timing = Timing.from_pts(info.fps, info.time_base, [f.pts for f in items], end_pts, info.timecode)
+    return SceneList(src, len(times), tuple(stream.scenes), tuple(scene_rows(stream.scenes, times, _end(times, info))),
+                     timing)
 
 
 @dataclass(frozen=True)
@@ -311,7 +348,7 @@ def preview_file(src: str | os.PathLike, png: str | os.PathLike, preset: Preset,
     options, choice = resolve_options(preset, options)
     renderer = renderer_for(preset, options, choice, info.display_size)
     offset = max(0, round(float(info.fps) / 2))
-    stream = SceneStream(read_frames(info), renderer.run_length, options.detector)
+    stream = SceneStream(decode(info, options), renderer.run_length, options.detector)
     images, captions = [], []
     try:
         for run in stream:

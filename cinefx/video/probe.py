@@ -22,9 +22,6 @@ _IMAGE_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "t
 # Damaged packets skipped while looking for the first frame before the file counts as undecodable.
 _MAX_REFUSED_FIRST = 32
 
-# Transfer characteristics (ITU-T H.273) that mean HDR: PQ (16) and HLG (18).
-_HDR_TRC = {16: "PQ (SMPTE ST 2084)", 18: "HLG (ARIB STD-B67)"}
-
 # Colour matrix codes (H.273) that swscale converts, mapped to PyAV's names.
 _MATRIX_NAMES = {1: "ITU709", 4: "FCC", 5: "ITU601", 6: "ITU601", 7: "SMPTE240M", 9: "BT2020"}
 
@@ -39,7 +36,8 @@ class AudioInfo:
 
 @dataclass(frozen=True)
 class ColourInfo:
-    """Colour of the source as used for YUV → RGB. `assumed` lists what was not tagged."""
+    """Colour of the source as used for YUV → RGB. `assumed` lists what was not tagged. Primaries
+    and transfer (PQ, HLG, …) are what `cinefx.grade.ocio.choose_input` reads."""
 
     matrix: int  # H.273 matrix coefficients actually used
     full_range: bool
@@ -73,6 +71,7 @@ class VideoInfo:
     sample_aspect_ratio: Fraction | None
     audio: tuple[AudioInfo, ...]
     field_order: str = "progressive"  # or "tff" / "bff": interlaced, top or bottom field first
+    timecode: str = ""  # start timecode "HH:MM:SS:FF" (";" before the frames: drop-frame), "" if none
 
     @property
     def display_size(self) -> tuple[int, int]:
@@ -126,9 +125,6 @@ def _colour(path: Path, stream, frame) -> ColourInfo:
         assumed.append("range")
     primaries = int(frame.color_primaries or 0) or int(ctx.color_primaries or 0) or 2
     transfer = int(frame.color_trc or 0) or int(ctx.color_trc or 0) or 2
-    if transfer in _HDR_TRC:
-        raise _fail(path, f"is HDR video ({_HDR_TRC[transfer]} transfer); cinefx grades SDR only — "
-                          "convert it to SDR BT.709 first")
     return ColourInfo(matrix=matrix, full_range=rng == 2, primaries=primaries, transfer=transfer,
                       assumed=tuple(assumed))
 
@@ -197,8 +193,18 @@ def probe(path: str | os.PathLike) -> VideoInfo:
             pix_fmt=first.format.name, bit_depth=_bit_depth(first.format),
             colour=_colour(path, stream, first),
             sample_aspect_ratio=Fraction(sar) if sar and sar != 1 and sar.numerator else None,
-            audio=audio, field_order=_field_order(ctx, first),
+            audio=audio, field_order=_field_order(ctx, first), timecode=_timecode(container),
         )
+
+
+def _timecode(container) -> str:
+    """The start timecode editors conform by: on the video or a timecode (data) track, as cameras
+    and MOV/MP4 muxers put it, else the container's tag."""
+    for st in (*container.streams.video, *container.streams.data):
+        for k, v in st.metadata.items():
+            if k.lower() == "timecode":
+                return str(v)
+    return next((str(v) for k, v in container.metadata.items() if k.lower() == "timecode"), "")
 
 
 # FFmpeg's AVFieldOrder: 2 and 4 code the top field first, 3 and 5 the bottom field.

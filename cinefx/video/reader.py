@@ -35,7 +35,8 @@ _NO_INDEX = frozenset({"mpegts", "mpeg"})
 
 @dataclass(frozen=True)
 class Frame:
-    """One decoded frame. `rgb`: (H, W, 3) uint8 in display orientation; `pts` in the stream's time base."""
+    """One decoded frame. `rgb`: (H, W, 3) uint8 (uint16 from `read_frames(depth=16)`) in display
+    orientation; `pts` in the stream's time base."""
 
     index: int
     pts: int
@@ -45,7 +46,7 @@ class Frame:
 
 
 def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: int = 0,
-                exact: bool = True, notes: list[str] | None = None) -> Iterator[Frame]:
+                exact: bool = True, notes: list[str] | None = None, depth: int = 8) -> Iterator[Frame]:
     """Yield every frame of `info.path` in display order.
 
     size: (width, height) in display orientation to scale to while converting (swscale, area
@@ -53,6 +54,11 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
     explicitly, so untagged or BT.601 sources convert without a shift.
     exact: False for analysis thumbnails: approximate colour and no deblocking, much cheaper.
     notes: if given, a line is appended for each picture size change met (see below).
+    depth: 16 for uint16 frames on the full 16-bit scale (swscale's rgb48), so 10- and 12-bit
+    sources keep their precision through a colour conversion (`cinefx.grade.ocio`); 8 for uint8.
+    Either way the stream's range tag is honoured: limited-range code values are expanded to full
+    range, as players and editors (DaVinci Resolve's "auto" levels) read camera log files too, so
+    a curve defined on code/1023 sees the values the camera's own conversion would.
 
     Damaged data: a frame that cannot be decoded (the decoder refuses its packet, or drops it
     without a word, as H.264 does when a slice header is damaged) is replaced by a copy of the last
@@ -79,7 +85,7 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
     # swscale's default fast path shifts colours by 1-2 levels (more for 10-bit input); accurate
     # rounding with full horizontal chroma interpolation keeps it within a fraction of a level.
     flags = Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT if exact else Interpolation(0)
-    convert = dict(format="rgb24", src_colorspace=info.colour.matrix_name,
+    convert = dict(format="rgb48le" if depth == 16 else "rgb24", src_colorspace=info.colour.matrix_name,
                    src_color_range="JPEG" if info.colour.full_range else "MPEG",
                    dst_color_range="JPEG", interpolation=Interpolation.BICUBIC | flags)
     shrink = (Interpolation.AREA if exact else Interpolation.FAST_BILINEAR) | flags
@@ -88,7 +94,7 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
 
     matrix = _fast_matrix(info.colour.matrix_name, info.colour.full_range)
     # our own conversion for exact full-size frames and for cheap thumbnails; swscale otherwise
-    own = matrix is not None and (size is None) == exact
+    own = matrix is not None and (size is None) == exact and depth == 8
     fields = info.field_order != "progressive" and size is None
     step = info.frame_step
     source_size = (info.coded_width, info.coded_height)
@@ -203,12 +209,12 @@ def _too_damaged(path, lost: int, total: int) -> InputFileError:
 
 
 def _fit(frame: av.VideoFrame, size: tuple[int, int], convert: dict) -> np.ndarray:
-    """`frame` as RGB (H, W, 3) uint8 at `size` = (W, H): scaled to fit with its aspect kept and
+    """`frame` as RGB (H, W, 3) (uint8, or uint16 for rgb48) at `size` = (W, H): scaled to fit with its aspect kept and
     centred on black, for streams whose picture size changes part way."""
     w, h = size
     s = min(w / frame.width, h / frame.height)
     fw, fh = max(1, min(w, round(frame.width * s))), max(1, min(h, round(frame.height * s)))
-    canvas = np.zeros((h, w, 3), np.uint8)
+    canvas = np.zeros((h, w, 3), np.uint16 if convert["format"] == "rgb48le" else np.uint8)
     x, y = (w - fw) // 2, (h - fh) // 2
     canvas[y:y + fh, x:x + fw] = frame.to_ndarray(**{**convert, "width": fw, "height": fh})
     return canvas

@@ -1,5 +1,9 @@
 """Encode RGB frames with libx264, copy the source's audio, and put the file in place atomically.
 
+Rec.709 output is 8-bit 4:2:0 with the source's primaries and transfer (the grade does not convert
+them); output in another colour space (`cinefx.grade.ocio.output_tags`: log, HDR, BT.2020 for
+grading downstream) is 10-bit H.264 (High 10) from 16-bit RGB, tagged as that space.
+
 The output is written to a hidden temporary file beside the target (named by `fsutil`, so a later
 run removes it if this one is killed) and renamed over it only when everything succeeded and the
 finished file reads back whole; any failure or interruption removes the temporary file, so the
@@ -14,6 +18,7 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
@@ -23,6 +28,9 @@ from cinefx import fsutil
 from cinefx.errors import OptionError, OutputError
 from cinefx.video.probe import VideoInfo, open_container
 from cinefx.worker import Worker
+
+if TYPE_CHECKING:
+    from cinefx.grade.ocio import OutputTags
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
                 "slower", "veryslow", "placebo")
@@ -140,8 +148,11 @@ class VideoWriter:
     """Write frames of `info`'s geometry and timing to `target`, with the source's audio.
 
     Use as a context manager; `commit()` renames the finished file into place. Frames come in as
-    (H, W, 3) uint8 RGB in display orientation with their source pts; they are rotated back and the
-    source's display rotation is tagged, so players show them as the source.
+    (H, W, 3) uint8 RGB in display orientation with their source pts (uint16, full 16-bit scale,
+    when `colour` asks for more than 8 bits); they are rotated back and the source's display
+    rotation is tagged, so players show them as the source. `colour`: the tags of what is written
+    when the frames are not in the source's colour space (None: BT.709 matrix, source's primaries
+    and transfer, 8 bits); its `note` joins the comment.
 
     Colour conversion, encoding and muxing run on a thread of their own, a few frames behind
     `write`: PyAV lets go of the GIL inside x264, so the caller grades (or renders) the next frames
@@ -153,9 +164,10 @@ class VideoWriter:
 
     def __init__(self, target: str | os.PathLike, info: VideoInfo,
                  options: EncodeOptions = EncodeOptions(), overwrite: bool = False,
-                 audio: bool = True, comment: str | None = None):
+                 audio: bool = True, comment: str | None = None, colour: OutputTags | None = None):
         self.target = Path(target)
-        self.comment = comment
+        self.colour = colour
+        self.comment = "; ".join(t for t in (comment, colour.note if colour else "") if t) or None
         self.info = info
         self.options = options
         self.overwrite = overwrite
@@ -192,12 +204,15 @@ class VideoWriter:
         tags, timecode = self._source_tags()
         self._container.metadata.update(tags)
         even = info.coded_width % 2 == 0 and info.coded_height % 2 == 0
-        self._pix_fmt = "yuv420p" if even else "yuv444p"
+        c = self.colour
+        self._bits = c.bits if c else 8
+        self._pix_fmt = ("yuv420p" if even else "yuv444p") + ("10le" if self._bits > 8 else "")
+        self._matrix = "BT2020" if c and c.matrix == 9 else "ITU709"
         if not even:
             self.notes.append(f"odd frame size {info.coded_width}x{info.coded_height}: encoded as 4:4:4 "
                               "(4:2:0 needs even sizes) so the size stays exact")
-        if info.bit_depth > 8:
-            self.notes.append(f"{info.bit_depth}-bit source written as 8-bit {self._pix_fmt}")
+        if info.bit_depth > self._bits:
+            self.notes.append(f"{info.bit_depth}-bit source written as {self._bits}-bit {self._pix_fmt}")
         stream = self._container.add_stream("libx264", rate=info.fps, options=self._x264_options())
         stream.width, stream.height = info.coded_width, info.coded_height
         stream.pix_fmt = self._pix_fmt
@@ -205,12 +220,15 @@ class VideoWriter:
         ctx = stream.codec_context
         ctx.time_base = info.time_base
         ctx.framerate = info.fps
-        ctx.colorspace = 1  # BT.709 matrix: every frame is converted to it below
         ctx.color_range = 1  # limited range, what players expect of H.264
-        c = info.colour
-        # Primaries and transfer are not converted, so they keep the source's tags (709 if untagged).
-        ctx.color_primaries = c.primaries if c.primaries != 2 else 1
-        ctx.color_trc = c.transfer if c.transfer != 2 else 1
+        if c:
+            ctx.colorspace, ctx.color_primaries, ctx.color_trc = c.matrix, c.primaries, c.transfer
+        else:
+            ctx.colorspace = 1  # BT.709 matrix: every frame is converted to it below
+            # Primaries and transfer are not converted, so they keep the source's tags (709 if untagged).
+            src = info.colour
+            ctx.color_primaries = src.primaries if src.primaries != 2 else 1
+            ctx.color_trc = src.transfer if src.transfer != 2 else 1
         if info.sample_aspect_ratio:
             ctx.sample_aspect_ratio = info.sample_aspect_ratio
         if info.rotation:
@@ -229,7 +247,7 @@ class VideoWriter:
             # interlaced footage stays interlaced, in its field order, so players and editors
             # deinterlace it as they did the source
             params += ["interlaced=1", f"{info.field_order}=1"]
-            self._fields = self._pix_fmt == "yuv420p"  # 4:4:4 has no chroma rows to keep apart
+            self._fields = self._pix_fmt == "yuv420p"  # 4:4:4 has no chroma rows to keep apart (10-bit: swscale)
             self.notes.append(f"interlaced source ({'top' if info.field_order == 'tff' else 'bottom'} field "
                               "first): encoded interlaced like the source")
         elif info.field_order != "progressive":
@@ -239,19 +257,16 @@ class VideoWriter:
             x264["x264-params"] = ":".join(params)
         return x264
 
-    def _source_tags(self) -> tuple[dict[str, str], str | None]:
+    def _source_tags(self) -> tuple[dict[str, str], str]:
         """The source's container tags (title, creation time, …: what an editor's bin sorts by),
         less the muxer's own, with `comment` put first in the comment; and the source's start
-        timecode (on its video or timecode track, or the container), which editors conform by."""
+        timecode (`VideoInfo.timecode`), which editors conform by."""
         with open_container(self.info.path) as src:
             tags = {k: v for k, v in src.metadata.items() if k.lower() not in _MUXER_TAGS}
-            timecode = next((v for st in (*src.streams.video, *src.streams.data) for k, v in st.metadata.items()
-                             if k.lower() == "timecode"), None)
-        timecode = timecode or next((v for k, v in tags.items() if k.lower() == "timecode"), None)
         if self.comment:
             key = next((k for k in tags if k.lower() == "comment"), "comment")
             tags[key] = f"{self.comment}; {tags[key]}" if tags.get(key) else self.comment
-        return tags, timecode
+        return tags, self.info.timecode
 
     def _open_audio(self, muxer: str) -> None:
         self._audio_in = open_container(self.info.path)
@@ -288,17 +303,19 @@ class VideoWriter:
 
     # -- writing ---------------------------------------------------------------------------
     def write(self, rgb: np.ndarray, pts: int, duration: int = 0) -> None:
-        """Queue one frame for encoding: `rgb` (H, W, 3) uint8 in display orientation; `pts` and
-        `duration` in the source time base (the duration matters for the last frame of
-        variable-rate video). The array may be reused as soon as this returns."""
-        if rgb.shape != (self.info.height, self.info.width, 3) or rgb.dtype != np.uint8:
+        """Queue one frame for encoding: `rgb` (H, W, 3) uint8 (uint16 for output over 8 bits) in
+        display orientation; `pts` and `duration` in the source time base (the duration matters for
+        the last frame of variable-rate video). The array may be reused as soon as this returns."""
+        dtype = np.uint16 if self._bits > 8 else np.uint8
+        if rgb.shape != (self.info.height, self.info.width, 3) or rgb.dtype != dtype:
             raise ValueError(f"frame of shape {rgb.shape} {rgb.dtype}, expected "
-                             f"{(self.info.height, self.info.width, 3)} uint8")
+                             f"{(self.info.height, self.info.width, 3)} {np.dtype(dtype)}")
         self._encoder.check()
         k = (self.info.rotation // 90) % 4
         if k:
             rgb = np.ascontiguousarray(np.rot90(rgb, -k))
-        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")  # a copy: the caller keeps `rgb`
+        # a copy: the caller keeps `rgb`
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb48le" if self._bits > 8 else "rgb24")
         frame.pts = pts
         frame.time_base = self.info.time_base
         if duration:
@@ -313,7 +330,7 @@ class VideoWriter:
         return write_error(self.target, "encoding", ex)
 
     def _to_yuv(self, frame: av.VideoFrame) -> av.VideoFrame:
-        return frame.reformat(format=self._pix_fmt, src_colorspace="ITU709", dst_colorspace="ITU709",
+        return frame.reformat(format=self._pix_fmt, src_colorspace=self._matrix, dst_colorspace=self._matrix,
                               src_color_range="JPEG", dst_color_range="MPEG",
                               interpolation=Interpolation.BICUBIC | Interpolation.ACCURATE_RND)
 

@@ -1,0 +1,481 @@
+"""Scene tasks on a Ray cluster: `cinefx stylize … --cluster ray`.
+
+Ray is imported here only, and only when a cluster run is asked for (`pip install 'cinefx[ray]'`).
+The classes that do the work (`SceneWorker`, `check_node`) are plain Python; they become Ray
+actors and tasks where they are scheduled (`ray.remote(...).options(...)`).
+
+Diffusion: one long-lived worker per GPU (or, without GPUs, per core) keeps its models loaded. The
+scenes of every input go into one queue, longest first; a worker decodes its scene from the input
+itself (frames never travel through Ray's object store) and writes the rendered scene into the
+output's work folder (`cinefx.resume.WorkFolder`), on storage every node sees. The driver alone
+keeps the folder's manifest, and assembles an output as soon as all its scenes are in, through
+`stylize_file`, which then reads every scene back instead of rendering it: the audio, timing,
+colour tags, report and the atomic write are the one-machine run's. Because a scene's pixels depend
+only on its `SceneTask` (noise seeded by scene), the file is the one a local run writes.
+
+Grade: whole files are the tasks (the encoder dominates).
+
+A worker that dies mid-scene is restarted and its scene retried (`MAX_RETRIES`); finished scenes
+are never redone, also after the driver itself was stopped (the work folder resumes); Ctrl-C ends
+the cluster's work and leaves no output half written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import os
+import shutil
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cinefx import __version__
+from cinefx.errors import CinefxError, EngineUnavailableError, MissingFileError, OptionError, OutputError
+from cinefx.fsutil import host_name, remove_quietly, temp_path_for
+from cinefx.resume import OutputLock, WorkFolder
+from cinefx.scenes import Scene, SceneStream
+from cinefx.stylize import (BatchItem, Progress, SceneTask, StylizeOptions, _unforeseen, _work_folder, batch_outputs,
+                            decode, resolve_options, run_scene_task, stylize_file)
+
+PREFLIGHT = ("strict", "skip-bad")
+MAX_RETRIES = 3  # restarts of a dead worker, and retries of the scene it was rendering
+IN_FLIGHT = 2  # scenes queued per worker, so none idles while the driver assembles an output
+
+
+@dataclass(frozen=True)
+class SceneDone:
+    """A scene a worker finished (what progress and tests see)."""
+
+    input: Path
+    scene: int  # 0-based
+    frames: int
+    seconds: float
+    node: str
+    pid: int
+
+
+def connect(cluster: str):
+    """The `ray` module, connected: "ray" joins the instance running on this machine (`ray start
+    --head`, or RAY_ADDRESS) or starts one with its GPUs; "ray://HOST:10001" or a GCS address joins
+    that cluster. Returns (ray, started): whether this call started the connection."""
+    try:
+        import ray
+    except ImportError:
+        raise EngineUnavailableError("--cluster: Ray is not installed; pip install 'cinefx[ray]'") from None
+    if ray.is_initialized():
+        return ray, False
+    try:
+        ray.init(address=None if cluster == "ray" else cluster, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as ex:
+        raise EngineUnavailableError(f"--cluster {cluster[:100]!r}: cannot connect to Ray ({str(ex)[:100]}); "
+                                     "check the address, or start it with `ray start --head`") from ex
+    return ray, True
+
+
+def versions() -> dict[str, str]:
+    """The versions every node must share with the driver."""
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {"cinefx": __version__, "torch": version("torch")}
+
+
+def check_node(inputs: Sequence[str], folders: Sequence[str], options: StylizeOptions, controls: tuple[str, ...],
+               engine: str) -> dict:
+    """Run on a node: what it cannot do of this run (inputs it cannot read, folders it cannot write,
+    weights it cannot find), its host name and its versions."""
+    problems = [f"cannot read input {p[:100]}" for p in inputs if not os.access(p, os.R_OK)]
+    for folder in folders:
+        try:
+            remove_quietly(temp_path_for(Path(folder) / "preflight"))
+        except OSError as ex:
+            problems.append(f"cannot write {folder[:100]} ({ex.strerror or ex})")
+    if engine == "diffusion":
+        from cinefx.diffusion.models import check_resolved, resolve_models
+
+        try:
+            check_resolved(resolve_models(options.models, controls))
+        except CinefxError as ex:
+            problems.append(str(ex))
+    return {"host": host_name(), "versions": versions(), "problems": problems}
+
+
+def preflight(ray, inputs: Sequence[Path], folders: Sequence[Path], options: StylizeOptions, controls, engine: str,
+              mode: str) -> tuple[list[str], list[str]]:
+    """Check every alive node (`check_node`, and the driver's versions). Returns (good node ids,
+    one line per bad node). `mode` "strict" raises on the first bad node; "skip-bad" leaves it out,
+    and raises only when none is left."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    check = ray.remote(check_node)
+    want = versions()
+    refs = [check.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote([str(p) for p in inputs], [str(f) for f in folders], options, controls, engine) for n in nodes]
+    good, bad = [], []
+    for node, ref in zip(nodes, refs):
+        try:
+            found = ray.get(ref, timeout=120)
+        except Exception as ex:  # a node that cannot even run the check
+            found = {"host": node.get("NodeManagerAddress", "?"), "versions": want,
+                     "problems": [f"check failed: {type(ex).__name__}"]}
+        problems = found["problems"] + [f"{k} {found['versions'][k]} (this machine: {v})"
+                                        for k, v in want.items() if found["versions"][k] != v]
+        if not problems:
+            good.append(node["NodeID"])
+            continue
+        bad.append(f"node {found['host']} ({node.get('NodeManagerAddress', '?')}): {'; '.join(problems)}")
+        if mode == "strict":
+            raise EngineUnavailableError(f"--cluster preflight: {bad[-1]}; fix it, or pass --preflight skip-bad "
+                                         "to run without it")
+    if not good:
+        raise EngineUnavailableError(f"--cluster preflight: no node can run this ({bad[0] if bad else 'no nodes'})")
+    return good, bad
+
+
+class _SceneFiles(WorkFolder):
+    """A worker's view of a shared work folder: it writes scene files (temporary, then renamed into
+    place) and leaves the manifest to the driver, the folder's only other writer."""
+
+    def __init__(self, folder: Path, key: str):
+        super().__init__(folder / "unused", key)
+        self.path = folder
+
+    def _save(self) -> None:
+        pass
+
+    def kept(self, scene: int) -> dict:
+        return self._kept[str(scene)]
+
+
+def adopt(work: WorkFolder, scene: int, record: dict) -> None:
+    """Enter a scene a worker wrote into the folder's manifest: only now is it done."""
+    work._kept[str(scene)] = record
+    work._intact.pop(scene, None)
+    work._save()
+
+
+class SceneWorker:
+    """Renders scene tasks one after another, keeping its renderer (and the loaded models, through
+    `cinefx.engines.MODELS`) across tasks. One thread for torch, so every worker computes alike."""
+
+    def __init__(self, threads: int = 1):
+        import torch
+
+        torch.set_num_threads(threads)
+        self._renderer, self._for = None, None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def render(self, task: SceneTask, folder: str, key: str) -> tuple[SceneDone, dict]:
+        """Render `task` into the work folder `folder` (keyed `key`). Returns what was done and the
+        scene file's record for the manifest (`adopt`); the file is complete when this returns."""
+        from cinefx.stylize import renderer_for
+        from cinefx.video.probe import probe
+
+        t0 = time.perf_counter()
+        size = probe(task.input).display_size
+        # one renderer per input: its per-scene state resets when the scene number changes, which
+        # scene 0 of the next input would not do
+        if self._for != (task.input, size):
+            if self._renderer is not None:
+                self._renderer.close()
+            self._renderer, self._for = None, None
+            self._renderer = renderer_for(task.preset, task.options, _Choice(task.engine), size)
+            self._for = (task.input, size)
+        files = _SceneFiles(Path(folder), key)
+        try:
+            for out in run_scene_task(task, self._renderer):
+                files.record(task.scene.index, out)
+            files.finish()
+        finally:
+            files.abandon()
+        return SceneDone(task.input, task.scene.index, task.scene.frames, time.perf_counter() - t0, host_name(),
+                         os.getpid()), files.kept(task.scene.index)
+
+
+@dataclass(frozen=True)
+class _Choice:
+    name: str
+
+
+@dataclass
+class _Output:
+    """One input being rendered scene by scene."""
+
+    src: Path
+    dst: Path
+    lock: OutputLock
+    work: WorkFolder
+    scenes: list[Scene]
+    left: set[int]
+    failed: str = ""
+
+
+def _scenes(src: Path, options: StylizeOptions) -> tuple[list[Scene], object]:
+    """The input's scenes, found as `stylize_file` finds them (the same frames, the same detector)."""
+    from cinefx.video.probe import probe
+
+    info = probe(src)
+    stream = SceneStream(decode(info, options), 48, options.detector)
+    for _ in stream:
+        pass
+    if not stream.count:
+        from cinefx.errors import InputFileError
+
+        raise InputFileError(f"{src}: contains no decodable video frames")
+    return stream.scenes, info
+
+
+def _open_output(src: Path, dst: Path, preset, options: StylizeOptions, choice, work_dir: Path | None) -> _Output:
+    """Lock `dst`, find the scenes and open the work folder (finished scenes of an earlier run count)."""
+    from cinefx.grade import ocio
+    from cinefx.video.writer import check_output_path
+
+    check_output_path(dst, options.overwrite)
+    lock = OutputLock(dst).acquire()
+    try:
+        if dst.exists() and dst.resolve() == src.resolve():
+            raise OutputError(f"{dst}: output would overwrite the input")
+        scenes, info = _scenes(src, options)
+        colour = (ocio.choose_input(options.input_colorspace, info.colour).space,
+                  ocio.resolve(options.output_colorspace, "--output-colorspace"))
+        at = (work_dir or dst.parent) / dst.name
+        if not options.resume:
+            shutil.rmtree(at.parent / f".{at.name}.cinefx-work", ignore_errors=True)
+        work = _work_folder(src, at, info, preset, dataclasses.replace(options, resume=True), choice, [], colour)
+        if work is None:
+            raise OutputError(f"{at.parent}: too little free space to keep the rendered scenes a cluster run "
+                              "needs; free some, or pass --work-dir on a larger disk every node sees")
+    except BaseException:
+        lock.release()
+        raise
+    return _Output(src, dst, lock, work, scenes, {s.index for s in scenes if not work.has(s.index)})
+
+
+def _assemble(out: _Output, preset, options: StylizeOptions, progress: Progress | None):
+    """The output from its finished scenes: `stylize_file` reads each one back (none is rendered)."""
+    beside = out.dst.parent / f".{out.dst.name}.cinefx-work"
+    out.lock.release()  # stylize_file takes it again
+    if out.work.path != beside:  # --work-dir: stylize_file looks beside the output
+        shutil.rmtree(beside, ignore_errors=True)
+        shutil.move(out.work.path, beside)
+    return stylize_file(out.src, out.dst, preset, dataclasses.replace(options, resume=True), progress)
+
+
+def pinned(preset, options: StylizeOptions) -> StylizeOptions:
+    """Options every worker renders alike with: the batch fixed at the preset's chunk where it was
+    left to each GPU's free memory."""
+    if options.diffusion.batch:
+        return options
+    return dataclasses.replace(options, diffusion=dataclasses.replace(options.diffusion, batch=preset.diffusion.chunk))
+
+
+def _failure(ex: BaseException, out: _Output | None = None, scene: int | None = None) -> str:
+    """One line naming the input, the scene and the node where a task failed."""
+    cause = getattr(ex, "cause", None) or ex
+    where = f" (node {getattr(ex, 'ip', '?')}, pid {getattr(ex, 'pid', '?')})" if cause is not ex else ""
+    what = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
+    if not isinstance(cause, CinefxError):
+        what = f"unexpected {type(cause).__name__}: {what}"
+    head = f"{out.src}: scene {scene + 1}" if out is not None and scene is not None else ""
+    return f"{head}{where}: {what}" if head else f"{what}{where}"
+
+
+def stylize_on_ray(inputs: Sequence[Path], outputs: Path | Sequence[Path], preset, options: StylizeOptions = StylizeOptions(),
+                   cluster: str = "ray", workers: int | None = None, work_dir: Path | None = None,
+                   preflight_mode: str = "strict", skip_existing: bool = False,
+                   on_item: Callable[[BatchItem], None] | None = None, progress: Progress | None = None,
+                   on_scene: Callable[[SceneDone], None] | None = None) -> list[BatchItem]:
+    """Stylize `inputs` into `outputs` (a folder, or one path per input) on a Ray cluster; the
+    files are those `stylize_batch` writes. Returns one `BatchItem` per input, in order; a bad input
+    fails alone. `workers` caps the workers (default: one per GPU; without GPUs, one per core, each
+    with one torch thread). `work_dir` keeps finished scenes (default: beside each output); every
+    node must see it and the inputs. `progress(done, total, message)` counts frames over the whole
+    batch, the message giving each worker's frames per second."""
+    if preflight_mode not in PREFLIGHT:
+        raise OptionError(f"--preflight {preflight_mode[:40]!r}: must be one of {', '.join(PREFLIGHT)}")
+    if workers is not None and workers < 1:
+        raise OptionError(f"--workers {workers}: must be 1 or more")
+    if work_dir is not None and not Path(work_dir).is_dir():
+        raise MissingFileError(f"--work-dir {str(work_dir)[:100]}: folder does not exist")
+    inputs = [Path(p) for p in inputs]
+    if isinstance(outputs, (str, os.PathLike)):
+        if not Path(outputs).is_dir():
+            raise MissingFileError(f"{outputs}: output folder does not exist")
+        outputs = batch_outputs(inputs, Path(outputs), preset.name)
+    outputs = [Path(p) for p in outputs]
+    options, choice = resolve_options(preset, options)
+    options = pinned(preset, options) if choice.name == "diffusion" else options
+    ray, started = connect(cluster)
+    try:
+        folders = sorted({work_dir} if work_dir else {d.parent for d in outputs})
+        nodes, _ = preflight(ray, inputs, folders, options, tuple(k for k, _ in preset.diffusion.controls),
+                             choice.name, preflight_mode)
+        run = _grade_files if choice.name == "grade" else _render_scenes
+        return run(ray, nodes, inputs, outputs, preset, options, choice, workers, work_dir and Path(work_dir),
+                   skip_existing, on_item or (lambda item: None), progress, on_scene)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _placements(ray, nodes: list[str], workers: int | None) -> list[tuple[str, dict]]:
+    """(node id, resources) per worker: one per GPU of each good node; on a cluster without GPUs,
+    one per CPU. At most `workers`."""
+    info = {n["NodeID"]: n.get("Resources", {}) for n in ray.nodes()}
+    gpus = any(info[n].get("GPU", 0) >= 1 for n in nodes)
+    res = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": 1}
+    counts = {n: int(info[n].get("GPU" if gpus else "CPU", 0)) for n in nodes}
+    # spread over nodes first: node A's worker 1, node B's worker 1, …
+    slots = [(n, res) for k in range(max(counts.values(), default=0)) for n in nodes if k < counts[n]]
+    return slots[:workers] if workers else slots
+
+
+def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers, work_dir, skip_existing, on_item,
+                   progress, on_scene) -> list[BatchItem]:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    items: dict[int, BatchItem] = {}
+    opened: dict[int, _Output] = {}
+
+    def done(i: int, item: BatchItem) -> None:
+        items[i] = item
+        on_item(item)
+
+    for i, (src, dst) in enumerate(zip(inputs, outputs)):
+        if skip_existing and dst.exists():
+            done(i, BatchItem(src, dst, "skipped", "output exists"))
+            continue
+        try:
+            opened[i] = _open_output(src, dst, preset, options, choice, work_dir)
+        except OptionError:
+            raise
+        except CinefxError as ex:
+            done(i, BatchItem(src, dst, "failed", str(ex)))
+        except Exception as ex:
+            done(i, BatchItem(src, dst, "failed", _unforeseen(src, ex), traceback=traceback.format_exc()))
+
+    queue = deque(sorted(((i, s) for i, o in opened.items() for s in o.scenes if s.index in o.left),
+                         key=lambda t: -t[1].frames))
+    total = sum(s.frames for o in opened.values() for s in o.scenes)
+    finished = sum(s.frames for o in opened.values() for s in o.scenes if s.index not in o.left)
+    actor = ray.remote(SceneWorker)
+    pool = [actor.options(**res, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,
+                          scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(1)
+            for node, res in _placements(ray, nodes, workers)[:max(1, len(queue))]] if queue else []
+    flight: dict = {}  # ref → (worker, input, scene)
+    rates: dict[str, list[float]] = {}  # "host:pid" → [frames, seconds]
+
+    def feed(worker) -> None:
+        while queue and sum(w is worker for w, _, _ in flight.values()) < IN_FLIGHT:
+            i, scene = queue.popleft()
+            if opened[i].failed:
+                continue
+            o = opened[i]
+            task = SceneTask(o.src, scene, preset, options, choice.name)
+            flight[worker.render.remote(task, str(o.work.path), o.work.key)] = (worker, i, scene)
+
+    def finish(i: int) -> None:
+        o = opened.pop(i)
+        if o.failed:
+            o.lock.release()
+            done(i, BatchItem(o.src, o.dst, "failed", o.failed))
+            return
+        try:
+            done(i, BatchItem(o.src, o.dst, "done", result=_assemble(o, preset, options, None)))
+        except CinefxError as ex:
+            done(i, BatchItem(o.src, o.dst, "failed", str(ex)))
+        except Exception as ex:
+            done(i, BatchItem(o.src, o.dst, "failed", _unforeseen(o.src, ex), traceback=traceback.format_exc()))
+
+    try:
+        for i in [i for i, o in opened.items() if not o.left]:  # every scene kept by an earlier run
+            finish(i)
+        for w in pool:
+            feed(w)
+        while flight:
+            ready, _ = ray.wait(list(flight), num_returns=1)
+            worker, i, scene = flight.pop(ready[0])
+            o = opened[i]
+            try:
+                scene_done, record = ray.get(ready[0])
+            except ray.exceptions.RayActorError:  # died past its restarts: another worker takes the scene
+                pool.remove(worker)
+                if not pool:
+                    raise EngineUnavailableError(f"--cluster: every worker died; the last while rendering "
+                                                 f"{o.src} scene {scene.index + 1}") from None
+                queue.appendleft((i, scene))
+                feed(pool[0])
+                continue
+            except ray.exceptions.RayTaskError as ex:
+                o.failed = o.failed or _failure(ex, o, scene.index)
+                o.left.discard(scene.index)
+            else:
+                adopt(o.work, scene.index, record)
+                o.left.discard(scene.index)
+                finished += scene.frames
+                r = rates.setdefault(f"{scene_done.node}:{scene_done.pid}", [0, 0.0])
+                r[0], r[1] = r[0] + scene_done.frames, r[1] + scene_done.seconds
+                if on_scene:
+                    on_scene(scene_done)
+                if progress:
+                    progress(finished, total, ", ".join(f"{k} {f / max(s, 1e-9):.1f} fps" for k, (f, s) in rates.items()))
+            feed(worker)
+            if not o.left and not any(j == i for _, j, _ in flight.values()):
+                finish(i)
+    except BaseException:
+        for w in pool:
+            ray.kill(w, no_restart=True)
+        for o in opened.values():
+            o.lock.release()  # finished scenes stay in the work folder for the next run
+        raise
+    for w in pool:
+        ray.kill(w, no_restart=True)
+    return [items[i] for i in range(len(inputs))]
+
+
+def _grade_files(ray, nodes, inputs, outputs, preset, options, choice, workers, work_dir, skip_existing, on_item,
+                 progress, on_scene) -> list[BatchItem]:
+    """Whole files as tasks, spread over the good nodes."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(stylize_file)
+    items: dict[int, BatchItem] = {}
+    refs = {}
+    for i, (src, dst) in enumerate(zip(inputs, outputs)):
+        if skip_existing and dst.exists():
+            items[i] = BatchItem(src, dst, "skipped", "output exists")
+            on_item(items[i])
+            continue
+        node = nodes[len(refs) % len(nodes)]
+        refs[task.options(num_cpus=1, max_retries=MAX_RETRIES, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node, soft=False)).remote(src, dst, preset, options)] = i
+    try:
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            i = refs.pop(ready[0])
+            src, dst = inputs[i], outputs[i]
+            try:
+                items[i] = BatchItem(src, dst, "done", result=ray.get(ready[0]))
+            except ray.exceptions.RayTaskError as ex:
+                if isinstance(ex.cause, OptionError):
+                    raise ex.cause from None
+                items[i] = BatchItem(src, dst, "failed", _failure(ex) if isinstance(ex.cause, CinefxError)
+                                     else f"{src}: {_failure(ex)}")
+            on_item(items[i])
+            if progress:
+                progress(len(items), len(inputs), f"{src.name} {items[i].status}")
+    except BaseException:
+        for ref in refs:
+            ray.cancel(ref, force=True)  # stylize_file writes atomically: a cancelled file leaves nothing
+        raise
+    return [items[i] for i in range(len(inputs))]

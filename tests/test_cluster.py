@@ -1,0 +1,132 @@
+"""--cluster ray on one local Ray instance (CPU only: the two GPUs are logical, so workers that ask
+for one run on the CPU): the same bytes as the one-machine run, a killed worker, a stopped driver
+resuming, a bad input in a batch, the grade engine over a folder, and preflight."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+ray = pytest.importorskip("ray")  # the `ray` extra; .ci/setup installs it
+
+from cinefx import cluster
+from cinefx.diffusion.models import ModelSpec
+from cinefx.errors import EngineUnavailableError
+from cinefx.presets import load_preset, override
+from cinefx.stylize import StylizeOptions, stylize_file
+from cinefx.testing.clips import Move, cut, write_clip
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def three_scenes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cluster-clips")
+    return write_clip(d / "three.mp4", cut(Move("astronaut", 8), Move("coffee", 10), Move("rocket", 6), size=(96, 64)),
+                      fps=24, audio="aac")
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def diffusion(bundle):
+    preset = override(load_preset("epic"), "diffusion", steps=2, chunk=4)
+    return preset, StylizeOptions(engine="diffusion", models=ModelSpec(base=str(bundle)), metrics=False)
+
+
+def test_importing_the_cli_does_not_import_ray():
+    code = "import sys, cinefx.stylize, cinefx.cli; print('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_same_bytes_as_one_machine_and_a_killed_worker_is_retried(local_ray, tiny_bundle, three_scenes, tmp_path):
+    preset, opts = diffusion(tiny_bundle)
+    local = stylize_file(three_scenes, tmp_path / "local.mp4", preset, opts)
+    assert len(local.scenes) == 3
+    (tmp_path / "ray").mkdir()
+    seen, killed = [], []
+
+    def kill_first_worker(done):
+        seen.append(done)
+        if not killed:  # that worker has its next scene under way: kill it mid-scene
+            killed.append(done.pid)
+            os.kill(done.pid, signal.SIGKILL)
+
+    items = cluster.stylize_on_ray([three_scenes], [tmp_path / "ray" / "local.mp4"], preset, opts,
+                                   on_scene=kill_first_worker)
+    assert [i.status for i in items] == ["done"], items
+    assert sha(tmp_path / "ray" / "local.mp4") == sha(tmp_path / "local.mp4")
+    assert sorted(d.scene for d in seen) == [0, 1, 2]  # every scene once, the killed one retried
+    assert not list((tmp_path / "ray").glob(".*cinefx-*"))  # no work folder or lock left
+
+
+def test_a_stopped_driver_resumes_with_finished_scenes(local_ray, tiny_bundle, three_scenes, tmp_path):
+    preset, opts = diffusion(tiny_bundle)
+    local = tmp_path / "local.mp4"
+    stylize_file(three_scenes, local, preset, opts)
+    out = tmp_path / "out" / "three.mp4"
+    out.parent.mkdir()
+
+    def ctrl_c(done):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cluster.stylize_on_ray([three_scenes], [out], preset, opts, workers=1, on_scene=ctrl_c)
+    assert not out.exists()  # no half-written output
+    kept = sorted(p.name for p in (out.parent / ".three.mp4.cinefx-work").glob("scene-*"))
+    assert kept == ["scene-00001.mkv"]  # the longest scene went first and stays
+
+    again = []
+    items = cluster.stylize_on_ray([three_scenes], [out], preset, opts, on_scene=again.append)
+    assert [i.status for i in items] == ["done"]
+    assert sorted(d.scene for d in again) == [0, 2]  # the finished scene was not rendered again
+    assert sha(out) == sha(local)
+
+
+def test_a_bad_input_fails_alone(local_ray, tiny_bundle, three_scenes, tmp_path):
+    preset, opts = diffusion(tiny_bundle)
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video" * 100)
+    (tmp_path / "o").mkdir()
+    items = cluster.stylize_on_ray([bad, three_scenes], tmp_path / "o", preset, opts)
+    assert [i.status for i in items] == ["failed", "done"]
+    assert "bad.mp4" in items[0].error and "\n" not in items[0].error
+    assert (tmp_path / "o" / "three.mp4").exists() and not (tmp_path / "o" / "bad.mp4").exists()
+
+
+def test_grade_engine_over_a_folder(local_ray, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, move in (("a", Move("astronaut", 10)), ("b", Move("coffee", 12))):
+        write_clip(src / f"{name}.mp4", cut(move, size=(96, 64)), fps=24, audio="aac")
+    preset, opts = load_preset("epic"), StylizeOptions(engine="grade", metrics=False)
+    (tmp_path / "o").mkdir()
+    from cinefx.stylize import expand_inputs
+
+    items = cluster.stylize_on_ray(expand_inputs([src]), tmp_path / "o", preset, opts)
+    assert [(i.input.name, i.status) for i in items] == [("a.mp4", "done"), ("b.mp4", "done")]
+    for name in ("a", "b"):
+        stylize_file(src / f"{name}.mp4", tmp_path / f"{name}.mp4", preset, opts)
+        assert sha(tmp_path / "o" / f"{name}.mp4") == sha(tmp_path / f"{name}.mp4")
+
+
+def test_preflight_names_the_node_and_the_reason(local_ray, tiny_bundle, three_scenes, tmp_path, monkeypatch):
+    preset, opts = diffusion(tiny_bundle)
+    (tmp_path / "o").mkdir()
+    real = cluster.versions()
+    monkeypatch.setattr(cluster, "versions", lambda: {**real, "cinefx": "9.9"})  # the driver only: nodes differ
+    with pytest.raises(EngineUnavailableError, match=r"preflight: node .*cinefx .* \(this machine: 9\.9\).*skip-bad"):
+        cluster.stylize_on_ray([three_scenes], tmp_path / "o", preset, opts)
+    with pytest.raises(EngineUnavailableError, match="no node can run this"):
+        cluster.stylize_on_ray([three_scenes], tmp_path / "o", preset, opts, preflight_mode="skip-bad")
+    assert not list((tmp_path / "o").iterdir())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -185,6 +186,7 @@ def stylize(
     skip_existing: Annotated[bool, _flag("--skip-existing", help="Batch: skip inputs whose output exists.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="Write the temporal report as JSON (a folder in batch mode).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a per-frame PSNR / T-SSIM plot PNG (a folder in batch mode).")] = None,
+    html: Annotated[Optional[Path], typer.Option(help="Write the report as one self-contained HTML page with input/output thumbnails per scene (a folder with an index in batch mode).")] = None,
     no_metrics: Annotated[bool, _flag("--no-metrics", help="Skip the temporal report (faster).")] = False,
     warp_error: Annotated[Optional[bool], _flag("--warp-error/--no-warp-error", help="Add flow warping error to the report (default: on for diffusion; off for grade, where the optical flow costs more than the grade).", show_default=False)] = None,
     no_resume: Annotated[bool, _flag("--no-resume", help="Diffusion: keep no finished scenes beside the output (no disk used; a crash starts over).", rich_help_panel="Diffusion")] = False,
@@ -211,19 +213,19 @@ def stylize(
             raise OptionError(str(ex)) from None
         if size < 0 or batch < 0:
             raise OptionError("--size and --batch must be 0 (automatic) or positive")
-        if (report or plot) and no_metrics:
-            raise OptionError("--report/--plot need the metrics; drop --no-metrics")
+        if (report or plot or html) and no_metrics:
+            raise OptionError("--report/--plot/--html need the metrics; drop --no-metrics")
         _check_colorspaces(input_colorspace, output_colorspace)
         options = StylizeOptions(
             engine=engine, models=_model_spec(model, controlnet, depth_model, annotators, allow_pickle),
             diffusion=EngineSettings(size=size, batch=batch, scheduler=scheduler, precision=precision),
             encode=EncodeOptions(crf=crf, x264_preset=x264_preset), overwrite=overwrite, seed=seed,
-            metrics=not no_metrics, warp_error=warp_error, resume=not no_resume,
+            metrics=not no_metrics, warp_error=warp_error, thumbnails=html is not None, resume=not no_resume,
             input_colorspace=input_colorspace, output_colorspace=output_colorspace)
         if preview is not None:
             _preview(inputs, preview, look, options)
         else:
-            _stylize(inputs, output, look, options, skip_existing, report, plot)
+            _stylize(inputs, output, look, options, skip_existing, _Outputs(report, plot, html))
 
     _run(run)
 
@@ -263,7 +265,26 @@ def _preview(inputs, sheet, preset, options):
     _info(f"{inputs[0].name} → {sheet}: {_count(len(res.scenes), 'scene')} previewed in {res.seconds:.1f}s")
 
 
-def _stylize(inputs, output, preset, options, skip_existing, report, plot):
+@dataclass(frozen=True)
+class _Outputs:
+    """Where a run's report, plot and HTML page go: files for one input, folders for a batch."""
+
+    report: Path | None
+    plot: Path | None
+    html: Path | None
+
+    def folders(self) -> None:
+        for folder in (self.report, self.plot, self.html):
+            if folder:
+                folder.mkdir(parents=True, exist_ok=True)
+
+    def inside(self, output: Path) -> "_Outputs":
+        """An input's files in the batch folders, named for its output, which no other input shares."""
+        at = lambda folder, ext: folder / f"{output.name}{ext}" if folder else None  # noqa: E731
+        return _Outputs(at(self.report, ".json"), at(self.plot, ".png"), at(self.html, ".html"))
+
+
+def _stylize(inputs, output, preset, options, skip_existing, outs: _Outputs):
     """One input to one file, or several (or a folder) to a folder with a summary."""
     from cinefx.errors import InputFileError, OptionError
     from cinefx.stylize import expand_inputs, is_cinefx_output, output_for, stylize_batch, stylize_file
@@ -280,7 +301,7 @@ def _stylize(inputs, output, preset, options, skip_existing, report, plot):
             res = stylize_file(src, dst, preset, options, progress)
         finally:
             progress.close()
-        _finish_one(res, report, plot)
+        _finish_one(res, outs)
         return
     if not files:
         ours = sum(1 for d in inputs if d.is_dir() for f in d.iterdir() if f.is_file() and is_cinefx_output(f))
@@ -291,14 +312,11 @@ def _stylize(inputs, output, preset, options, skip_existing, report, plot):
     if output.exists() and not output.is_dir():
         raise OptionError(f"-o {output}: several inputs need a folder, not a file")
     output.mkdir(parents=True, exist_ok=True)
-    for folder in (report, plot):
-        if folder:
-            folder.mkdir(parents=True, exist_ok=True)
+    outs.folders()
 
     def on_item(item):
-        if item.status == "done":  # reports are named for the output, which no other input shares
-            _finish_one(item.result, report / f"{item.output.name}.json" if report else None,
-                        plot / f"{item.output.name}.png" if plot else None)
+        if item.status == "done":
+            _finish_one(item.result, outs.inside(item.output))
         elif item.status == "skipped":
             _info(f"{item.input}: skipped ({item.error})")
         else:
@@ -320,6 +338,8 @@ def _stylize(inputs, output, preset, options, skip_existing, report, plot):
     finally:
         if progress_holder:
             progress_holder.pop().close()
+    if outs.html:
+        _html_index(items, outs)
     counts = {s: sum(1 for i in items if i.status == s) for s in ("done", "skipped", "failed")}
     concealed = sum(1 for i in items if i.result is not None and i.result.concealed_frames)
     _console().print(f"cinefx: {counts['done']} done, {counts['skipped']} skipped, "
@@ -333,7 +353,22 @@ def _stylize(inputs, output, preset, options, skip_existing, report, plot):
         raise typer.Exit(EXIT_FAILED)
 
 
-def _finish_one(res, report_path, plot_path):
+def _html_index(items, outs: _Outputs) -> None:
+    from cinefx.htmlreport import IndexItem, write_html_index
+
+    rows = []
+    for i in items:
+        res = i.result
+        done = i.status == "done" and res is not None and res.report is not None
+        first = res.thumbs.get(min(res.thumbs)) if done and res.thumbs else None
+        rows.append(IndexItem(str(i.input), outs.inside(i.output).html if done else None,
+                              res.report if done else None, first,
+                              "" if i.status == "done" else f"{i.status}: {i.error}"))
+    index = write_html_index(rows, outs.html / "index.html")
+    _info(f"HTML report: {index}")
+
+
+def _finish_one(res, outs: _Outputs):
     from cinefx.report import render_table, write_plot
 
     for note in res.notes:
@@ -342,10 +377,14 @@ def _finish_one(res, report_path, plot_path):
         _warn(warning)
     if res.report is not None and not _state["quiet"]:
         _console(stderr=False).print(render_table(res.report))
-    if res.report is not None and report_path:
-        res.report.write_json(report_path)
-    if res.report is not None and plot_path:
-        write_plot(res.report, plot_path)
+    if res.report is not None and outs.report:
+        res.report.write_json(outs.report)
+    if res.report is not None and outs.plot:
+        write_plot(res.report, outs.plot)
+    if res.report is not None and outs.html:
+        from cinefx.htmlreport import write_html_report
+
+        write_html_report(res.report, res.thumbs or {}, outs.html)
     fps = res.frames / max(res.seconds, 1e-6)
     _info(f"{res.input.name} → {res.output}: {_count(res.frames, 'frame')}, {_count(len(res.scenes), 'scene')}, "
           f"{res.seconds:.1f}s ({fps:.1f} fps)")
@@ -483,6 +522,66 @@ def _eval_stills(folder, reference, prompts, spec, device, as_json, csv):
         write_stills_json(ev, as_json)
     if csv:
         write_stills_csv(ev, csv)
+
+
+@app.command()
+def rate(
+    paths: Annotated[list[Path], typer.Argument(help="Systems to compare (one folder of renders each, matched by name; or one file each); with --tally or --serve, the study folder (then answer files).", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="The study folder to make (must not exist).")] = None,
+    questions: Annotated[str, typer.Option(help="seed: 'Which is more cinematic?' | dreamshot: DreamShot's three questions.", metavar=_one_of("seed", "dreamshot"))] = "seed",
+    seed: Annotated[int, typer.Option(help="Seed of the pairs' order and sides.")] = 0,
+    trials: Annotated[Optional[int], typer.Option(help="How many (source, pair) trials to draw (default: all).")] = None,
+    tally: Annotated[bool, _flag("--tally", help="Tally the answers of the study folder (and answer files given after it).")] = False,
+    serve: Annotated[bool, _flag("--serve", help="Serve the study on 127.0.0.1 and save each answer as it is given.")] = False,
+    port: Annotated[int, typer.Option(help="--serve: the port.")] = 8765,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="--tally: write the tally as JSON (default STUDY/tally.json).")] = None,
+):
+    """A blinded pairwise preference study of renders, as the seed papers ran: make it, serve it, tally it."""
+
+    def run():
+        from cinefx.errors import OptionError
+
+        if tally and serve:
+            raise OptionError("--tally and --serve: give one of them")
+        if tally or serve:
+            if output is not None:
+                raise OptionError("-o makes a new study; --tally and --serve take the study folder as the argument")
+            return _rate_tally(paths[0], paths[1:], as_json) if tally else _rate_serve(paths, port)
+        if output is None:
+            raise OptionError("-o STUDY: name the study folder to make")
+        from cinefx.rate import StudyOptions, make_study
+
+        study = make_study(paths, output, StudyOptions(questions=questions, seed=seed, trials=trials))
+        for note in study.notes:
+            _info(note)
+        _info(f"study of {_count(study.trials, 'trial')} written to {study.folder}: open {study.page} in a "
+              f"browser (answers download as JSON), or run `cinefx rate --serve {study.folder}`; then "
+              f"`cinefx rate --tally {study.folder} [ANSWER FILES]`")
+
+    _run(run)
+
+
+def _rate_tally(folder: Path, files: list[Path], as_json: Path | None) -> None:
+    from cinefx.rate import render_table, tally_study
+
+    t = tally_study(folder, files)
+    _console(stderr=False).print(render_table(t))
+    _info(f"tally written to {t.write_json(as_json or folder / 'tally.json')}")
+
+
+def _rate_serve(paths: list[Path], port: int) -> None:
+    from cinefx.errors import OptionError
+    from cinefx.rate import StudyServer
+
+    if len(paths) != 1:
+        raise OptionError("--serve takes one study folder")
+    server = StudyServer(paths[0], port)
+    _info(f"serving {paths[0]} at {server.url} (this machine only); answers go to {paths[0] / 'answers'}; "
+          "Ctrl-C stops")
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
 
 
 @app.command()

@@ -62,6 +62,7 @@ class StylizeOptions:
     # flow warping error in the report: None = the engine's default (on for diffusion, whose
     # renders it judges; off for the grade engine, where DIS flow costs more than the grade itself)
     warp_error: bool | None = None
+    thumbnails: bool = False  # keep an input/output thumbnail per scene (for the HTML report)
     metric_width: int = DEFAULT_METRIC_WIDTH
     audio: bool = True
     resume: bool = True  # diffusion: keep finished scenes beside the output and reuse them on a re-run
@@ -94,6 +95,7 @@ class StylizeResult:
     seconds: float
     concealed_frames: int = 0  # frames that could not be decoded, replaced by the previous one
     warnings: tuple[str, ...] = ()  # what the user should look at in the output
+    thumbs: dict | None = None  # scene index → `cinefx.htmlreport.SceneThumb`, with `thumbnails`
 
 
 def resolve_options(preset: Preset, options: StylizeOptions) -> tuple[StylizeOptions, EngineChoice]:
@@ -215,6 +217,7 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
             renderer = ResumingRenderer(renderer, work)
         meter = TemporalMeter(options.metric_width, background=True) if options.metrics else None
         warp = _warp_meter(options, choice)
+        thumbs = _thumbnails(options)
         stream = SceneStream(decode(info, options, notes), renderer.run_length, options.detector)
         back = ocio.output_conversion(out_space)
         # the tags say what is written: the source's when nothing was converted
@@ -239,6 +242,8 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
                             meter.add(run.scene, f.rgb, o)
                         if warp is not None:
                             warp.add(run.scene, f.rgb, o)
+                        if thumbs is not None:
+                            thumbs.add(run.scene, f.rgb, o)
                         times.append(float(f.pts * info.time_base))
                         concealed += f.concealed
                     if progress:
@@ -277,7 +282,8 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
                     f"{'were' if concealed > 1 else 'was'} replaced by the previous frame",)
     return StylizeResult(input=src, output=dst, engine=choice.name, engine_reason=choice.reason,
                          frames=len(times), scenes=tuple(stream.scenes), report=report, notes=tuple(notes),
-                         seconds=time.perf_counter() - t0, concealed_frames=concealed, warnings=warnings)
+                         seconds=time.perf_counter() - t0, concealed_frames=concealed, warnings=warnings,
+                         thumbs=thumbs.finish() if thumbs is not None else None)
 
 
 def _warp_meter(options: StylizeOptions, choice: EngineChoice):
@@ -288,6 +294,14 @@ def _warp_meter(options: StylizeOptions, choice: EngineChoice):
     from cinefx.eval.warp import WarpMeter
 
     return WarpMeter(options.metric_width, background=True)
+
+
+def _thumbnails(options: StylizeOptions):
+    if not options.thumbnails:
+        return None
+    from cinefx.htmlreport import SceneThumbs
+
+    return SceneThumbs()
 
 
 def _end(times: list[float], info: VideoInfo) -> float:

@@ -9,6 +9,10 @@ from fractions import Fraction
 # huggingface_hub, which reads these once at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="cinefx-test-hf-")
+# The tiny models' tensors are too small to split between threads: one thread renders a tiny scene
+# several times faster on CI's two cores (about 1 s against 20 s when the machine is busy). Set
+# before torch is imported, here and in the CLI subprocesses the tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 

@@ -98,7 +98,7 @@ def test_a_bad_input_fails_alone(local_ray, tiny_bundle, three_scenes, tmp_path)
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video" * 100)
     (tmp_path / "o").mkdir()
-    items = cluster.stylize_on_ray([bad, three_scenes], tmp_path / "o", preset, opts)
+    items = cluster.stylize_on_ray([bad, three_scenes], tmp_path / "o", preset, opts, workers=1)
     assert [i.status for i in items] == ["failed", "done"]
     assert "bad.mp4" in items[0].error and "\n" not in items[0].error
     assert (tmp_path / "o" / "three.mp4").exists() and not (tmp_path / "o" / "bad.mp4").exists()

@@ -192,6 +192,10 @@ def stylize(
     no_resume: Annotated[bool, _flag("--no-resume", help="Diffusion: keep no finished scenes beside the output (no disk used; a crash starts over).", rich_help_panel="Diffusion")] = False,
     input_colorspace: Annotated[str, typer.Option(help="Colour space of the footage: auto (from the stream's tags: Rec.709, BT.2020, PQ, HLG; camera log is rarely tagged) or a name or alias from `cinefx colorspaces` (slog3, logc4, applelog, …). Log and HDR are rendered to Rec.709 before the look.", rich_help_panel="Colour")] = field_default(*_S, "input_colorspace"),
     output_colorspace: Annotated[str, typer.Option(help="Write the output in this colour space (10-bit H.264, tagged) for grading downstream: log, pq, hlg, rec2020, …. It re-encodes the Rec.709 render and adds no latitude or highlights the render did not have.", rich_help_panel="Colour")] = field_default(*_S, "output_colorspace"),
+    cluster: Annotated[Optional[str], typer.Option(help="Render on Ray: 'ray' (this machine's instance or $RAY_ADDRESS, started if none) or ray://HOST:10001. Needs Ray (the cinefx ray extra).", rich_help_panel="Cluster")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="--cluster: workers at most (default: one per GPU; without GPUs one per core).", rich_help_panel="Cluster")] = None,
+    work_dir: Annotated[Optional[Path], typer.Option(help="--cluster: a folder every node sees for finished scenes (default: beside each output).", rich_help_panel="Cluster")] = None,
+    preflight: Annotated[str, typer.Option(help="--cluster: strict stops when a node fails its check; skip-bad runs without it.", metavar=_one_of("strict", "skip-bad"), rich_help_panel="Cluster")] = "strict",
     quiet: Annotated[bool, _flag("--quiet", "-q", help="Only errors and the batch summary.")] = False,
 ):
     """Render videos in a preset's cinematic look."""
@@ -225,7 +229,10 @@ def stylize(
         if preview is not None:
             _preview(inputs, preview, look, options)
         else:
-            _stylize(inputs, output, look, options, skip_existing, _Outputs(report, plot, html))
+            if cluster is None and (workers is not None or work_dir is not None or preflight != "strict"):
+                raise OptionError("--workers, --work-dir and --preflight go with --cluster")
+            ray = _Cluster(cluster, workers, work_dir, preflight) if cluster else None
+            _stylize(inputs, output, look, options, skip_existing, _Outputs(report, plot, html), ray)
 
     _run(run)
 
@@ -284,8 +291,26 @@ class _Outputs:
         return _Outputs(at(self.report, ".json"), at(self.plot, ".png"), at(self.html, ".html"))
 
 
-def _stylize(inputs, output, preset, options, skip_existing, outs: _Outputs):
-    """One input to one file, or several (or a folder) to a folder with a summary."""
+@dataclass(frozen=True)
+class _Cluster:
+    """--cluster and its options: where `cinefx.cluster.stylize_on_ray` runs the work."""
+
+    address: str
+    workers: int | None
+    work_dir: Path | None
+    preflight: str
+
+    def run(self, files, outputs, preset, options, skip_existing=False, on_item=None, progress=None):
+        from cinefx.cluster import stylize_on_ray  # Ray is imported only here
+
+        return stylize_on_ray(files, outputs, preset, options, cluster=self.address, workers=self.workers,
+                              work_dir=self.work_dir, preflight_mode=self.preflight, skip_existing=skip_existing,
+                              on_item=on_item, progress=progress)
+
+
+def _stylize(inputs, output, preset, options, skip_existing, outs: _Outputs, cluster: _Cluster | None = None):
+    """One input to one file, or several (or a folder) to a folder with a summary; on a Ray
+    cluster with `cluster`."""
     from cinefx.errors import InputFileError, OptionError
     from cinefx.stylize import expand_inputs, is_cinefx_output, output_for, stylize_batch, stylize_file
 
@@ -298,7 +323,13 @@ def _stylize(inputs, output, preset, options, skip_existing, outs: _Outputs):
             dst = output_for(src, dst, preset.name, ".mp4")
         progress = _Progress(src.name, 0)
         try:
-            res = stylize_file(src, dst, preset, options, progress)
+            if cluster is None:
+                res = stylize_file(src, dst, preset, options, progress)
+            else:
+                (item,) = cluster.run([src], [dst], preset, options, progress=progress)
+                if item.status != "done":
+                    raise typer.Exit(_fail_item(item))
+                res = item.result
         finally:
             progress.close()
         _finish_one(res, outs)
@@ -320,9 +351,7 @@ def _stylize(inputs, output, preset, options, skip_existing, outs: _Outputs):
         elif item.status == "skipped":
             _info(f"{item.input}: skipped ({item.error})")
         else:
-            _console().print(f"[bold red]cinefx: error:[/] {escape(str(item.error))}", markup=True)
-            if _state["debug"] and item.traceback:
-                sys.stderr.write(item.traceback)
+            _fail_item(item)
 
     progress_holder = []
 
@@ -334,7 +363,10 @@ def _stylize(inputs, output, preset, options, skip_existing, outs: _Outputs):
         return p
 
     try:
-        items = stylize_batch(files, output, preset, options, skip_existing, on_item, progress_for)
+        if cluster is None:
+            items = stylize_batch(files, output, preset, options, skip_existing, on_item, progress_for)
+        else:
+            items = cluster.run(files, output, preset, options, skip_existing, on_item, progress_for(Path("cluster")))
     finally:
         if progress_holder:
             progress_holder.pop().close()
@@ -351,6 +383,14 @@ def _stylize(inputs, output, preset, options, skip_existing, outs: _Outputs):
             _console().print(f"  failed: {i.input}", markup=False)
     if counts["failed"]:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _fail_item(item) -> int:
+    """Print a failed input's one line (and its traceback with --debug); the exit code."""
+    _console().print(f"[bold red]cinefx: error:[/] {escape(str(item.error))}", markup=True)
+    if _state["debug"] and item.traceback:
+        sys.stderr.write(item.traceback)
+    return EXIT_FAILED
 
 
 def _html_index(items, outs: _Outputs) -> None:

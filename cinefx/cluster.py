@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cinefx import __version__
-from cinefx.errors import CinefxError, EngineUnavailableError, MissingFileError, OptionError, OutputError
+from cinefx.errors import CinefxError, ClusterError, MissingFileError, OptionError, OutputError
 from cinefx.fsutil import host_name, remove_quietly, temp_path_for
 from cinefx.resume import OutputLock, WorkFolder
 from cinefx.scenes import Scene, SceneStream
@@ -65,13 +65,13 @@ def connect(cluster: str):
     try:
         import ray
     except ImportError:
-        raise EngineUnavailableError("--cluster: Ray is not installed; pip install 'cinefx[ray]'") from None
+        raise ClusterError("--cluster: Ray is not installed; pip install 'cinefx[ray]'") from None
     if ray.is_initialized():
         return ray, False
     try:
         ray.init(address=None if cluster == "ray" else cluster, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as ex:
-        raise EngineUnavailableError(f"--cluster {cluster[:100]!r}: cannot connect to Ray ({str(ex)[:100]}); "
+        raise ClusterError(f"--cluster {cluster[:100]!r}: cannot connect to Ray ({str(ex)[:100]}); "
                                      "check the address, or start it with `ray start --head`") from ex
     return ray, True
 
@@ -133,10 +133,10 @@ def preflight(ray, inputs: Sequence[Path], folders: Sequence[Path], options: Sty
             continue
         bad.append(f"node {found['host']} ({node.get('NodeManagerAddress', '?')}): {'; '.join(problems)}")
         if mode == "strict":
-            raise EngineUnavailableError(f"--cluster preflight: {bad[-1]}; fix it, or pass --preflight skip-bad "
+            raise ClusterError(f"--cluster preflight: {bad[-1]}; fix it, or pass --preflight skip-bad "
                                          "to run without it")
     if not good:
-        raise EngineUnavailableError(f"--cluster preflight: no node can run this ({bad[0] if bad else 'no nodes'})")
+        raise ClusterError(f"--cluster preflight: no node can run this ({bad[0] if bad else 'no nodes'})")
     return good, bad
 
 
@@ -411,7 +411,7 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
             except ray.exceptions.RayActorError:  # died past its restarts: another worker takes the scene
                 pool.remove(worker)
                 if not pool:
-                    raise EngineUnavailableError(f"--cluster: every worker died; the last while rendering "
+                    raise ClusterError(f"--cluster: every worker died; the last while rendering "
                                                  f"{o.src} scene {scene.index + 1}") from None
                 queue.appendleft((i, scene))
                 feed(pool[0])

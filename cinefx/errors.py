@@ -53,3 +53,8 @@ class AdapterError(CinefxError, ValueError):
 
 class ConfigError(CinefxError, ValueError):
     """The user's config file is malformed (names the file, the key and the value)."""
+
+
+class ClusterError(CinefxError, RuntimeError):
+    """A Ray cluster cannot be used or run the work (not installed, unreachable, a node failing its
+    preflight, every worker lost); names the node and the scene where one is known."""

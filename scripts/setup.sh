@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv/ at the project root and install cinefx into it (editable, with the diffusion and
-# eval extras and the test tools).
+# Create .venv/ at the project root and install cinefx into it (editable, with the diffusion, eval
+# and ray extras and the test tools).
 # Safe to re-run: it does nothing when pyproject.toml has not changed since the last install.
 #
 # Machines with an NVIDIA GPU get the normal torch from the package index. Machines without one
@@ -28,6 +28,6 @@ fi
 # Pin whatever torch is now installed, so no dependency can swap it for a CUDA build.
 constraints="$(mktemp)"
 .venv/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
-pip install -c "$constraints" -e ".[diffusion,eval,dev]"
+pip install -c "$constraints" -e ".[diffusion,eval,ray,dev]"
 rm -f "$constraints"
 echo "$want" > "$stamp"

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-ray = pytest.importorskip("ray")  # the `ray` extra; .ci/setup installs it
+import ray  # the `ray` extra, which scripts/setup.sh installs for the tests
 
 from cinefx import cluster
 from cinefx.diffusion.models import ModelSpec
-from cinefx.errors import EngineUnavailableError
+from cinefx.errors import ClusterError
 from cinefx.presets import load_preset, override
 from cinefx.stylize import StylizeOptions, stylize_file
 from cinefx.testing.clips import Move, cut, write_clip
@@ -104,20 +104,24 @@ def test_a_bad_input_fails_alone(local_ray, tiny_bundle, three_scenes, tmp_path)
     assert (tmp_path / "o" / "three.mp4").exists() and not (tmp_path / "o" / "bad.mp4").exists()
 
 
-def test_grade_engine_over_a_folder(local_ray, tmp_path):
+def test_grade_engine_over_a_folder_from_the_command_line(local_ray, tmp_path):
+    from typer.testing import CliRunner
+
+    from cinefx.cli import app
+
     src = tmp_path / "in"
     src.mkdir()
     for name, move in (("a", Move("astronaut", 10)), ("b", Move("coffee", 12))):
         write_clip(src / f"{name}.mp4", cut(move, size=(96, 64)), fps=24, audio="aac")
+    res = CliRunner().invoke(app, ["stylize", str(src), "-o", str(tmp_path / "o"), "--cluster", "ray",
+                                   "--engine", "grade", "--preset", "epic", "--no-metrics", "-q"])
+    assert res.exit_code == 0 and "2 done" in res.output, res.output
     preset, opts = load_preset("epic"), StylizeOptions(engine="grade", metrics=False)
-    (tmp_path / "o").mkdir()
-    from cinefx.stylize import expand_inputs
-
-    items = cluster.stylize_on_ray(expand_inputs([src]), tmp_path / "o", preset, opts)
-    assert [(i.input.name, i.status) for i in items] == [("a.mp4", "done"), ("b.mp4", "done")]
     for name in ("a", "b"):
         stylize_file(src / f"{name}.mp4", tmp_path / f"{name}.mp4", preset, opts)
         assert sha(tmp_path / "o" / f"{name}.mp4") == sha(tmp_path / f"{name}.mp4")
+    res = CliRunner().invoke(app, ["stylize", str(src), "-o", str(tmp_path / "p"), "--workers", "2"])
+    assert res.exit_code == 2 and "--cluster" in res.output
 
 
 def test_preflight_names_the_node_and_the_reason(local_ray, tiny_bundle, three_scenes, tmp_path, monkeypatch):
@@ -125,8 +129,8 @@ def test_preflight_names_the_node_and_the_reason(local_ray, tiny_bundle, three_s
     (tmp_path / "o").mkdir()
     real = cluster.versions()
     monkeypatch.setattr(cluster, "versions", lambda: {**real, "cinefx": "9.9"})  # the driver only: nodes differ
-    with pytest.raises(EngineUnavailableError, match=r"preflight: node .*cinefx .* \(this machine: 9\.9\).*skip-bad"):
+    with pytest.raises(ClusterError, match=r"preflight: node .*cinefx .* \(this machine: 9\.9\).*skip-bad"):
         cluster.stylize_on_ray([three_scenes], tmp_path / "o", preset, opts)
-    with pytest.raises(EngineUnavailableError, match="no node can run this"):
+    with pytest.raises(ClusterError, match="no node can run this"):
         cluster.stylize_on_ray([three_scenes], tmp_path / "o", preset, opts, preflight_mode="skip-bad")
     assert not list((tmp_path / "o").iterdir())

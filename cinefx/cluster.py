@@ -38,7 +38,7 @@ from cinefx.errors import CinefxError, ClusterError, MissingFileError, OptionErr
 from cinefx.fsutil import host_name, remove_quietly, temp_path_for
 from cinefx.resume import OutputLock, WorkFolder
 from cinefx.scenes import Scene, SceneStream
-from cinefx.stylize import (BatchItem, Progress, SceneTask, StylizeOptions, _unforeseen, _work_folder, batch_outputs,
+from cinefx.stylize import (BatchItem, Progress, SceneTask, StylizeOptions, unforeseen_failure, work_folder, batch_outputs,
                             decode, resolve_options, run_scene_task, stylize_file)
 
 PREFLIGHT = ("strict", "skip-bad")
@@ -140,28 +140,6 @@ def preflight(ray, inputs: Sequence[Path], folders: Sequence[Path], options: Sty
     return good, bad
 
 
-class _SceneFiles(WorkFolder):
-    """A worker's view of a shared work folder: it writes scene files (temporary, then renamed into
-    place) and leaves the manifest to the driver, the folder's only other writer."""
-
-    def __init__(self, folder: Path, key: str):
-        super().__init__(folder / "unused", key)
-        self.path = folder
-
-    def _save(self) -> None:
-        pass
-
-    def kept(self, scene: int) -> dict:
-        return self._kept[str(scene)]
-
-
-def adopt(work: WorkFolder, scene: int, record: dict) -> None:
-    """Enter a scene a worker wrote into the folder's manifest: only now is it done."""
-    work._kept[str(scene)] = record
-    work._intact.pop(scene, None)
-    work._save()
-
-
 class SceneWorker:
     """Renders scene tasks one after another, keeping its renderer (and the loaded models, through
     `cinefx.engines.MODELS`) across tasks. One thread for torch, so every worker computes alike."""
@@ -191,7 +169,7 @@ class SceneWorker:
             self._renderer, self._for = None, None
             self._renderer = renderer_for(task.preset, task.options, _Choice(task.engine), size)
             self._for = (task.input, size)
-        files = _SceneFiles(Path(folder), key)
+        files = WorkFolder.at(Path(folder), key, manifest=False)
         try:
             for out in run_scene_task(task, self._renderer):
                 files.record(task.scene.index, out)
@@ -251,7 +229,7 @@ def _open_output(src: Path, dst: Path, preset, options: StylizeOptions, choice, 
         at = (work_dir or dst.parent) / dst.name
         if not options.resume:
             shutil.rmtree(at.parent / f".{at.name}.cinefx-work", ignore_errors=True)
-        work = _work_folder(src, at, info, preset, dataclasses.replace(options, resume=True), choice, [], colour)
+        work = work_folder(src, at, info, preset, dataclasses.replace(options, resume=True), choice, [], colour)
         if work is None:
             raise OutputError(f"{at.parent}: too little free space to keep the rendered scenes a cluster run "
                               "needs; free some, or pass --work-dir on a larger disk every node sees")
@@ -362,7 +340,7 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
         except CinefxError as ex:
             done(i, BatchItem(src, dst, "failed", str(ex)))
         except Exception as ex:
-            done(i, BatchItem(src, dst, "failed", _unforeseen(src, ex), traceback=traceback.format_exc()))
+            done(i, BatchItem(src, dst, "failed", unforeseen_failure(src, ex), traceback=traceback.format_exc()))
 
     queue = deque(sorted(((i, s) for i, o in opened.items() for s in o.scenes if s.index in o.left),
                          key=lambda t: -t[1].frames))
@@ -395,7 +373,7 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
         except CinefxError as ex:
             done(i, BatchItem(o.src, o.dst, "failed", str(ex)))
         except Exception as ex:
-            done(i, BatchItem(o.src, o.dst, "failed", _unforeseen(o.src, ex), traceback=traceback.format_exc()))
+            done(i, BatchItem(o.src, o.dst, "failed", unforeseen_failure(o.src, ex), traceback=traceback.format_exc()))
 
     try:
         for i in [i for i, o in opened.items() if not o.left]:  # every scene kept by an earlier run
@@ -420,7 +398,7 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
                 o.failed = o.failed or _failure(ex, o, scene.index)
                 o.left.discard(scene.index)
             else:
-                adopt(o.work, scene.index, record)
+                o.work.adopt(scene.index, record)
                 o.left.discard(scene.index)
                 finished += scene.frames
                 r = rates.setdefault(f"{scene_done.node}:{scene_done.pid}", [0, 0.0])

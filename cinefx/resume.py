@@ -85,9 +85,12 @@ class WorkFolder:
     """Finished scenes of one run (see module docstring). Scenes are recorded in order. The caller
     holds the output's `OutputLock`, so no other run uses the folder meanwhile."""
 
-    def __init__(self, output: Path, key: str):
+    def __init__(self, output: Path, key: str, manifest: bool = True):
         self.path = output.parent / f".{output.name}.cinefx-work"
         self.key = key
+        # False: a worker's view of a folder another process (the cluster's driver) keeps: it writes
+        # scene files and hands their records back; the driver enters them (`adopt`)
+        self.manifest = manifest
         self._recording: tuple[int, av.container.OutputContainer, av.video.stream.VideoStream, Path] | None = None
         self._reading: tuple[int, Iterator[np.ndarray]] | None = None
         self._kept: dict[str, dict] = {}  # scene → {"size", "sha256"} as recorded when it was kept
@@ -111,7 +114,26 @@ class WorkFolder:
             remove_quietly(stale)
         self._save()
 
+    @classmethod
+    def at(cls, folder: Path, key: str, manifest: bool = True) -> "WorkFolder":
+        """The work folder `folder` itself (a shared --work-dir), rather than the one beside an output."""
+        work = cls(folder / "unused", key, manifest)
+        work.path = folder
+        return work
+
+    def kept(self, scene: int) -> dict:
+        """The record (size, sha256) of a kept scene, as `adopt` takes it."""
+        return self._kept[str(scene)]
+
+    def adopt(self, scene: int, record: dict) -> None:
+        """Enter a scene another process wrote into this folder: only now does it count as done."""
+        self._kept[str(scene)] = record
+        self._intact.pop(scene, None)
+        self._save()
+
     def _save(self) -> None:
+        if not self.manifest:
+            return
         write_text(self.path / "run.json", json.dumps({"key": self.key, "cinefx": __version__, "scenes": self._kept}))
 
     def _file(self, scene: int) -> Path:

@@ -170,7 +170,7 @@ def _notes(info: VideoInfo, choice: EngineChoice, colour: ocio.InputChoice) -> l
     return notes
 
 
-def _work_folder(src: Path, dst: Path, info: VideoInfo, preset: Preset, options: StylizeOptions,
+def work_folder(src: Path, dst: Path, info: VideoInfo, preset: Preset, options: StylizeOptions,
                  choice: EngineChoice, notes: list[str], colour: tuple[str, str]) -> WorkFolder | None:
     """The folder that keeps finished scenes for resume: for the engines worth resuming (diffusion),
     when --no-resume is not given and the output's disk can hold every scene beside the output (if
@@ -212,7 +212,7 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
         options, choice = resolve_options(preset, options)
         notes = _notes(info, choice, colour)
         renderer = renderer_for(preset, options, choice, info.display_size)
-        work = _work_folder(src, dst, info, preset, options, choice, notes, (colour.space, out_space))
+        work = work_folder(src, dst, info, preset, options, choice, notes, (colour.space, out_space))
         if work is not None:
             renderer = ResumingRenderer(renderer, work)
         meter = TemporalMeter(options.metric_width, background=True) if options.metrics else None
@@ -449,7 +449,7 @@ def batch_outputs(inputs: list[Path], out_dir: Path, preset_name: str) -> list[P
     return outputs
 
 
-def _unforeseen(src: Path, ex: Exception) -> str:
+def unforeseen_failure(src: Path, ex: Exception) -> str:
     """One line for an exception cinefx did not raise on purpose: its type and first line."""
     first = (str(ex).strip().splitlines() or [""])[0]
     return f"{src}: unexpected {type(ex).__name__}" + (f": {first[:200]}" if first else "")
@@ -482,7 +482,7 @@ def stylize_batch(inputs: list[Path], out_dir: Path, preset: Preset, options: St
                 item = (BatchItem(src, dst, "skipped", "output exists") if skip_existing and dst.exists()
                         else BatchItem(src, dst, "failed", str(ex)))  # exists: another run just finished it
             except Exception as ex:
-                item = BatchItem(src, dst, "failed", _unforeseen(src, ex), traceback=traceback.format_exc())
+                item = BatchItem(src, dst, "failed", unforeseen_failure(src, ex), traceback=traceback.format_exc())
         items.append(item)
         if on_item:
             on_item(item)

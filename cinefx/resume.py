@@ -86,7 +86,7 @@ class WorkFolder:
     holds the output's `OutputLock`, so no other run uses the folder meanwhile."""
 
     def __init__(self, output: Path, key: str, manifest: bool = True):
-        self.path = output.parent / f".{output.name}.cinefx-work"
+        self.path = self.beside(output)
         self.key = key
         # False: a worker's view of a folder another process (the cluster's driver) keeps: it writes
         # scene files and hands their records back; the driver enters them (`adopt`)
@@ -113,6 +113,23 @@ class WorkFolder:
         for stale in self.path.glob(f".*{TEMP_MARK}*"):  # a killed run's unfinished scene
             remove_quietly(stale)
         self._save()
+
+    @staticmethod
+    def beside(output: Path) -> Path:
+        """The work folder of `output`."""
+        return output.parent / f".{output.name}.cinefx-work"
+
+    @classmethod
+    def remove_if_empty(cls, output: Path) -> None:
+        """Remove the work folder of `output` if it holds no finished scene: what a killed run left
+        before it finished one (a run that fails removes its own, see `abandon`). Call it holding
+        the output's lock, from a run of any engine."""
+        cls._remove_if_empty(cls.beside(output))
+
+    @staticmethod
+    def _remove_if_empty(folder: Path) -> None:
+        if folder.is_dir() and not any(folder.glob("scene-*.mkv")):  # a scene file is there once finished
+            shutil.rmtree(folder, ignore_errors=True)
 
     @classmethod
     def at(cls, folder: Path, key: str, manifest: bool = True) -> "WorkFolder":
@@ -202,14 +219,19 @@ class WorkFolder:
         self._save()
 
     def abandon(self) -> None:
-        """Stop recording without keeping the unfinished scene (the run was interrupted)."""
-        if self._recording is not None:
-            _, c, _, tmp = self._recording
-            self._recording = None
-            try:
-                c.close()
-            finally:
-                remove_quietly(tmp)
+        """Stop recording without keeping the unfinished scene (the run was interrupted); the
+        folder goes too if no scene in it is finished, as nothing in it could be reused."""
+        try:
+            if self._recording is not None:
+                _, c, _, tmp = self._recording
+                self._recording = None
+                try:
+                    c.close()
+                finally:
+                    remove_quietly(tmp)
+        finally:
+            if self.manifest:  # a worker's view leaves the folder to the driver
+                self._remove_if_empty(self.path)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

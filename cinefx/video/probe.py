@@ -7,6 +7,7 @@ several facts (colour tags, rotation, whether anything decodes at all) only show
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -83,6 +84,10 @@ class VideoInfo:
         return max(1, round(1 / (self.fps * self.time_base))) if self.fps else 1
 
 
+_NOT_FILES = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+              (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+
+
 def _fail(path: Path, what: str) -> InputFileError:
     return InputFileError(f"{path}: {what}")
 
@@ -94,6 +99,10 @@ def open_container(path: Path) -> av.container.InputContainer:
         raise MissingFileError(f"{path}: no such file")
     if path.is_dir():
         raise _fail(path, "is a folder, not a video file")
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):  # a device or pipe: stat says 0 bytes, and reading may never end
+        kind = next((k for test, k in _NOT_FILES if test(mode)), "a special file")
+        raise _fail(path, f"is not a regular file ({kind}); give a video file")
     if not os.access(path, os.R_OK):
         raise _fail(path, "cannot be read (permission denied)")
     if path.stat().st_size == 0:

@@ -10,6 +10,7 @@ import heapq
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 
 import av
 import cv2
@@ -30,7 +31,59 @@ MAX_LOST_SHARE = 0.10
 
 # Formats whose timestamps travel inside the data that can be damaged (MPEG transport and program
 # streams): a lost packet takes its timestamp with it, so losses show only as gaps in time.
-_NO_INDEX = frozenset({"mpegts", "mpeg"})
+NO_INDEX = frozenset({"mpegts", "mpeg"})
+
+
+class Restarts:
+    """Timestamp restarts in a stream without an index: MPEG-TS discontinuities, where joined files,
+    a splice or a restarted encoder start the clock again. A packet whose decode time steps back,
+    or forward by more than `limit` ticks, begins a new run; `fix` moves it and the packets after it
+    to follow the last frame before the jump at the nominal step (as players do on the
+    discontinuity flag), so no frame counts as lost and time stays continuous for the writer.
+
+    Both the reader (on the packets it decodes) and the writer (on the same packets, to move the
+    audio with the video) run it, so they agree to the tick."""
+
+    def __init__(self, step: int, limit: int):
+        self.step, self.limit = step, limit
+        self.offsets: list[int] = []  # ticks added to each run after the first
+        self._offset = 0
+        self._last: int | None = None  # decode time of the last packet, moved
+        self._end: int | None = None  # latest presentation time so far, moved, plus a step
+
+    def fix(self, packet) -> bool:
+        """Move `packet`'s timestamps into the continuous timeline; True if a restart begins at it."""
+        t = packet.dts if packet.dts is not None else packet.pts
+        if t is None or not packet.size:
+            return False
+        restart = self._last is not None and not self._last <= t + self._offset <= self._last + self.limit
+        if restart:
+            self._offset = self._end - (packet.pts if packet.pts is not None else t)
+            self.offsets.append(self._offset)
+        if self._offset:
+            packet.pts = None if packet.pts is None else packet.pts + self._offset
+            packet.dts = None if packet.dts is None else packet.dts + self._offset
+        self._last = t + self._offset
+        shown = (packet.pts if packet.pts is not None else self._last) + self.step
+        self._end = shown if self._end is None else max(self._end, shown)
+        return restart
+
+
+def restart_offsets(info: VideoInfo) -> list[Fraction]:
+    """Seconds added to the frames after each timestamp restart of `info`'s video, as `read_frames`
+    times them (empty for files with an index, whose timestamps are kept)."""
+    if info.container not in NO_INDEX:
+        return []
+    restarts = _restarts(info)
+    with open_container(info.path) as container:
+        for packet in container.demux(container.streams.video[0]):
+            restarts.fix(packet)
+    return [o * info.time_base for o in restarts.offsets]
+
+
+def _restarts(info: VideoInfo) -> Restarts:
+    # a jump of more than a second is no run of lost packets (MAX_LOST_SHARE refuses less)
+    return Restarts(info.frame_step, max(1, round(info.fps)) * info.frame_step)
 
 
 @dataclass(frozen=True)
@@ -53,7 +106,8 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
     filter), or None for the source size. The colour matrix and range come from `info.colour`
     explicitly, so untagged or BT.601 sources convert without a shift.
     exact: False for analysis thumbnails: approximate colour and no deblocking, much cheaper.
-    notes: if given, a line is appended for each picture size change met (see below).
+    notes: if given, a line is appended for each picture size change and timestamp restart met
+    (see below).
     depth: 16 for uint16 frames on the full 16-bit scale (swscale's rgb48), so 10- and 12-bit
     sources keep their precision through a colour conversion (`cinefx.grade.ocio`); 8 for uint8.
     Either way the stream's range tag is honoured: limited-range code values are expanded to full
@@ -67,10 +121,15 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
     scenes do not merge. Lost frames are found from their packets' timestamps where the container
     indexes them (MP4, MOV, MKV, AVI); in MPEG transport and program streams, whose timestamps are
     lost with the data, from gaps of more than 1.5 frames at the nominal rate between decoded
-    frames (gaps over a second are taken as timestamp discontinuities and kept as they are).
+    frames.
     When more than `MAX_LOST_SHARE` (10 %) of the frames are lost, or none decodes, the file is
     refused with `InputFileError`: as soon as that is certain where the container lists its frame
     count, otherwise after the last frame, before a caller has finished its output.
+
+    Timestamp restarts in MPEG transport and program streams (joined files, splices: the clock
+    steps back, or forward by over a second) are discontinuities, not losses: every frame is kept,
+    and those after a restart are timed to follow the frame before it at the nominal rate (see
+    `Restarts`; the writer moves the audio with them).
 
     Picture size changes part way (concatenated clips, TV captures): later frames are scaled to
     fit the first frame's size with their aspect kept, centred on black bars (letterbox or
@@ -99,7 +158,8 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
     step = info.frame_step
     source_size = (info.coded_width, info.coded_height)
     sizes_seen = {source_size}
-    gaps = info.container in _NO_INDEX
+    gaps = info.container in NO_INDEX
+    restarts = _restarts(info) if gaps else None
     heap: list[tuple[int, int, np.ndarray, int]] = []
     expected: list[tuple[int, int]] = []  # (pts, duration) of packets whose frame is not out yet
     seq = itertools.count()
@@ -159,6 +219,11 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
             for packet in container.demux(stream):
                 if packet.size:
                     packets += 1
+                    if restarts is not None and restarts.fix(packet) and notes is not None:
+                        moved = packet.pts if packet.pts is not None else packet.dts
+                        at = float(moved * info.time_base) - info.start_time
+                        notes.append(f"timestamps restart at {at:.2f} s (joined files?): frames after it are "
+                                     "timed to follow on")
                     if packet.pts is not None and not packet.is_discard:  # discard: before an edit list's start
                         heapq.heappush(expected, (packet.pts, packet.duration or step))
                 try:

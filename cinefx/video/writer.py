@@ -17,6 +17,7 @@ import functools
 import io
 import os
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ from av.video.reformatter import Interpolation
 from cinefx import fsutil
 from cinefx.errors import OptionError, OutputError
 from cinefx.video.probe import VideoInfo, open_container
+from cinefx.video.reader import NO_INDEX, restart_offsets
 from cinefx.worker import Worker
 
 if TYPE_CHECKING:
@@ -182,6 +184,7 @@ class VideoWriter:
         self._audio_in = None
         self._audio_map: dict[int, tuple] = {}
         self._pending_audio = None
+        self._damaged_audio = 0  # packets dropped because the decoder refuses them
         self._done = False
         self._encoder: Worker | None = None
         self._durations: dict[int, int] = {}  # pts → source frame duration, until its packet is muxed
@@ -281,7 +284,40 @@ class VideoWriter:
                 self.audio_plan.reencoded.append((in_stream.index, in_stream.codec_context.name))
                 self.notes.append(f"audio stream {in_stream.index} ({in_stream.codec_context.name}) cannot "
                                   f"be stored in {self.target.suffix}: re-encoded to AAC")
-        self._audio_packets = self._audio_in.demux(*self._audio_in.streams.audio)
+        restarts = restart_offsets(self.info)  # in a file without an index; the video's, in seconds
+        self._audio_times = {s.index: _AudioTimes(s.time_base, restarts, self.info.container in NO_INDEX)
+                             for s in self._audio_in.streams.audio}
+        self._audio_packets = self._timed(self._audio_in.demux(*self._audio_in.streams.audio))
+
+    def _timed(self, packets):
+        """The source's audio packets with their timestamps made fit to mux (see `_AudioTimes`)."""
+        for packet in packets:
+            if not packet.size:
+                continue
+            if packet.dts is None:
+                yield packet  # copying skips it; re-encoding decodes it
+                continue
+            yield from self._audio_times[packet.stream.index].take(packet)
+        for times in self._audio_times.values():
+            yield from times.finish()
+
+    def _audio_notes(self) -> None:
+        times = self._audio_times.values()
+        broken, runs, overlap = (sum(getattr(t, k) for t in times) for k in ("broken", "runs", "overlap"))
+        if not runs:
+            broken, overlap = broken + overlap, 0  # with no restart, an overlap is a packet out of order
+        damaged = self._damaged_audio
+        if broken or damaged:
+            said = [f"{broken} audio packet{'s' if broken != 1 else ''} with broken timestamps dropped "
+                    "(out of order, or far outside the stream's span)"] if broken else []
+            if damaged:
+                said.append(f"{damaged} damaged audio packet{'s' if damaged != 1 else ''} the decoder refuses "
+                            "dropped")
+            self.notes.append(", and ".join(said))
+        if runs:
+            self.notes.append("audio moved with the frames at each timestamp restart, so it stays in sync"
+                              + (f" ({overlap} packet{'s' if overlap != 1 else ''} overlapping a join dropped)"
+                                 if overlap else ""))
 
     def _aac_stream(self, in_stream):
         """An AAC stream for `in_stream`'s audio, its encoder opened now so a refusal names the cause."""
@@ -389,13 +425,17 @@ class VideoWriter:
 
     def _mux_audio(self, packet) -> None:
         mode, out_stream, resampler = self._audio_map[packet.stream.index]
-        if mode == "copy":
-            if packet.size == 0 or packet.dts is None:
-                return
-            packet.stream = out_stream
-            self._container.mux(packet)
+        try:
+            # copied packets too: one the decoder refuses is damaged data, which players would stumble on
+            frames = packet.decode()
+        except av.error.InvalidDataError:
+            self._damaged_audio += 1
             return
-        frames = packet.decode() if packet.size else []
+        if mode == "copy":
+            if packet.dts is not None:
+                packet.stream = out_stream
+                self._container.mux(packet)
+            return
         for frame in frames:
             for res in resampler.resample(frame):
                 for out in out_stream.encode(res):
@@ -412,6 +452,8 @@ class VideoWriter:
                 self._flush()
             except Exception as ex:
                 raise write_error(self.target, "encoding", ex) from ex
+            if self._audio_in is not None:
+                self._audio_notes()
             # Closing writes the trailer (MP4's index, Matroska's cues) and the bytes still
             # buffered: a full disk very often shows only here, so its error must not be dropped.
             container, self._container = self._container, None
@@ -495,6 +537,71 @@ class VideoWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self._done:
             self.abort()
+
+
+class _AudioTimes:
+    """One audio stream's packets, timed to mux: a muxer refuses a packet that steps back in time,
+    and the copy used to fail only when the file was finished.
+
+    A packet that jumps (back, or forward by over a second) is held until the next one shows what
+    it is. If the next one follows on from it, the clock restarted there (`restarts`: in a file
+    without an index, where the video's frames were moved to follow on, see
+    `cinefx.video.reader.Restarts`): it and the packets after it are moved by the video's offset
+    for the same restart, so sound and picture stay in sync (audio-only restarts follow on from the
+    last packet). Otherwise its timestamp was damaged (a PES header hit by bad data): dropped. The
+    first packet is held the same way. Packets that would still not step forward (the two sides of
+    a join overlapping) are dropped."""
+
+    def __init__(self, time_base: Fraction, video_offsets: list[Fraction], restarts: bool):
+        self.time_base = time_base
+        self.video_offsets = [round(o / time_base) for o in video_offsets]
+        self.restarts = restarts
+        self.limit = round(1 / time_base)  # one second
+        self.offset = 0
+        self.last: tuple[int, int] | None = None  # (dts, duration) of the last packet kept, as read
+        self.held = None
+        self.end: int | None = None  # moved dts + duration of the last packet given out
+        self.muxed: int | None = None  # moved dts of the last packet given out
+        self.broken = self.runs = self.overlap = 0
+
+    def _jumps(self, dts: int, duration: int, packet) -> bool:
+        return packet.dts < dts or packet.dts > dts + duration + self.limit
+
+    def take(self, packet):
+        held, self.held = self.held, None
+        if held is not None:
+            if self._jumps(held.dts, held.duration or 0, packet):
+                self.broken += 1
+            else:
+                if self.last is not None and self.restarts:
+                    self.offset = (self.video_offsets[self.runs] if self.runs < len(self.video_offsets)
+                                   else self.end - held.dts)
+                    self.runs += 1
+                yield from self._out(held)
+        if self.last is None or self._jumps(*self.last, packet):
+            self.held = packet
+        else:
+            yield from self._out(packet)
+
+    def finish(self):
+        """At the end: a first packet with none after it stays; a jump nothing confirmed goes."""
+        held, self.held = self.held, None
+        if held is not None:
+            if self.last is None:
+                yield from self._out(held)
+            else:
+                self.broken += 1
+
+    def _out(self, packet):
+        self.last = (packet.dts, packet.duration or 0)
+        if self.offset:
+            packet.dts += self.offset
+            packet.pts = None if packet.pts is None else packet.pts + self.offset
+        if self.muxed is not None and packet.dts <= self.muxed:
+            self.overlap += 1
+            return
+        self.muxed, self.end = packet.dts, packet.dts + (packet.duration or 0)
+        yield packet
 
 
 # The usual order for audio that does not name its channels (PCM in Matroska, many WAVs: FFmpeg

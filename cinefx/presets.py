@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import stat
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -36,6 +37,11 @@ from cinefx.controls import CONTROLNETS
 from cinefx.errors import PresetError
 
 MAX_TOML_BYTES = 1 << 20  # presets and the config file are a few hundred bytes
+# A preset's name becomes part of file names (its outputs beside the input, its folder in the
+# presets folder): nothing that leaves a folder ('..', '/'), hides (a leading '.'), drives the
+# terminal (ESC) or that file systems store differently (ASCII only)
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+NAME_RULE = "letters, digits, '-', '_' and '.', not starting with '.', at most 64 characters"
 
 
 def clip_text(text: str, limit: int = 80) -> str:
@@ -56,6 +62,11 @@ def _shown(value: Any) -> str:
     return clip_text(repr(value))
 
 
+def is_name(name: object) -> bool:
+    """Whether `name` is a safe preset name (see `NAME_RULE`)."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
 def is_file(path: Path) -> bool:
     """`path.is_file()`, but False for a name the system refuses (one too long, say), not OSError."""
     try:
@@ -64,8 +75,9 @@ def is_file(path: Path) -> bool:
         return False
 
 
-def _num(default: float, lo: float, hi: float, doc: str):
-    return field(default=default, metadata={"range": (lo, hi), "doc": doc})
+def _num(default: float, lo: float, hi: float, doc: str, off: float | None = None):
+    """A number in [lo, hi], or exactly `off` (the value that turns the effect off) where given."""
+    return field(default=default, metadata={"range": (lo, hi), "off": off, "doc": doc})
 
 
 def _choice(default: str, choices: tuple[str, ...], doc: str):
@@ -138,7 +150,7 @@ class GradeConfig:
     halation: float = _num(0.0, 0.0, 2.0, "red-orange film halation around highlights")
     grain: float = _num(0.0, 0.0, 1.0, "film grain strength")
     grain_size: float = _num(1.0, 0.5, 4.0, "grain size in pixels at 1080 lines")
-    letterbox: float = _num(0.0, 0.0, 4.0, "bars to this aspect ratio, e.g. 2.39 (0 = none)")
+    letterbox: float = _num(0.0, 1.0, 4.0, "bars to this aspect ratio, e.g. 2.39 (0 = none)", off=0.0)
 
     @property
     def is_identity(self) -> bool:
@@ -209,6 +221,13 @@ def find_preset(name: str) -> Path:
     raise PresetError(f"unknown preset {_shown(name)} (known: {known}; or give a path to a .toml file)")
 
 
+def bundled_names() -> set[str]:
+    """The names of the presets shipped with cinefx, casefolded (as a case-insensitive disk sees them)."""
+    folder = bundled_dir()
+    return {f.stem.casefold() for f in folder.glob("*.toml")} | {f.parent.name.casefold()
+                                                              for f in folder.glob("*/preset.toml")}
+
+
 def list_presets() -> list[tuple[str, Path]]:
     """(name, file) of every preset found, user presets shadowing bundled ones of the same name."""
     found: dict[str, Path] = {}
@@ -266,6 +285,9 @@ def parse_preset(raw: dict[str, Any], path: Path) -> Preset:
     for key, value in (("name", name), ("description", description)):
         if not isinstance(value, str):
             raise PresetError(f"{clip_path(path)}: {key} = {_shown(value)}: must be a string")
+    if not is_name(name):
+        what, fix = ("name =", "change it") if "name" in raw else ("preset name (from the file name)", "set name")
+        raise PresetError(f"{clip_path(path)}: {what} {_shown(name)}: use only {NAME_RULE}; {fix}")
     explicit: set[str] = set()
     sections = {}
     for section, cls in _SECTIONS.items():
@@ -276,6 +298,14 @@ def parse_preset(raw: dict[str, Any], path: Path) -> Preset:
         explicit.update(f"{section}.{k}" for k in table)
     return Preset(name=name, description=description, source=path, explicit=frozenset(explicit),
                   **sections)
+
+
+def _exists(path: Path) -> bool:
+    """Whether anything is at `path` (a folder, a FIFO, a device): a dangling link is nothing."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def _build(cls, table: dict[str, Any], path: Path, where: str):
@@ -301,8 +331,9 @@ def _check(f: dataclasses.Field, value: Any, path: Path, key: str) -> Any:
             raise bad("must be a number")
         if want_int and not float(value).is_integer():
             raise bad("must be a whole number")
-        if not math.isfinite(value) or not lo <= value <= hi:
-            raise bad(f"must be between {lo:g} and {hi:g}")
+        if not math.isfinite(value) or not (lo <= value <= hi or value == meta["off"]):
+            off = "" if meta["off"] is None else f"{meta['off']:g} (none) or "
+            raise bad(f"must be {off}between {lo:g} and {hi:g}")
         return int(value) if want_int else float(value)
     if "choices" in meta:
         if value not in meta["choices"]:
@@ -315,7 +346,7 @@ def _check(f: dataclasses.Field, value: Any, path: Path, key: str) -> Any:
             raise bad("must be a .cube file")
         file = (path.parent / value).expanduser()
         if not is_file(file):
-            raise bad(f"file not found ({clip_path(file)})")
+            raise bad(f"{'not a regular file' if _exists(file) else 'file not found'} ({clip_path(file)})")
         return file
     if f.name == "trigger":
         if isinstance(value, str):

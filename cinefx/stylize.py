@@ -22,13 +22,14 @@ from pathlib import Path
 import av
 import numpy as np
 
-from cinefx import __version__, interrupt
+from cinefx import __version__, interrupt, resume
 from cinefx.diffusion.models import ModelSpec, with_user_defaults
 from cinefx.engines import EngineChoice, EngineSettings, build_renderer, choose_engine
-from cinefx.errors import CinefxError, InputFileError, MissingFileError, OptionError, OutputBusyError, OutputError
+from cinefx.errors import (CinefxError, InputFileError, MissingFileError, OptionError, OutputBusyError, OutputError,
+                           PresetError)
 from cinefx.grade import ocio
 from cinefx.metrics import DEFAULT_METRIC_WIDTH, TemporalMeter
-from cinefx.presets import Preset, prompt_text
+from cinefx.presets import Preset, clip_path, prompt_text
 from cinefx.report import Report, build_report
 from cinefx.resume import OutputLock, ResumingRenderer, WorkFolder, file_identity, run_key, space_needed
 from cinefx.scenelists import Timing
@@ -199,6 +200,8 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
     when complete (see `VideoWriter`). While it runs, `dst` (and its work folder) is locked:
     another run on it raises `OutputBusyError`."""
     t0, src, dst = time.perf_counter(), Path(src), Path(dst)
+    if not os.path.exists(src):  # before the output's checks: without an input, they are beside the point
+        raise MissingFileError(f"{src}: no such file")
     check_output_path(dst, options.overwrite)  # the folder must exist to hold the lock
     with OutputLock(dst) as lock:
         # 1. check inputs before any work (the output again: another run may have finished it meanwhile)
@@ -215,6 +218,8 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
         work = work_folder(src, dst, info, preset, options, choice, notes, (colour.space, out_space))
         if work is not None:
             renderer = ResumingRenderer(renderer, work)
+        else:
+            resume.WorkFolder.remove_if_empty(dst)  # a killed diffusion run's, which nothing will resume
         meter = TemporalMeter(options.metric_width, background=True) if options.metrics else None
         warp = _warp_meter(options, choice)
         thumbs = _thumbnails(options)
@@ -428,25 +433,43 @@ def output_for(src: Path, out_dir: Path, preset_name: str, suffix: str | None = 
 
     Without `suffix` (batches) the input's own extension is kept where an output can have it;
     where it cannot (`.ts`, `.avi`), NAME keeps it (`clip.ts` → `clip.ts.mp4`), so the output never
-    takes the name of a `clip.mp4` beside it. This depends on the input alone: names stay the same
-    when files are added to a folder, as `--skip-existing` needs."""
+    takes the name of a `clip.mp4` beside it; nor does one whose extension differs in case only
+    (`clip.MP4` → `clip.MP4.mp4`). This depends on the input alone: names stay the same when files
+    are added to a folder, as `--skip-existing` needs. The output is always inside `out_dir`."""
     own = src.suffix.lower()
     ext = suffix or (own if own in OUTPUT_EXTENSIONS else ".mp4")
-    name = src.stem if suffix or own == ext else src.name
+    name = src.stem if suffix or src.suffix == ext else src.name
     same = out_dir.resolve() == src.parent.resolve()
-    return out_dir / (f"{name}.{preset_name.replace('+', '-')}{ext}" if same else f"{name}{ext}")
+    out = out_dir / (f"{name}.{preset_name.replace('+', '-')}{ext}" if same else f"{name}{ext}")
+    if out.parent != out_dir:  # a preset name from a file is checked when it is loaded; one made in code may not be
+        raise PresetError(f"preset name {preset_name[:100]!r}: the output {clip_path(out)} would leave {out_dir}")
+    return out
+
+
+def plan_outputs(inputs: list[Path], out_dir: Path, preset_name: str) -> list[tuple[Path, str]]:
+    """(`output_for` the input, why it cannot be written or "") for each input: inputs that would
+    share an output (the same name in two folders) cannot, and are named, so a batch fails them
+    alone rather than letting one overwrite the other."""
+    outputs = [output_for(src, out_dir, preset_name) for src in inputs]
+    sharing: dict[Path, list[Path]] = {}
+    for src, dst in zip(inputs, outputs):
+        sharing.setdefault(dst, []).append(src)
+
+    def clash(dst: Path) -> str:
+        srcs = sharing[dst]
+        return "" if len(srcs) == 1 else (f"{' and '.join(map(str, srcs))} would {'both' if len(srcs) == 2 else 'all'} "
+                                          f"be written to {dst}; rename one, or stylize them into separate -o folders")
+
+    return [(dst, clash(dst)) for dst in outputs]
 
 
 def batch_outputs(inputs: list[Path], out_dir: Path, preset_name: str) -> list[Path]:
-    """`output_for` each input; two inputs that would still share an output (the same name in two
-    folders, `clip.MP4` beside `clip.mp4`) are refused before anything is rendered."""
-    outputs = [output_for(src, out_dir, preset_name) for src in inputs]
-    first: dict[Path, int] = {}
-    for i, dst in enumerate(outputs):
-        if first.setdefault(dst, i) != i:
-            raise OptionError(f"{inputs[first[dst]]} and {inputs[i]} would both be written to {dst}; "
-                              "rename one, or stylize them into separate -o folders")
-    return outputs
+    """`output_for` each input; inputs that would share an output are refused (`plan_outputs`)."""
+    planned = plan_outputs(inputs, out_dir, preset_name)
+    for _, why in planned:
+        if why:
+            raise OptionError(why)
+    return [dst for dst, _ in planned]
 
 
 def unforeseen_failure(src: Path, ex: Exception) -> str:
@@ -466,8 +489,10 @@ def stylize_batch(inputs: list[Path], out_dir: Path, preset: Preset, options: St
     if not out_dir.is_dir():
         raise MissingFileError(f"{out_dir}: output folder does not exist")
     items = []
-    for src, dst in zip(inputs, batch_outputs(inputs, out_dir, preset.name)):
-        if skip_existing and dst.exists():
+    for src, (dst, clash) in zip(inputs, plan_outputs(inputs, out_dir, preset.name)):
+        if clash:
+            item = BatchItem(src, dst, "failed", clash)
+        elif skip_existing and dst.exists():
             item = BatchItem(src, dst, "skipped", "output exists")
         else:
             try:

@@ -30,20 +30,18 @@ import torch
 from cinefx.diffusion.adapters import FOLDED_ALPHA_KEY
 from cinefx.errors import OutputError, PresetError
 from cinefx.fsutil import TEMP_MARK, atomic_path, host_name, write_text
+from cinefx.presets import NAME_RULE, bundled_names, is_name
 from cinefx.train.loop import LORA_TARGETS, TrainConfig, TrainState, config_dict
 
 VALIDATION_PROMPTS = ("a city street at night", "a portrait of a woman by a window", "a wide landscape at dusk")
-# a preset's name is also its folder's name: nothing that leaves the presets folder ('..', '/', an
-# absolute path), hides (a leading '.') or that file systems store differently (ASCII only)
-_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
-NAME_RULE = "letters, digits, '-', '_' and '.', not starting with '.', at most 64 characters"
 _TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 _NOT_IN_COMMENT = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
 
 def check_name(name: str) -> str:
-    """`name` if it is a safe preset name, else `PresetError` naming it and the rule."""
-    if not _NAME.fullmatch(name):
+    """`name` if it is a safe preset name (the rule every preset file's name follows), else
+    `PresetError` naming it and the rule."""
+    if not is_name(name):
         raise PresetError(f"preset name {name[:100]!r}: use only {NAME_RULE} (choose one with --name)")
     return name
 
@@ -187,6 +185,9 @@ def import_adapter(file: Path, name: str, folder: Path, token: str = "", trigger
     from cinefx.errors import AdapterError
 
     check_name(name)
+    if name.casefold() in bundled_names():  # a user preset of that name would replace the bundled one
+        raise PresetError(f"preset name {name!r}: cinefx has a bundled preset of that name; "
+                          f"choose another with --name (e.g. {name}-lora)")
     file = Path(file)
     found, fmt = inspect_file(file, allow_pickle)
     if found == "unknown":

@@ -38,7 +38,7 @@ from cinefx.errors import CinefxError, ClusterError, MissingFileError, OptionErr
 from cinefx.fsutil import host_name, remove_quietly, temp_path_for
 from cinefx.resume import OutputLock, WorkFolder
 from cinefx.scenes import Scene, SceneStream
-from cinefx.stylize import (BatchItem, Progress, SceneTask, StylizeOptions, unforeseen_failure, work_folder, batch_outputs,
+from cinefx.stylize import (BatchItem, Progress, SceneTask, StylizeOptions, unforeseen_failure, work_folder, plan_outputs,
                             decode, resolve_options, run_scene_task, stylize_file)
 
 PREFLIGHT = ("strict", "skip-bad")
@@ -285,12 +285,20 @@ def stylize_on_ray(inputs: Sequence[Path], outputs: Path | Sequence[Path], prese
         raise OptionError(f"--workers {workers}: must be 1 or more")
     if work_dir is not None and not Path(work_dir).is_dir():
         raise MissingFileError(f"--work-dir {str(work_dir)[:100]}: folder does not exist")
-    inputs = [Path(p) for p in inputs]
+    inputs, clashes = [Path(p) for p in inputs], {}
     if isinstance(outputs, (str, os.PathLike)):
         if not Path(outputs).is_dir():
             raise MissingFileError(f"{outputs}: output folder does not exist")
-        outputs = batch_outputs(inputs, Path(outputs), preset.name)
+        planned = plan_outputs(inputs, Path(outputs), preset.name)
+        # inputs that would share an output fail alone, in the summary; the rest go to the cluster
+        clashes = {i: BatchItem(inputs[i], dst, "failed", why) for i, (dst, why) in enumerate(planned) if why}
+        for item in clashes.values():
+            (on_item or (lambda item: None))(item)
+        inputs = [src for i, src in enumerate(inputs) if i not in clashes]
+        outputs = [dst for i, (dst, _) in enumerate(planned) if i not in clashes]
     outputs = [Path(p) for p in outputs]
+    if not inputs:
+        return list(clashes.values())
     options, choice = resolve_options(preset, options)
     options = pinned(preset, options) if choice.name == "diffusion" else options
     ray, started = connect(cluster)
@@ -299,8 +307,9 @@ def stylize_on_ray(inputs: Sequence[Path], outputs: Path | Sequence[Path], prese
         nodes, _ = preflight(ray, inputs, folders, options, tuple(k for k, _ in preset.diffusion.controls),
                              choice.name, preflight_mode)
         run = _grade_files if choice.name == "grade" else _render_scenes
-        return run(ray, nodes, inputs, outputs, preset, options, choice, workers, work_dir and Path(work_dir),
-                   skip_existing, on_item or (lambda item: None), progress, on_scene)
+        items = iter(run(ray, nodes, inputs, outputs, preset, options, choice, workers, work_dir and Path(work_dir),
+                         skip_existing, on_item or (lambda item: None), progress, on_scene))
+        return [clashes[i] if i in clashes else next(items) for i in range(len(inputs) + len(clashes))]
     finally:
         if started:
             ray.shutdown()

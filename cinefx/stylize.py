@@ -463,15 +463,6 @@ def plan_outputs(inputs: list[Path], out_dir: Path, preset_name: str) -> list[tu
     return [(dst, clash(dst)) for dst in outputs]
 
 
-def batch_outputs(inputs: list[Path], out_dir: Path, preset_name: str) -> list[Path]:
-    """`output_for` each input; inputs that would share an output are refused (`plan_outputs`)."""
-    planned = plan_outputs(inputs, out_dir, preset_name)
-    for _, why in planned:
-        if why:
-            raise OptionError(why)
-    return [dst for dst, _ in planned]
-
-
 def unforeseen_failure(src: Path, ex: Exception) -> str:
     """One line for an exception cinefx did not raise on purpose: its type and first line."""
     first = (str(ex).strip().splitlines() or [""])[0]

@@ -6,12 +6,17 @@ fast and never imports torch.
 
 Exit codes: 0 success · 1 a file could not be processed (bad input, preset, output) or some
 inputs of a batch failed · 2 bad command-line usage (an impossible option value included) ·
-130 interrupted (Ctrl-C) · 143 terminated (SIGTERM).
+130 interrupted (Ctrl-C) · 143 terminated (SIGTERM) · 129 hung up (SIGHUP: terminal closed).
+
+Every line it prints shows control characters in names and messages as escapes (`_printable`): one
+message stays one line, and a file name cannot drive the terminal.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +32,8 @@ _S, _E, _W, _T = (("cinefx.stylize", "StylizeOptions"), ("cinefx.renderers", "En
                   ("cinefx.video.writer", "EncodeOptions"), ("cinefx.train.loop", "TrainConfig"))
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# upper bounds of counts, past any real use: a bigger one is a typo, refused before any work
+MAX_WORKERS, MAX_EVERY, MAX_TRIALS = 1024, 10_000, 1_000_000
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make existing footage look cinematic: colour grade or diffusion re-render, "
@@ -72,14 +79,57 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+# C0, DEL, C1, and the surrogates Python decodes a file name's undecodable bytes to
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(m: re.Match) -> str:
+    c = ord(m.group())
+    if 0xDC80 <= c <= 0xDCFF:  # an undecodable byte of a file name: the byte
+        c -= 0xDC00
+    return _NAMED.get(m.group()) or (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}")
+
+
+def _printable(text: object) -> str:
+    """`text` with control characters shown as escapes (`\\n`, `\\x1b`): what every line printed
+    goes through, since names and messages carry user data."""
+    return _CONTROL.sub(_escape_one, str(text))
+
+
+def _say(text: str, stderr: bool = True) -> None:
+    """Print one plain line (no markup)."""
+    _console(stderr).print(_printable(text), markup=False)
+
+
+def _show(table) -> None:
+    """Print a rich Table on stdout; its title (a file name, mostly) made printable."""
+    if isinstance(table.title, str):
+        table.title = _printable(table.title)
+    _console(stderr=False).print(table)
+
+
 def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
-    _console().print(f"[bold red]cinefx: error:[/] {escape(message)}", markup=True)
+    _console().print(f"[bold red]cinefx: error:[/] {escape(_printable(message))}", markup=True)
     return typer.Exit(code)
 
 
+def _unforeseen(ex: Exception, src: Path | None = None) -> str:
+    """One line for an exception cinefx did not raise on purpose: its type and first line; running
+    out of memory says what to ask for less of."""
+    first = (str(ex).strip().splitlines() or [""])[0][:200]
+    where = f"{src}: " if src is not None else ""
+    if isinstance(ex, MemoryError) or type(ex).__name__ == "OutOfMemoryError":  # torch's, a RuntimeError
+        return (f"{where}out of memory ({first or type(ex).__name__}): try a smaller --size or --batch "
+                "(diffusion), fewer or smaller frames, or free memory")
+    return f"{where}unexpected {type(ex).__name__}" + (f": {first}" if first else "")
+
+
 def _run(fn):
-    """Call `fn`; typed errors become one line and exit 1 (2 for an impossible option), Ctrl-C
-    exits 130 and SIGTERM 143."""
+    """Call `fn`; typed errors become one line and exit 1 (2 for an impossible option), as does
+    any other exception (its traceback with --debug); Ctrl-C exits 130, SIGTERM 143, SIGHUP 129."""
+    import click
+
     from cinefx import interrupt
     from cinefx.errors import CinefxError, OptionError
 
@@ -95,27 +145,42 @@ def _run(fn):
         where = f"{ex.filename}: " if ex.filename else ""
         raise _fail(f"{where}{ex.strerror or ex}") from None
     except KeyboardInterrupt as ex:
-        code = interrupt.exit_code(ex)
-        what = "terminated (SIGTERM)" if code != EXIT_INTERRUPTED else "interrupted"
-        _console().print(f"cinefx: {what}; no partial output was left behind", markup=False)
-        raise typer.Exit(code) from None
+        sig = interrupt.stopped_by(ex)
+        what = "interrupted" if sig == interrupt.signal.SIGINT else f"terminated ({sig.name})"
+        _say(f"cinefx: {what}; no partial output was left behind")
+        raise typer.Exit(interrupt.exit_code(ex)) from None
+    except (typer.Exit, typer.Abort, click.ClickException):  # RuntimeErrors, but ours to pass on
+        raise
+    except Exception as ex:
+        if _state["debug"]:
+            raise
+        raise _fail(_unforeseen(ex)) from None
 
 
 def _info(text: str) -> None:
     if not _state["quiet"]:
-        _console().print(text, markup=False)
+        _say(text)
 
 
 def _warn(text: str) -> None:
     """Something to look at in a finished output: shown even with --quiet."""
-    _console().print(f"[bold yellow]cinefx: warning:[/] {escape(text)}", markup=True)
+    _console().print(f"[bold yellow]cinefx: warning:[/] {escape(_printable(text))}", markup=True)
+
+
+def _check_range(flag: str, value: int | None, low: int, high: int, why: str = "") -> None:
+    """Refuse `value` outside low..high before any work: a huge one would only fail (or exhaust
+    memory) deep inside a run."""
+    from cinefx.errors import OptionError
+
+    if value is not None and not low <= value <= high:
+        raise OptionError(f"{flag} {str(value)[:24]}: must be {low}–{high}{why}")
 
 
 class _Progress:
     """A rich progress bar on a terminal; plain log lines every few seconds otherwise."""
 
     def __init__(self, label: str, total: int, unit: str = "frames"):
-        self.label, self.total, self.unit = label, total, unit
+        self.label, self.total, self.unit = _printable(label), total, unit
         self.tty = sys.stderr.isatty() and not _state["quiet"]
         self.t0 = self.last_log = time.monotonic()
         self.bar = None
@@ -127,19 +192,19 @@ class _Progress:
                                 TextColumn("{task.fields[fps]:.1f} " + ("fps" if unit == "frames" else f"{unit}/s")), TimeRemainingColumn(),
                                 TextColumn("{task.fields[note]}"),
                                 console=_console(), transient=True)
-            self.task = self.bar.add_task(escape(label), total=total or None, fps=0.0, note="")
+            self.task = self.bar.add_task(escape(self.label), total=total or None, fps=0.0, note="")
             self.bar.start()
 
     def __call__(self, done: int, total: int, message: str | None) -> None:
         fps = done / max(1e-6, time.monotonic() - self.t0)
         if self.bar is not None:
-            self.bar.update(self.task, completed=done, total=total or None, fps=fps, note=escape(message or ""))
+            self.bar.update(self.task, completed=done, total=total or None, fps=fps, note=escape(_printable(message or "")))
         elif not _state["quiet"] and time.monotonic() - self.last_log >= 5:
             self.last_log = time.monotonic()
             pct = f" ({100 * done / total:.0f}%)" if total else ""
             rate = "fps" if self.unit == "frames" else f"{self.unit}/s"
             extra = f", {message}" if message else ""
-            _console().print(f"{self.label}: {done}/{total or '?'} {self.unit}{pct}, {fps:.1f} {rate}{extra}", markup=False)
+            _say(f"{self.label}: {done}/{total or '?'} {self.unit}{pct}, {fps:.1f} {rate}{extra}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -150,7 +215,7 @@ class _Progress:
 def _main(
     debug: Annotated[bool, _flag("--debug", help="Show tracebacks for errors.")] = False,
 ):
-    _state["debug"] = debug
+    _state.update(debug=debug, quiet=False)  # per invocation: a test's runner makes many in one process
 
 
 @app.command()
@@ -183,7 +248,7 @@ def stylize(
     letterbox: Annotated[Optional[float], typer.Option(help="Override the preset's letterbox aspect (0 = none).")] = None,
     grain: Annotated[Optional[float], typer.Option(help="Override the preset's grain strength (0-1).")] = None,
     overwrite: Annotated[bool, _flag("--overwrite", help="Replace an existing output.")] = False,
-    skip_existing: Annotated[bool, _flag("--skip-existing", help="Batch: skip inputs whose output exists.")] = False,
+    skip_existing: Annotated[bool, _flag("--skip-existing", help="Skip inputs whose output exists (or another run is writing).")] = False,
     report: Annotated[Optional[Path], typer.Option(help="Write the temporal report as JSON (a folder in batch mode).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a per-frame PSNR / T-SSIM plot PNG (a folder in batch mode).")] = None,
     html: Annotated[Optional[Path], typer.Option(help="Write the report as one self-contained HTML page with input/output thumbnails per scene (a folder with an index in batch mode).")] = None,
@@ -215,8 +280,8 @@ def stylize(
                               noise_prior=noise_prior, chunk=chunk, keyframes=keyframes, detail=detail)
         except PresetError as ex:
             raise OptionError(str(ex)) from None
-        if size < 0 or batch < 0:
-            raise OptionError("--size and --batch must be 0 (automatic) or positive")
+        if overwrite and skip_existing:
+            raise OptionError("--overwrite and --skip-existing contradict each other: give one of them")
         if (report or plot or html) and no_metrics:
             raise OptionError("--report/--plot/--html need the metrics; drop --no-metrics")
         _check_colorspaces(input_colorspace, output_colorspace)
@@ -231,6 +296,7 @@ def stylize(
         else:
             if cluster is None and (workers is not None or work_dir is not None or preflight != "strict"):
                 raise OptionError("--workers, --work-dir and --preflight go with --cluster")
+            _check_range("--workers", workers, 1, MAX_WORKERS)
             ray = _Cluster(cluster, workers, work_dir, preflight) if cluster else None
             _stylize(inputs, output, look, options, skip_existing, _Outputs(report, plot, html), ray)
 
@@ -280,15 +346,46 @@ class _Outputs:
     plot: Path | None
     html: Path | None
 
+    def _given(self):
+        return [(flag, path) for flag, path in (("--report", self.report), ("--plot", self.plot),
+                                                ("--html", self.html)) if path is not None]
+
+    def check_files(self) -> None:
+        """One input: each path must be a file name in a writable folder, checked before rendering."""
+        from cinefx.errors import OptionError
+
+        for flag, path in self._given():
+            if path.is_dir():
+                raise OptionError(f"{flag} {path}: is a folder; name a file (a folder is for several inputs)")
+            _check_folder(flag, path, path.parent)
+
     def folders(self) -> None:
-        for folder in (self.report, self.plot, self.html):
-            if folder:
+        """Several inputs: each path is a folder, made now if missing."""
+        from cinefx.errors import OptionError
+
+        for flag, folder in self._given():
+            try:
                 folder.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                raise OptionError(f"{flag} {folder}: is a file; several inputs need a folder") from None
+            except OSError as ex:
+                raise OptionError(f"{flag} {folder}: cannot make the folder ({ex.strerror or ex})") from None
+            _check_folder(flag, folder, folder)
 
     def inside(self, output: Path) -> "_Outputs":
         """An input's files in the batch folders, named for its output, which no other input shares."""
         at = lambda folder, ext: folder / f"{output.name}{ext}" if folder else None  # noqa: E731
         return _Outputs(at(self.report, ".json"), at(self.plot, ".png"), at(self.html, ".html"))
+
+
+def _check_folder(flag: str, path: Path, folder: Path) -> None:
+    from cinefx.errors import OptionError
+
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise OptionError(f"{flag} {path}: {folder} {what}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OptionError(f"{flag} {path}: folder {folder} is not writable")
 
 
 @dataclass(frozen=True)
@@ -311,7 +408,7 @@ class _Cluster:
 def _stylize(inputs, output, preset, options, skip_existing, outs: _Outputs, cluster: _Cluster | None = None):
     """One input to one file, or several (or a folder) to a folder with a summary; on a Ray
     cluster with `cluster`."""
-    from cinefx.errors import InputFileError, OptionError
+    from cinefx.errors import CinefxError, InputFileError, OptionError, OutputBusyError
     from cinefx.stylize import expand_inputs, is_cinefx_output, output_for, stylize_batch, stylize_file
 
     files = expand_inputs(inputs)
@@ -321,15 +418,31 @@ def _stylize(inputs, output, preset, options, skip_existing, outs: _Outputs, clu
         dst = output or output_for(src, src.parent, preset.name, ".mp4")
         if dst.is_dir():
             dst = output_for(src, dst, preset.name, ".mp4")
+        if skip_existing and dst.exists():
+            _info(f"{src}: skipped ({dst} exists)")
+            return
+        outs.check_files()
         progress = _Progress(src.name, 0)
         try:
             if cluster is None:
                 res = stylize_file(src, dst, preset, options, progress)
             else:
-                (item,) = cluster.run([src], [dst], preset, options, progress=progress)
+                (item,) = cluster.run([src], [dst], preset, options, skip_existing, progress=progress)
+                if item.status == "skipped":
+                    _info(f"{src}: skipped ({item.error})")
+                    return
                 if item.status != "done":
                     raise typer.Exit(_fail_item(item))
                 res = item.result
+        except OutputBusyError:
+            if not skip_existing:
+                raise
+            _info(f"{src}: skipped (being written by another run)")
+            return
+        except Exception as ex:
+            if isinstance(ex, (CinefxError, OSError, typer.Exit)) or _state["debug"]:
+                raise
+            raise _fail(_unforeseen(ex, src)) from None
         finally:
             progress.close()
         _finish_one(res, outs)
@@ -374,20 +487,18 @@ def _stylize(inputs, output, preset, options, skip_existing, outs: _Outputs, clu
         _html_index(items, outs)
     counts = {s: sum(1 for i in items if i.status == s) for s in ("done", "skipped", "failed")}
     concealed = sum(1 for i in items if i.result is not None and i.result.concealed_frames)
-    _console().print(f"cinefx: {counts['done']} done, {counts['skipped']} skipped, "
-                     f"{counts['failed']} failed of {len(items)}"
-                     + (f"; {concealed} with undecodable frames replaced (see the warnings)" if concealed else ""),
-                     markup=False)
+    _say(f"cinefx: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed of {len(items)}"
+         + (f"; {concealed} with undecodable frames replaced (see the warnings)" if concealed else ""))
     for i in items:
         if i.status == "failed":
-            _console().print(f"  failed: {i.input}", markup=False)
+            _say(f"  failed: {i.input}")
     if counts["failed"]:
         raise typer.Exit(EXIT_FAILED)
 
 
 def _fail_item(item) -> int:
     """Print a failed input's one line (and its traceback with --debug); the exit code."""
-    _console().print(f"[bold red]cinefx: error:[/] {escape(str(item.error))}", markup=True)
+    _fail(str(item.error))
     if _state["debug"] and item.traceback:
         sys.stderr.write(item.traceback)
     return EXIT_FAILED
@@ -416,7 +527,7 @@ def _finish_one(res, outs: _Outputs):
     for warning in res.warnings:
         _warn(warning)
     if res.report is not None and not _state["quiet"]:
-        _console(stderr=False).print(render_table(res.report))
+        _show(render_table(res.report))
     if res.report is not None and outs.report:
         res.report.write_json(outs.report)
     if res.report is not None and outs.plot:
@@ -465,7 +576,7 @@ def _scenes(path: Path, as_json: bool, lists: dict[str, Optional[Path]]):
     for r in rows:
         t.add_row(str(r["scene"]), r["kind"], f"{r['start_frame']}–{r['end_frame'] - 1}",
                   f"{r['start_time']:.3f}s", f"{r['end_time']:.3f}s")
-    _console(stderr=False).print(t)
+    _show(t)
 
 
 @app.command()
@@ -482,7 +593,7 @@ def colorspaces():
             t.add_column(col)
         for c in ocio.colorspaces():
             t.add_row(c.alias, escape(c.name), escape(c.family), c.encoding)
-        _console(stderr=False).print(t)
+        _show(t)
 
     _run(run)
 
@@ -513,6 +624,7 @@ def eval_(
         from cinefx.config import model_defaults
         from cinefx.errors import OptionError
 
+        _check_range("--every", every, 1, MAX_EVERY)
         cfg = model_defaults()
         given = {"captioner": captioner, "sentence": sentence_model, "dino": dino, "clip": clip}
         from cinefx.eval import EvalModelSpec
@@ -543,7 +655,7 @@ def _eval_videos(source, renders, prompt, reports, every, spec, device, as_json,
         progress.close()
     for note in ev.notes:
         _info(note)
-    _console(stderr=False).print(render_table(ev))
+    _show(render_table(ev))
     if as_json:
         write_json(ev, as_json)
     if csv:
@@ -557,7 +669,7 @@ def _eval_stills(folder, reference, prompts, spec, device, as_json, csv):
     ev = evaluate_stills(folder, reference, prompts, models=spec, device=device)
     for note in ev.notes:
         _info(note)
-    _console(stderr=False).print(render_stills_table(ev))
+    _show(render_stills_table(ev))
     if as_json:
         write_stills_json(ev, as_json)
     if csv:
@@ -581,6 +693,8 @@ def rate(
     def run():
         from cinefx.errors import OptionError
 
+        _check_range("--port", port, 1, 65535)
+        _check_range("--trials", trials, 1, MAX_TRIALS)
         if tally and serve:
             raise OptionError("--tally and --serve: give one of them")
         if tally or serve:
@@ -605,7 +719,7 @@ def _rate_tally(folder: Path, files: list[Path], as_json: Path | None) -> None:
     from cinefx.rate import render_table, tally_study
 
     t = tally_study(folder, files)
-    _console(stderr=False).print(render_table(t))
+    _show(render_table(t))
     _info(f"tally written to {t.write_json(as_json or folder / 'tally.json')}")
 
 
@@ -653,10 +767,11 @@ def models(
         status = {"folder": "[green]local folder[/]", "file": "[green]local file[/]", "cache": "[green]HF cache[/]",
                   "hub": "[yellow]to download[/]", "missing": "[red]missing[/]"}
         for r in found:
-            t.add_row(r.role, escape(r.spec), status[r.how], escape(str(r.path) if r.path and r.ok else r.detail))
+            t.add_row(r.role, escape(_printable(r.spec)), status[r.how],
+                      escape(_printable(r.path if r.path and r.ok else r.detail)))
         if config_path().is_file():
             t.caption = escape(f"defaults from {config_path()}")
-        _console(stderr=False).print(t)
+        _show(t)
         if not all(r.ok for r in found):
             raise typer.Exit(EXIT_FAILED)
 
@@ -744,8 +859,8 @@ def train_preset(
                                 progress=lambda done, total, loss: progress(done, total, f"loss {loss:.4f}"))
         except KeyboardInterrupt:  # the loop saved a checkpoint at the stop: say how to go on
             progress.close()
-            _console().print(f"cinefx: training stopped; its checkpoint is kept in {work} — run the same "
-                             "command with --resume to continue", markup=False)
+            _say(f"cinefx: training stopped; its checkpoint is kept in {work} — run the same command "
+                 "with --resume to continue")
             raise
         finally:
             progress.close()
@@ -793,8 +908,8 @@ def _presets(ctx: typer.Context):
                 desc = load_preset(path).description
             except Exception as ex:  # one broken user preset must not hide the others
                 desc = f"[invalid: {ex}]"
-            t.add_row(escape(name), escape(desc), escape(str(path)))
-        _console(stderr=False).print(t)
+            t.add_row(*(escape(_printable(v)) for v in (name, desc, path)))
+        _show(t)
 
     _run(run)
 
@@ -807,7 +922,7 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or path."
         from cinefx.presets import describe, load_preset
 
         p = load_preset(name)
-        print(f"# {p.source}")
+        print(f"# {_printable(p.source)}")
         print(describe(p))
 
     _run(run)

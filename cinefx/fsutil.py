@@ -11,12 +11,18 @@ leftovers of a killed one (SIGKILL runs no cleanup) without touching a file a li
 writes — including a run on another machine sharing the folder, whose files are left alone.
 
 A renamed file gets the mode any file the user writes would get (0666 less the umask), or, when
-it replaces a file, that file's mode: mkstemp's 0600 must not leak into outputs.
+it replaces a file, that file's permission bits (never setuid, setgid or sticky: a rendered file is
+not the program that was there) and, as root, its owner: mkstemp's 0600 must not leak into outputs.
+
+Names that would pass the file system's limit (255 bytes) with cinefx's marks added keep a prefix
+of the stem and a hash of all of it (`fit_stem`), so a target whose own name fits always works.
+Whatever fails while writing is an `OutputError` naming the target, never the temporary.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
@@ -24,6 +30,8 @@ import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+
+from cinefx.errors import CinefxError, OutputError
 
 TEMP_MARK = ".cinefx-tmp-"
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
@@ -35,19 +43,50 @@ def host_name() -> str:
     return _HOST
 
 
+def cannot_write(target: str | os.PathLike, ex: OSError) -> OutputError:
+    """`ex`, met while writing `target` (or its temporary), as one line naming `target`."""
+    err = OutputError(f"{target}: cannot be written ({ex.strerror or ex})")
+    err.errno = ex.errno  # a caller can still tell a full disk (ENOSPC) from the rest
+    return err
+
+
+def fit_stem(folder: str | os.PathLike, stem: str, marks: int) -> str:
+    """`stem`, or, when it and `marks` more bytes would pass `folder`'s name limit, as much of it as
+    fits with a hash of all of it: the same every time for one stem, different for two."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    raw = os.fsencode(stem)
+    if len(raw) + marks <= limit:
+        return stem
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    # a cut inside a UTF-8 sequence drops that character rather than leaving half of it
+    return raw[:max(0, limit - marks - len(digest) - 1)].decode("utf-8", "ignore") + "~" + digest
+
+
+def _temp_stem(target: Path) -> str:
+    # room for the longest pid Linux hands out (pid_max <= 2^22: 7 digits) and then some
+    marks = len(f".{TEMP_MARK}{_HOST}-{'0' * 10}-{'0' * 8}") + len(os.fsencode(target.suffix))
+    return fit_stem(target.parent, target.stem, marks)
+
+
 def temp_path_for(target: str | os.PathLike) -> Path:
     """A new, empty, hidden file beside `target`, named as this process's temporary for it."""
     target = Path(target)
+    stem = _temp_stem(target)
     for _ in range(100):
-        name = f".{target.stem}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{target.suffix}"
+        name = f".{stem}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{target.suffix}"
         path = target.parent / name
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         except FileExistsError:
             continue
+        except OSError as ex:
+            raise cannot_write(target, ex) from ex
         os.close(fd)
         return path
-    raise FileExistsError(f"{target.parent}: cannot create a temporary file")  # pragma: no cover
+    raise OutputError(f"{target}: cannot create a temporary file beside it")  # pragma: no cover
 
 
 def default_mode() -> int:
@@ -59,13 +98,19 @@ def default_mode() -> int:
 
 def commit(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Give `tmp` the mode the target should have and rename it over `target` (atomic on one file
-    system). An existing target keeps its mode; a symlink at `target` is replaced, not followed."""
+    system). An existing target keeps its permission bits, and as root its owner and group, as a
+    write in place would; a symlink at `target` is replaced, not followed."""
     tmp, target = Path(tmp), Path(target)
     try:
         st = os.lstat(target)
-        mode = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else default_mode()
     except FileNotFoundError:
-        mode = default_mode()
+        st = None
+    mode = default_mode()
+    if st is not None and stat.S_ISREG(st.st_mode):
+        mode = st.st_mode & 0o777
+        if os.geteuid() == 0:
+            with contextlib.suppress(OSError):  # file systems without owners (FAT, some mounts)
+                os.chown(tmp, st.st_uid, st.st_gid)
     os.chmod(tmp, mode)
     os.replace(tmp, target)
     return target
@@ -82,13 +127,16 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path for `target`; on a clean exit it is renamed over `target`, on any
     exception (Ctrl-C included) it is removed and `target` is untouched.
 
-    For writers that take a path (matplotlib, PIL, safetensors, torch.save)."""
+    For writers that take a path (matplotlib, PIL, safetensors, torch.save). An `OSError` on the
+    way (a full disk, a folder in the target's place) becomes `OutputError` naming `target`."""
     tmp = temp_path_for(target)
     try:
         yield tmp
         commit(tmp, target)
-    except BaseException:
+    except BaseException as ex:
         remove_quietly(tmp)
+        if isinstance(ex, OSError) and not isinstance(ex, CinefxError):
+            raise cannot_write(target, ex) from ex
         raise
 
 
@@ -133,7 +181,8 @@ def stale_temps(target: str | os.PathLike) -> list[Path]:
     Only names cinefx's own naming marks as a temporary of `target` are considered; files of a
     live process, or of another machine (whose processes cannot be checked from here), are not."""
     target = Path(target)
-    prefix = f".{target.stem}{TEMP_MARK}"
+    stem = _temp_stem(target)
+    prefix = f".{stem}{TEMP_MARK}"
     out = []
     try:
         entries = list(target.parent.iterdir())
@@ -142,7 +191,7 @@ def stale_temps(target: str | os.PathLike) -> list[Path]:
     for p in entries:
         if not p.name.startswith(prefix) or not p.name.endswith(target.suffix):
             continue
-        m = _TEMP_RE.search(p.name[len(target.stem) + 1:])
+        m = _TEMP_RE.search(p.name[len(stem) + 1:])
         if m is None or m.group("host") != _HOST:
             continue
         pid = int(m.group("pid"))

@@ -17,11 +17,15 @@ from typing import Protocol
 
 import numpy as np
 
+from cinefx.errors import OptionError
 from cinefx.grade.grader import Grader
 from cinefx.presets import Preset
 
 # Frames per run for a renderer that has no preference of its own: bounds memory to one run.
 RUN_FRAMES = 48
+# Beyond these a render only exhausts memory (a 100000-pixel render asks cv2 for 53 GB): SD1.5
+# renders near 512 and degrades well before 2048; a batch's frames share one attention call.
+MAX_SIZE, MAX_BATCH = 2048, 1024
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,13 @@ class EngineSettings:
     batch: int = 0  # frames per pipeline call; 0 = the preset's chunk, capped by free GPU memory
     scheduler: str = "dpm++"
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
+
+    def __post_init__(self):
+        if not 0 <= self.size <= MAX_SIZE:
+            raise OptionError(f"--size {str(self.size)[:24]}: must be 0 (the model's native size) or a short side of "
+                              f"up to {MAX_SIZE} pixels (SD1.5 renders near 512)")
+        if not 0 <= self.batch <= MAX_BATCH:
+            raise OptionError(f"--batch {str(self.batch)[:24]}: must be 0 (the preset's chunk) or up to {MAX_BATCH} frames")
 
 
 class Renderer(Protocol):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -36,7 +37,8 @@ import numpy as np
 
 from cinefx import __version__
 from cinefx.errors import OutputBusyError, OutputError
-from cinefx.fsutil import TEMP_MARK, alive, commit, host_name, remove_quietly, temp_path_for, write_text
+from cinefx.fsutil import (TEMP_MARK, alive, cannot_write, commit, fit_stem, host_name, remove_quietly,
+                           temp_path_for, write_text)
 
 
 def run_key(**parts) -> str:
@@ -279,7 +281,8 @@ LOCK_STALE = 60.0  # a heartbeat older than this: the run is gone (a killed mach
 
 
 def lock_path(output: Path) -> Path:
-    return output.parent / f".{output.name}.cinefx-lock"
+    """`.NAME.cinefx-lock` beside `output`; a name too long for that keeps a prefix and a hash."""
+    return output.parent / f".{fit_stem(output.parent, output.name, len('..cinefx-lock'))}.cinefx-lock"
 
 
 def _fields(text: str) -> dict:
@@ -327,15 +330,24 @@ class OutputLock:
             return None
         return text, {"heartbeat": mtime, **_fields(text)}
 
+    @staticmethod
+    def _pid(holder: dict) -> int | None:
+        """The holder's pid if it can be one (0 or below would make `alive` ask about process groups)."""
+        pid = holder.get("pid")
+        return pid if type(pid) is int and 0 < pid < 1 << 31 else None
+
     def _is_stale(self, holder: dict) -> bool:
-        if holder.get("host") == host_name() and isinstance(holder.get("pid"), int) and not alive(holder["pid"]):
+        pid = self._pid(holder)
+        if holder.get("host") == host_name() and pid is not None and not alive(pid):
             return True
         beat = holder.get("heartbeat")
         return not isinstance(beat, (int, float)) or time.time() - beat > self.stale
 
     def _busy(self, holder: dict) -> OutputBusyError:
-        return OutputBusyError(f"another cinefx run is writing {self.output} (host {holder.get('host', '?')}, "
-                               f"pid {holder.get('pid', '?')}); wait for it to finish, or write elsewhere")
+        # anyone who can write the folder wrote these fields: only a host name's characters pass
+        host = re.sub(r"[^A-Za-z0-9_.-]", "?", str(holder.get("host", "?")))[:64]
+        return OutputBusyError(f"another cinefx run is writing {self.output} (host {host}, "
+                               f"pid {self._pid(holder) or '?'}); wait for it to finish, or write elsewhere")
 
     def acquire(self) -> OutputLock:
         for _ in range(100):
@@ -348,6 +360,8 @@ class OutputLock:
                         raise self._busy(found[1]) from None
                     self._take_over(found[0])
                 continue
+            except OSError as ex:  # the lock is ours, the output is what the user knows
+                raise cannot_write(self.output, ex) from ex
             try:
                 os.write(fd, self._record())
                 os.fsync(fd)
@@ -356,7 +370,7 @@ class OutputLock:
             self._thread = threading.Thread(target=self._heartbeat, name="cinefx-lock", daemon=True)
             self._thread.start()
             return self
-        raise OutputError(f"{self.path}: cannot take the lock (it keeps changing hands)")  # pragma: no cover
+        raise OutputError(f"{self.output}: cannot take its lock (it keeps changing hands)")  # pragma: no cover
 
     def _take_over(self, seen: str) -> None:
         """Remove the stale lock whose text is `seen`, unless another run replaced it meanwhile."""

@@ -1,8 +1,10 @@
-"""Encode RGB frames with libx264, copy the source's audio, and put the file in place atomically.
+"""Encode RGB frames with libx264, libx265 or ProRes, copy the source's audio, and put the file in
+place atomically.
 
 Rec.709 output is 8-bit 4:2:0 with the source's primaries and transfer (the grade does not convert
 them); output in another colour space (`cinefx.grade.ocio.output_tags`: log, HDR, BT.2020 for
-grading downstream) is 10-bit H.264 (High 10) from 16-bit RGB, tagged as that space.
+grading downstream) is 10-bit H.264 (High 10) or HEVC (Main 10) from 16-bit RGB, tagged as that
+space. ProRes is always 422 HQ (10-bit 4:2:2) in a .mov, tagged the same way.
 
 The output is written to a hidden temporary file beside the target (named by `fsutil`, so a later
 run removes it if this one is killed) and renamed over it only when everything succeeded and the
@@ -43,16 +45,30 @@ _MOV_FAMILY = {"mp4", "mov"}
 # What MP4 players actually decode; the muxer would also take PCM (ISO 23003-5), which few play.
 _MP4_AUDIO = {"aac", "mp3", "mp3float", "ac3", "eac3", "opus", "alac", "flac"}
 _MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
+# --codec: the FFmpeg encoder for each choice
+ENCODERS = {"h264": "libx264", "hevc": "libx265", "prores": "prores_ks"}
+# x265 made byte-reproducible: the same bytes from run to run and from machine to machine. Its
+# thread pool's size changes the stream (measured at 640x368: pools of 1-2 threads give one file,
+# of 4 or more another; by default the pool has one thread per core), x265 would also pick its
+# frame threads by the cores (more of them narrow the motion search, says its manual), and info=0
+# drops the SEI that lists all of these settings.
+_X265_PARAMS = "log-level=error:info=0:frame-threads=1:pools=4"
+_PRORES_HQ = "3"  # prores_ks profile 3: 422 HQ
+_INTERLACED_DCT = 0x40000  # AV_CODEC_FLAG_INTERLACED_DCT: ProRes codes the two fields apart
+_FIELD_ORDER = {"tff": 2, "bff": 3}  # FFmpeg's AVFieldOrder: AV_FIELD_TT, AV_FIELD_BB
 # Container tags that describe the file's encoding rather than its content: not carried over.
 _MUXER_TAGS = {"major_brand", "minor_version", "compatible_brands", "encoder", "duration"}
 
 
 @dataclass(frozen=True)
 class EncodeOptions:
-    crf: float = 18.0  # x264 constant quality; 18 is visually transparent for graded material
-    x264_preset: str = "medium"
+    crf: float = 18.0  # x264/x265 constant quality; 18 is visually transparent for graded material
+    x264_preset: str = "medium"  # x265's presets have the same names; ProRes has neither
+    codec: str = "h264"  # h264 (libx264), hevc (libx265) or prores (ProRes 422 HQ, .mov only)
 
     def __post_init__(self):
+        if self.codec not in ENCODERS:
+            raise OptionError(f"--codec {self.codec[:100]!r}: must be one of {', '.join(ENCODERS)}")
         if not 0 <= self.crf <= 51:
             raise OptionError(f"--crf {self.crf}: must be between 0 and 51 (lower is better quality)")
         if self.x264_preset not in X264_PRESETS:
@@ -129,8 +145,8 @@ def write_error(target: Path, stage: str, ex: BaseException) -> OutputError:
     return err
 
 
-def check_output_path(target: Path, overwrite: bool) -> None:
-    """Fail early, before any decoding, if `target` cannot be written."""
+def check_output_path(target: Path, overwrite: bool, codec: str = "h264") -> None:
+    """Fail early, before any decoding, if `target` cannot be written (in `codec`)."""
     folder = target.parent
     if not folder.exists():
         raise OutputError(f"{folder}: output folder does not exist")
@@ -144,6 +160,9 @@ def check_output_path(target: Path, overwrite: bool) -> None:
     if target.suffix.lower() not in _MUXERS:
         raise OutputError(f"{target}: unsupported output extension {target.suffix!r} "
                           "(use .mp4, .mov, .m4v or .mkv)")
+    if codec == "prores" and target.suffix.lower() != ".mov":
+        raise OutputError(f"{target}: ProRes is written only into QuickTime .mov files; name the output "
+                          ".mov, or use --codec h264 or hevc")
 
 
 class VideoWriter:
@@ -154,7 +173,8 @@ class VideoWriter:
     when `colour` asks for more than 8 bits); they are rotated back and the source's display
     rotation is tagged, so players show them as the source. `colour`: the tags of what is written
     when the frames are not in the source's colour space (None: BT.709 matrix, source's primaries
-    and transfer, 8 bits); its `note` joins the comment.
+    and transfer, 8 bits); its `note` joins the comment. `options.codec` chooses the encoder
+    (`ENCODERS`); ProRes is 10-bit 4:2:2 whatever the frames' depth.
 
     Colour conversion, encoding and muxing run on a thread of their own, a few frames behind
     `write`: PyAV lets go of the GIL inside x264, so the caller grades (or renders) the next frames
@@ -176,7 +196,7 @@ class VideoWriter:
         self.audio_plan = AudioPlan()
         self.notes: list[str] = []
         self.frames_written = 0
-        check_output_path(self.target, overwrite)
+        check_output_path(self.target, overwrite, options.codec)
         fsutil.clean_stale_temps(self.target)  # a killed run's leftovers of this same output
         self._tmp = fsutil.temp_path_for(self.target)
         self._span: tuple[int, int] | None = None  # (first pts, last pts + its duration) written
@@ -189,6 +209,7 @@ class VideoWriter:
         self._encoder: Worker | None = None
         self._durations: dict[int, int] = {}  # pts → source frame duration, until its packet is muxed
         self._fields = False  # interlaced output: 4:2:0 chroma is made field by field
+        self._field_graph = None  # interlaced ProRes: marks each frame with its field order
         try:
             self._open(audio)
             self._encoder = Worker(self._encode, self.QUEUE_FRAMES, "cinefx-encode", on_error=self._encoding_failed)
@@ -208,15 +229,20 @@ class VideoWriter:
         self._container.metadata.update(tags)
         even = info.coded_width % 2 == 0 and info.coded_height % 2 == 0
         c = self.colour
-        self._bits = c.bits if c else 8
-        self._pix_fmt = ("yuv420p" if even else "yuv444p") + ("10le" if self._bits > 8 else "")
+        codec = self.options.codec
+        self._bits = c.bits if c else 8  # of the frames given to `write`
+        if codec == "prores":  # 4:2:2 keeps odd sizes exact: swscale and ProRes round the chroma up
+            self._pix_fmt, bits = "yuv422p10le", 10
+        else:
+            self._pix_fmt, bits = ("yuv420p" if even else "yuv444p") + ("10le" if self._bits > 8 else ""), self._bits
+            if not even:
+                self.notes.append(f"odd frame size {info.coded_width}x{info.coded_height}: encoded as 4:4:4 "
+                                  "(4:2:0 needs even sizes) so the size stays exact")
         self._matrix = "BT2020" if c and c.matrix == 9 else "ITU709"
-        if not even:
-            self.notes.append(f"odd frame size {info.coded_width}x{info.coded_height}: encoded as 4:4:4 "
-                              "(4:2:0 needs even sizes) so the size stays exact")
-        if info.bit_depth > self._bits:
-            self.notes.append(f"{info.bit_depth}-bit source written as {self._bits}-bit {self._pix_fmt}")
-        stream = self._container.add_stream("libx264", rate=info.fps, options=self._x264_options())
+        if info.bit_depth > bits:
+            self.notes.append(f"{info.bit_depth}-bit source written as {bits}-bit {self._pix_fmt}")
+        options = {"h264": self._x264_options, "hevc": self._x265_options, "prores": self._prores_options}[codec]()
+        stream = self._container.add_stream(ENCODERS[codec], rate=info.fps, options=options)
         stream.width, stream.height = info.coded_width, info.coded_height
         stream.pix_fmt = self._pix_fmt
         stream.time_base = info.time_base
@@ -234,6 +260,13 @@ class VideoWriter:
             ctx.color_trc = src.transfer if src.transfer != 2 else 1
         if info.sample_aspect_ratio:
             ctx.sample_aspect_ratio = info.sample_aspect_ratio
+        if codec == "hevc" and muxer in _MOV_FAMILY:
+            ctx.codec_tag = "hvc1"  # parameter sets in the header only: what Apple's players open
+        if codec != "h264" and info.field_order != "progressive":
+            ctx.field_order = _FIELD_ORDER[info.field_order]  # the container's field tag (MOV fiel, Matroska)
+            if codec == "prores":
+                ctx.flags |= _INTERLACED_DCT
+                self._field_graph = self._field_marker(info.field_order)
         if info.rotation:
             stream.set_display_rotation(info.rotation)
         if timecode:
@@ -259,6 +292,37 @@ class VideoWriter:
         if params:
             x264["x264-params"] = ":".join(params)
         return x264
+
+    def _x265_options(self) -> dict[str, str]:
+        info = self.info
+        if info.field_order != "progressive":
+            # HEVC has no interlaced frames, only field pictures, which decoders hand out one by one
+            self._fields = self._pix_fmt == "yuv420p" and info.coded_height % 4 == 0
+            self.notes.append(f"interlaced source ({'top' if info.field_order == 'tff' else 'bottom'} field "
+                              "first): HEVC codes it as whole frames, tagged interlaced in the container so "
+                              "players deinterlace it like the source")
+        return {"crf": f"{self.options.crf:g}", "preset": self.options.x264_preset, "x265-params": _X265_PARAMS}
+
+    def _prores_options(self) -> dict[str, str]:
+        if self.info.field_order != "progressive":
+            self.notes.append(f"interlaced source ({'top' if self.info.field_order == 'tff' else 'bottom'} "
+                              "field first): encoded interlaced like the source")
+        return {"profile": _PRORES_HQ}
+
+    def _field_marker(self, order: str):
+        """A filter graph that flags frames as interlaced in `order`, which PyAV frames cannot be
+        told directly and ProRes codes into each frame's header."""
+        from av.filter import Graph
+
+        info = self.info
+        graph = Graph()
+        chain = [graph.add_buffer(width=info.coded_width, height=info.coded_height, format=self._pix_fmt,
+                                  time_base=info.time_base),
+                 graph.add("setfield", order), graph.add("buffersink")]
+        chain[0].link_to(chain[1])
+        chain[1].link_to(chain[2])
+        graph.configure()
+        return graph
 
     def _source_tags(self) -> tuple[dict[str, str], str]:
         """The source's container tags (title, creation time, …: what an editor's bin sorts by),
@@ -391,6 +455,13 @@ class VideoWriter:
         """On the encoder thread: convert, encode and mux one frame, with the audio up to it."""
         yuv = self._to_yuv_by_field(frame) if self._fields else self._to_yuv(frame)
         yuv.pts, yuv.time_base = frame.pts, frame.time_base
+        if self._field_graph is not None:
+            self._field_graph.push(yuv)
+            yuv = self._field_graph.pull()
+        if self.options.codec == "prores":  # ProRes writes each frame's own colour tags into its header
+            ctx = self._video.codec_context
+            yuv.color_primaries, yuv.color_trc, yuv.colorspace = ctx.color_primaries, ctx.color_trc, ctx.colorspace
+            yuv.color_range = ctx.color_range
         if frame.duration:
             yuv.duration = frame.duration
             self._durations[frame.pts] = frame.duration

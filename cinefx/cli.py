@@ -57,6 +57,7 @@ def _one_of(*values: str) -> str:
 
 # the fixed sets the help lists (tests check them against the library's)
 ENGINES = ("auto", "grade", "diffusion")
+CODECS = ("h264", "hevc", "prores")
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
 TEMPORAL = ("full", "anchor", "none")
 NOISE_PRIORS = ("independent", "shared", "residual", "flow")
@@ -114,24 +115,13 @@ def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _unforeseen(ex: Exception, src: Path | None = None) -> str:
-    """One line for an exception cinefx did not raise on purpose: its type and first line; running
-    out of memory says what to ask for less of."""
-    first = (str(ex).strip().splitlines() or [""])[0][:200]
-    where = f"{src}: " if src is not None else ""
-    if isinstance(ex, MemoryError) or type(ex).__name__ == "OutOfMemoryError":  # torch's, a RuntimeError
-        return (f"{where}out of memory ({first or type(ex).__name__}): try a smaller --size or --batch "
-                "(diffusion), fewer or smaller frames, or free memory")
-    return f"{where}unexpected {type(ex).__name__}" + (f": {first}" if first else "")
-
-
 def _run(fn):
     """Call `fn`; typed errors become one line and exit 1 (2 for an impossible option), as does
     any other exception (its traceback with --debug); Ctrl-C exits 130, SIGTERM 143, SIGHUP 129."""
     import click
 
     from cinefx import interrupt
-    from cinefx.errors import CinefxError, OptionError
+    from cinefx.errors import CinefxError, OptionError, unforeseen
 
     try:
         return fn()
@@ -154,7 +144,7 @@ def _run(fn):
     except Exception as ex:
         if _state["debug"]:
             raise
-        raise _fail(_unforeseen(ex)) from None
+        raise _fail(unforeseen(ex)) from None
 
 
 def _info(text: str) -> None:
@@ -243,7 +233,8 @@ def stylize(
     precision: Annotated[str, typer.Option(metavar=_one_of(*PRECISIONS), help="Diffusion: weights' precision.", rich_help_panel="Diffusion")] = field_default(*_E, "precision"),
     preview: Annotated[Optional[Path], typer.Option(help="Write one stylized frame per scene as a contact-sheet PNG instead of the video.")] = None,
     crf: Annotated[float, typer.Option(help="x264 quality, 0-51, lower is better.")] = field_default(*_W, "crf"),
-    x264_preset: Annotated[str, typer.Option("--x264-preset", metavar=_one_of(*X264_PRESETS), help="x264 speed preset.")] = field_default(*_W, "x264_preset"),
+    x264_preset: Annotated[str, typer.Option("--x264-preset", metavar=_one_of(*X264_PRESETS), help="x264 (and x265) speed preset.")] = field_default(*_W, "x264_preset"),
+    codec: Annotated[str, typer.Option(metavar=_one_of(*CODECS), help="Output codec: h264; hevc (10-bit with a log or HDR --output-colorspace); prores (422 HQ, 10-bit, .mov only; ignores --crf and --x264-preset).", rich_help_panel="Colour")] = field_default(*_W, "codec"),
     seed: Annotated[int, typer.Option(help="Seed for grain (and diffusion noise): same seed, same file.")] = field_default(*_S, "seed"),
     letterbox: Annotated[Optional[float], typer.Option(help="Override the preset's letterbox aspect (0 = none).")] = None,
     grain: Annotated[Optional[float], typer.Option(help="Override the preset's grain strength (0-1).")] = None,
@@ -288,7 +279,7 @@ def stylize(
         options = StylizeOptions(
             engine=engine, models=_model_spec(model, controlnet, depth_model, annotators, allow_pickle),
             diffusion=EngineSettings(size=size, batch=batch, scheduler=scheduler, precision=precision),
-            encode=EncodeOptions(crf=crf, x264_preset=x264_preset), overwrite=overwrite, seed=seed,
+            encode=EncodeOptions(crf=crf, x264_preset=x264_preset, codec=codec), overwrite=overwrite, seed=seed,
             metrics=not no_metrics, warp_error=warp_error, thumbnails=html is not None, resume=not no_resume,
             input_colorspace=input_colorspace, output_colorspace=output_colorspace)
         if preview is not None:
@@ -408,7 +399,7 @@ class _Cluster:
 def _stylize(inputs, output, preset, options, skip_existing, outs: _Outputs, cluster: _Cluster | None = None):
     """One input to one file, or several (or a folder) to a folder with a summary; on a Ray
     cluster with `cluster`."""
-    from cinefx.errors import CinefxError, InputFileError, OptionError, OutputBusyError
+    from cinefx.errors import CinefxError, InputFileError, OptionError, OutputBusyError, unforeseen
     from cinefx.stylize import expand_inputs, is_cinefx_output, output_for, stylize_batch, stylize_file
 
     files = expand_inputs(inputs)
@@ -442,7 +433,7 @@ def _stylize(inputs, output, preset, options, skip_existing, outs: _Outputs, clu
         except Exception as ex:
             if isinstance(ex, (CinefxError, OSError, typer.Exit)) or _state["debug"]:
                 raise
-            raise _fail(_unforeseen(ex, src)) from None
+            raise _fail(unforeseen(ex, src)) from None
         finally:
             progress.close()
         _finish_one(res, outs)
@@ -966,7 +957,7 @@ def presets_import(
         from cinefx.presets import load_preset, user_dir
         from cinefx.train.export import import_adapter
 
-        preset_name = name or file.stem
+        preset_name = file.stem if name is None else name
         toml = import_adapter(file, preset_name, user_dir() / preset_name, token=token, trigger=trigger,
                               scale=scale, base_model=base_model, allow_pickle=allow_pickle, kind=kind)
         load_preset(toml)  # what was written must load

@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cinefx import __version__
-from cinefx.errors import CinefxError, ClusterError, MissingFileError, OptionError, OutputError
+from cinefx.errors import CinefxError, ClusterError, MissingFileError, OptionError, OutputError, unforeseen
 from cinefx.fsutil import host_name, remove_quietly, temp_path_for
 from cinefx.resume import OutputLock, WorkFolder
 from cinefx.scenes import Scene, SceneStream
-from cinefx.stylize import (BatchItem, Progress, SceneTask, StylizeOptions, unforeseen_failure, work_folder, plan_outputs,
+from cinefx.stylize import (BatchItem, Progress, SceneTask, StylizeOptions, work_folder, plan_outputs,
                             decode, resolve_options, run_scene_task, stylize_file)
 
 PREFLIGHT = ("strict", "skip-bad")
@@ -96,7 +96,7 @@ def check_node(inputs: Sequence[str], folders: Sequence[str], options: StylizeOp
         try:
             remove_quietly(temp_path_for(Path(folder) / "preflight"))
         except OSError as ex:
-            problems.append(f"cannot write {folder[:100]} ({ex.strerror or ex})")
+            problems.append(f"cannot write {folder[:100]} ({ex.strerror or str(ex)[:200]})")
     if engine == "diffusion":
         from cinefx.diffusion.models import check_resolved, resolve_models
 
@@ -349,7 +349,7 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
         except CinefxError as ex:
             done(i, BatchItem(src, dst, "failed", str(ex)))
         except Exception as ex:
-            done(i, BatchItem(src, dst, "failed", unforeseen_failure(src, ex), traceback=traceback.format_exc()))
+            done(i, BatchItem(src, dst, "failed", unforeseen(ex, src), traceback=traceback.format_exc()))
 
     queue = deque(sorted(((i, s) for i, o in opened.items() for s in o.scenes if s.index in o.left),
                          key=lambda t: -t[1].frames))
@@ -382,7 +382,7 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
         except CinefxError as ex:
             done(i, BatchItem(o.src, o.dst, "failed", str(ex)))
         except Exception as ex:
-            done(i, BatchItem(o.src, o.dst, "failed", unforeseen_failure(o.src, ex), traceback=traceback.format_exc()))
+            done(i, BatchItem(o.src, o.dst, "failed", unforeseen(ex, o.src), traceback=traceback.format_exc()))
 
     try:
         for i in [i for i, o in opened.items() if not o.left]:  # every scene kept by an earlier run

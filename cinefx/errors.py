@@ -58,3 +58,14 @@ class ConfigError(CinefxError, ValueError):
 class ClusterError(CinefxError, RuntimeError):
     """A Ray cluster cannot be used or run the work (not installed, unreachable, a node failing its
     preflight, every worker lost); names the node and the scene where one is known."""
+
+
+def unforeseen(ex: BaseException, src=None) -> str:
+    """One line for an exception cinefx did not raise on purpose: its type and first line, after
+    the file it happened to (`src`) if known; running out of memory says what to ask less of."""
+    first = (str(ex).strip().splitlines() or [""])[0][:200]
+    where = f"{src}: " if src is not None else ""
+    if isinstance(ex, MemoryError) or type(ex).__name__ == "OutOfMemoryError":  # torch's is a RuntimeError
+        return (f"{where}out of memory ({first or type(ex).__name__}): try a smaller --size or --batch "
+                "(diffusion), fewer or smaller frames, or free memory")
+    return f"{where}unexpected {type(ex).__name__}" + (f": {first}" if first else "")

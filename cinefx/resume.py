@@ -118,8 +118,9 @@ class WorkFolder:
 
     @staticmethod
     def beside(output: Path) -> Path:
-        """The work folder of `output`."""
-        return output.parent / f".{output.name}.cinefx-work"
+        """The work folder of `output` (its name shortened with a hash where the output's name is
+        near the file system's limit)."""
+        return output.parent / f".{fit_stem(output.parent, output.name, len('..cinefx-work'))}.cinefx-work"
 
     @classmethod
     def remove_if_empty(cls, output: Path) -> None:

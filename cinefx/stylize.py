@@ -26,7 +26,7 @@ from cinefx import __version__, interrupt, resume
 from cinefx.diffusion.models import ModelSpec, with_user_defaults
 from cinefx.engines import EngineChoice, EngineSettings, build_renderer, choose_engine
 from cinefx.errors import (CinefxError, InputFileError, MissingFileError, OptionError, OutputBusyError, OutputError,
-                           PresetError)
+                           PresetError, unforeseen)
 from cinefx.grade import ocio
 from cinefx.metrics import DEFAULT_METRIC_WIDTH, TemporalMeter
 from cinefx.presets import Preset, clip_path, prompt_text
@@ -202,10 +202,10 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
     t0, src, dst = time.perf_counter(), Path(src), Path(dst)
     if not os.path.exists(src):  # before the output's checks: without an input, they are beside the point
         raise MissingFileError(f"{src}: no such file")
-    check_output_path(dst, options.overwrite)  # the folder must exist to hold the lock
+    check_output_path(dst, options.overwrite, options.encode.codec)  # the folder must exist to hold the lock
     with OutputLock(dst) as lock:
         # 1. check inputs before any work (the output again: another run may have finished it meanwhile)
-        check_output_path(dst, options.overwrite)
+        check_output_path(dst, options.overwrite, options.encode.codec)
         if dst.exists() and dst.resolve() == src.resolve():
             raise OutputError(f"{dst}: output would overwrite the input")
         info = probe(src)
@@ -463,12 +463,6 @@ def plan_outputs(inputs: list[Path], out_dir: Path, preset_name: str) -> list[tu
     return [(dst, clash(dst)) for dst in outputs]
 
 
-def unforeseen_failure(src: Path, ex: Exception) -> str:
-    """One line for an exception cinefx did not raise on purpose: its type and first line."""
-    first = (str(ex).strip().splitlines() or [""])[0]
-    return f"{src}: unexpected {type(ex).__name__}" + (f": {first[:200]}" if first else "")
-
-
 def stylize_batch(inputs: list[Path], out_dir: Path, preset: Preset, options: StylizeOptions,
                   skip_existing: bool = False, on_item: Callable[[BatchItem], None] | None = None,
                   progress_for: Callable[[Path], Progress | None] | None = None) -> list[BatchItem]:
@@ -498,7 +492,7 @@ def stylize_batch(inputs: list[Path], out_dir: Path, preset: Preset, options: St
                 item = (BatchItem(src, dst, "skipped", "output exists") if skip_existing and dst.exists()
                         else BatchItem(src, dst, "failed", str(ex)))  # exists: another run just finished it
             except Exception as ex:
-                item = BatchItem(src, dst, "failed", unforeseen_failure(src, ex), traceback=traceback.format_exc())
+                item = BatchItem(src, dst, "failed", unforeseen(ex, src), traceback=traceback.format_exc())
         items.append(item)
         if on_item:
             on_item(item)

@@ -205,8 +205,6 @@ def test_lock_and_temporary_names_fit_the_limit(tmp_path):
     assert fsutil.stale_temps(out) == [dead]  # a killed run's temporary is still recognised
 
 
-@pytest.mark.xfail(strict=True, reason="resume.WorkFolder.beside names .NAME.cinefx-work without "
-                   "fsutil.fit_stem (File name too long); drop this mark with that fix")
 def test_an_output_name_near_the_limit_renders(tmp_path, clip):
     out = tmp_path / f"{NEAR_LIMIT}.mp4"
     r = runner.invoke(app, ["stylize", str(clip), "-o", str(out), *GRADE, "--no-metrics"])

@@ -105,3 +105,22 @@ def test_prores_outside_mov_is_one_line_and_leaves_nothing(tmp_path, source, neu
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(OptionError, match="--codec 'av1': must be one of h264, hevc, prores"):
         EncodeOptions(codec="av1")
+
+
+def test_codec_from_the_command_line(tmp_path):
+    """--codec reaches the writer, and ProRes outside .mov is refused before any work."""
+    from typer.testing import CliRunner
+
+    from cinefx.cli import app
+    from cinefx.testing.clips import Move, render_move, write_clip
+
+    src = write_clip(tmp_path / "in.mp4", list(render_move(Move("coffee", 8), (64, 36))), audio=None)
+    r = CliRunner().invoke(app, ["stylize", str(src), "-o", str(tmp_path / "out.mov"), "--codec", "prores",
+                                 "--preset", "noir", "-q"])
+    assert r.exit_code == 0, r.output
+    with av.open(str(tmp_path / "out.mov")) as c:
+        assert c.streams.video[0].codec_context.name == "prores"
+    r = CliRunner().invoke(app, ["stylize", str(src), "-o", str(tmp_path / "out.mp4"), "--codec", "prores"])
+    assert r.exit_code == 1 and ".mov" in r.output and not (tmp_path / "out.mp4").exists()
+    r = CliRunner().invoke(app, ["stylize", str(src), "-o", str(tmp_path / "x.mp4"), "--codec", "av1"])
+    assert r.exit_code == 2 and "--codec 'av1'" in r.output

@@ -175,7 +175,6 @@ def test_presets_export_lut(tmp_path):
 
 
 def test_scene_lists_load_back(tmp_path, photos):
-    from cinefx.testing.clips import write_clip
 
     frames = [p.astype(np.uint16) * 257 for p in [photos[0]] * 12 + [photos[1]] * 12]
     with_tc = ten_bit_clip(tmp_path / "cut_tc.mov", frames, timecode="01:00:00:00")  # a camera's start timecode
@@ -199,7 +198,8 @@ def test_help_lists_choices_and_flags():
     assert "[auto|grade|diffusion]" in r.output and "<bool>" not in r.output.split("--help")[0]
     assert "latitude" in r.output
     from cinefx import cli
-    from cinefx.video.writer import X264_PRESETS
+    from cinefx.video.writer import ENCODERS, X264_PRESETS
 
-    assert cli.X264_PRESETS == X264_PRESETS
+    assert cli.X264_PRESETS == X264_PRESETS and cli.CODECS == tuple(ENCODERS)
+    assert "[h264|hevc|prores]" in r.output
     assert "<bool>" not in runner.invoke(app, ["scenes", "--help"], env={"COLUMNS": "200"}).output.split("--help")[0]

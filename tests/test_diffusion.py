@@ -3,7 +3,6 @@ chunks and cuts, adapters, determinism, resume and error messages.
 
 Random weights say nothing about quality; these tests prove mechanics (see the brief)."""
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path

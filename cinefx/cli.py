@@ -819,6 +819,11 @@ def train_preset(
         from cinefx.train.loop import TrainConfig, total_steps, train
 
         check_name(name)  # before anything is written under the presets folder
+        from cinefx.presets import bundled_names
+
+        if out is None and name.casefold() in bundled_names():
+            raise OptionError(f"--name {name!r}: a bundled preset has that name and yours would hide it; "
+                              f"choose another (e.g. {name}-mine) or write it elsewhere with -o")
         if save_captions and caption != "auto":
             raise OptionError("--save-captions writes the captions of --caption auto; add --caption auto")
         word = trigger or f"<{name}>"

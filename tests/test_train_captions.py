@@ -50,5 +50,7 @@ def test_train_preset_checks_name_and_caption_options_before_training(folder, tm
     r = runner.invoke(app, ["train-preset", str(folder), "--name", "../escape"])
     assert r.exit_code != 0 and "preset name" in r.output
     assert not (tmp_path / "escape").exists() and not (tmp_path / "presets").exists()
+    r = runner.invoke(app, ["train-preset", str(folder), "--name", "Noir"])  # would hide the bundled noir
+    assert r.exit_code == 2 and "bundled" in r.output and not (tmp_path / "presets").exists()
     r = runner.invoke(app, ["train-preset", str(folder), "--name", "look", "--save-captions"])
     assert r.exit_code == 2 and "--caption auto" in r.output

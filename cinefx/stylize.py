@@ -220,18 +220,12 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
             renderer = ResumingRenderer(renderer, work)
         else:
             resume.WorkFolder.remove_if_empty(dst)  # a killed diffusion run's, which nothing will resume
-        meter = TemporalMeter(options.metric_width, background=True) if options.metrics else None
-        warp = _warp_meter(options, choice)
-        thumbs = _thumbnails(options)
+        seen = _Measures(options, choice, info, colour)
         stream = SceneStream(decode(info, options, notes), renderer.run_length, options.detector)
         back = ocio.output_conversion(out_space)
         # the tags say what is written: the source's when nothing was converted
         tags = ocio.output_tags(out_space) if colour.converts or back is not None else None
-        # untagged camera log looks like Rec.709 to `auto`: frames across the clip for `log_hint`
-        hint = [] if options.input_colorspace.strip().lower() == "auto" and not colour.converts else None
-        every = max(1, (info.frame_count or 240) // LOG_HINT_FRAMES)
-        times, concealed = [], 0
-        # 3. one streaming pass: scene runs → renderer → writer (and the meter)
+        # 3. one streaming pass: scene runs → renderer → writer (and the measures)
         try:
             with VideoWriter(dst, info, options.encode, overwrite=options.overwrite, audio=options.audio,
                              comment=output_comment(preset), colour=tags) as writer:
@@ -241,54 +235,92 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
                     for f, o in zip(run.items, out):
                         interrupt.check()
                         writer.write(back(o, depth=16) if back is not None else o, f.pts, f.duration)
-                        if hint is not None and f.index % every == 0 and len(hint) < LOG_HINT_FRAMES:
-                            hint.append(f.rgb)
-                        if meter is not None:
-                            meter.add(run.scene, f.rgb, o)
-                        if warp is not None:
-                            warp.add(run.scene, f.rgb, o)
-                        if thumbs is not None:
-                            thumbs.add(run.scene, f.rgb, o)
-                        times.append(float(f.pts * info.time_base))
-                        concealed += f.concealed
+                        seen.add(run.scene, f, o)
                     if progress:
-                        progress(len(times), info.frame_count, None)
-                if not times:
+                        progress(len(seen.times), info.frame_count, None)
+                if not seen.times:
                     raise InputFileError(f"{src}: contains no decodable video frames")
                 if work is not None:
                     work.finish()
                 writer.commit()
-                notes += writer.notes
-                if hint and (looks_log := ocio.log_hint(hint)):
-                    notes.append(looks_log)
+                notes += writer.notes + seen.log_hint()
         except BaseException:
             if work is not None:
                 work.abandon()  # finished scenes stay for the next run; the unfinished one goes
             raise
         finally:
             renderer.close()
-            for m in (meter, warp):
-                if m is not None:
-                    m.close()  # also after a failure: the measuring threads must not outlive the run
+            seen.close()  # also after a failure: the measuring threads must not outlive the run
         if work is not None:
             notes += work.close()
     # 4. report
-    report = None
-    if meter is not None:
-        meter.finish()
-        if warp is not None:
-            warp.finish()
-        report = build_report(meter, stream.scenes, times, _end(times, info), str(src), str(dst),
-                              choice.name, preset.name, grain=preset.grade.grain, concealed_frames=concealed,
-                              warp=warp, prompt=prompt_text(preset) if choice.name == "diffusion" else "")
-    warnings = ()
-    if concealed:
-        warnings = (f"{src}: {concealed} frame{'s' if concealed > 1 else ''} could not be decoded and "
-                    f"{'were' if concealed > 1 else 'was'} replaced by the previous frame",)
     return StylizeResult(input=src, output=dst, engine=choice.name, engine_reason=choice.reason,
-                         frames=len(times), scenes=tuple(stream.scenes), report=report, notes=tuple(notes),
-                         seconds=time.perf_counter() - t0, concealed_frames=concealed, warnings=warnings,
-                         thumbs=thumbs.finish() if thumbs is not None else None)
+                         frames=len(seen.times), scenes=tuple(stream.scenes),
+                         report=seen.report(stream.scenes, src, dst, preset), notes=tuple(notes),
+                         seconds=time.perf_counter() - t0, concealed_frames=seen.concealed,
+                         warnings=seen.warnings(src), thumbs=seen.thumbnails())
+
+
+class _Measures:
+    """What a run measures beside the writer, frame by frame: the report's meters (adjacent-frame
+    PSNR/T-SSIM, and warp error where asked for), scene thumbnails for the HTML page, frames for
+    the log hint, the frame times and the concealed-frame count."""
+
+    def __init__(self, options: StylizeOptions, choice: EngineChoice, info: VideoInfo, colour):
+        self.info, self.choice = info, choice
+        self.meter = TemporalMeter(options.metric_width, background=True) if options.metrics else None
+        self.warp = _warp_meter(options, choice)
+        self.thumbs = None
+        if options.thumbnails:
+            from cinefx.htmlreport import SceneThumbs
+
+            self.thumbs = SceneThumbs()
+        # untagged camera log looks like Rec.709 to `auto`: keep frames across the clip for `log_hint`
+        auto = options.input_colorspace.strip().lower() == "auto"
+        self.hint = [] if auto and not colour.converts else None
+        self.every = max(1, (info.frame_count or 240) // LOG_HINT_FRAMES)
+        self.times: list[float] = []
+        self.concealed = 0
+
+    def add(self, scene: int, f, out) -> None:
+        """`f`: the source `Frame`; `out`: (H, W, 3) uint8, the frame as rendered and graded."""
+        for m in (self.meter, self.warp, self.thumbs):
+            if m is not None:
+                m.add(scene, f.rgb, out)
+        if self.hint is not None and f.index % self.every == 0 and len(self.hint) < LOG_HINT_FRAMES:
+            self.hint.append(f.rgb)
+        self.times.append(float(f.pts * self.info.time_base))
+        self.concealed += f.concealed
+
+    def close(self) -> None:
+        for m in (self.meter, self.warp):
+            if m is not None:
+                m.close()
+
+    def log_hint(self) -> list[str]:
+        note = ocio.log_hint(self.hint) if self.hint else None
+        return [note] if note else []
+
+    def report(self, scenes, src: Path, dst: Path, preset: Preset) -> Report | None:
+        if self.meter is None:
+            return None
+        self.meter.finish()
+        if self.warp is not None:
+            self.warp.finish()
+        diffusion = self.choice.name == "diffusion"
+        return build_report(self.meter, scenes, self.times, _end(self.times, self.info), str(src), str(dst),
+                            self.choice.name, preset.name, grain=preset.grade.grain, concealed_frames=self.concealed,
+                            warp=self.warp, prompt=prompt_text(preset) if diffusion else "")
+
+    def warnings(self, src: Path) -> tuple[str, ...]:
+        n = self.concealed
+        if not n:
+            return ()
+        return (f"{src}: {n} frame{'s' if n > 1 else ''} could not be decoded and "
+                f"{'were' if n > 1 else 'was'} replaced by the previous frame",)
+
+    def thumbnails(self):
+        return self.thumbs.finish() if self.thumbs is not None else None
 
 
 def _warp_meter(options: StylizeOptions, choice: EngineChoice):
@@ -299,14 +331,6 @@ def _warp_meter(options: StylizeOptions, choice: EngineChoice):
     from cinefx.eval.warp import WarpMeter
 
     return WarpMeter(options.metric_width, background=True)
-
-
-def _thumbnails(options: StylizeOptions):
-    if not options.thumbnails:
-        return None
-    from cinefx.htmlreport import SceneThumbs
-
-    return SceneThumbs()
 
 
 def _end(times: list[float], info: VideoInfo) -> float:

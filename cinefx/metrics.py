@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from cinefx.worker import Worker
+from cinefx.worker import Meter
 
 DEFAULT_METRIC_WIDTH = 512
 
@@ -93,7 +93,7 @@ class Series:
         return sum(self.tssim) / len(self.tssim) if self.tssim else None
 
 
-class TemporalMeter:
+class TemporalMeter(Meter):
     """Feed frames (input and output side by side) scene by scene; read `series` after `finish()`.
 
     series[scene index] = (input Series, output Series).
@@ -103,15 +103,12 @@ class TemporalMeter:
     fast x264 preset, many cores) the measuring would otherwise set the pace.
     """
 
-    QUEUE_FRAMES = 8
-
     def __init__(self, metric_width: int = DEFAULT_METRIC_WIDTH, background: bool = False):
         self.metric_width = metric_width
         self.series: dict[int, tuple[Series, Series]] = {}
         self._prev: tuple[int, np.ndarray, np.ndarray, FrameStats, FrameStats] | None = None
         self.size: tuple[int, int] | None = None
-        self._worker = Worker(lambda item: self._measure(*item), self.QUEUE_FRAMES, "cinefx-metrics") \
-            if background else None
+        super().__init__(background, "cinefx-metrics")
 
     def _small(self, frame: np.ndarray) -> np.ndarray:
         h, w = frame.shape[:2]
@@ -125,10 +122,7 @@ class TemporalMeter:
     def add(self, scene: int, src: np.ndarray, out: np.ndarray) -> None:
         """src, out: (H, W, 3) uint8, the same frame before and after cinefx."""
         s, o = self._small(src), self._small(out)
-        if self._worker is None:
-            self._measure(scene, s, o)
-        else:
-            self._worker.put((scene, s, o))
+        self._submit(scene, s, o)
 
     def _measure(self, scene: int, s: np.ndarray, o: np.ndarray) -> None:
         ss, so_ = FrameStats(s), FrameStats(o)
@@ -142,12 +136,3 @@ class TemporalMeter:
             self.series.setdefault(scene, (Series(), Series()))
         self._prev = (scene, s, o, ss, so_)
 
-    def finish(self) -> None:
-        """Wait for the frames still being measured; `series` is complete afterwards."""
-        if self._worker is not None:
-            self._worker.finish()
-
-    def close(self) -> None:
-        """Stop the measuring thread (after the frames already queued); raises nothing."""
-        if self._worker is not None:
-            self._worker.close()

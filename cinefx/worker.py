@@ -1,4 +1,5 @@
-"""A thread that works a few items behind its caller: the encoder and the metrics use one each.
+"""A thread that works a few items behind its caller (the encoder and the meters use one each), and
+the meters' base class.
 
 OpenCV, NumPy and PyAV (inside x264) let go of the GIL, so work handed to such a thread overlaps
 the caller's next frame.
@@ -67,3 +68,33 @@ class Worker:
                 self._fn(item)
             except Exception as ex:
                 self._failure = self._on_error(ex)
+
+
+class Meter:
+    """Base of the report's meters: `_measure(*item)` runs in the caller's thread, or, with
+    `background`, on a `Worker` of its own a few frames behind (OpenCV lets go of the GIL, so the
+    measuring overlaps the caller's next frame)."""
+
+    QUEUE_FRAMES = 8
+
+    def __init__(self, background: bool, name: str):
+        self._worker = Worker(lambda item: self._measure(*item), self.QUEUE_FRAMES, name) if background else None
+
+    def _measure(self, *item) -> None:  # pragma: no cover - every meter defines it
+        raise NotImplementedError
+
+    def _submit(self, *item) -> None:
+        if self._worker is None:
+            self._measure(*item)
+        else:
+            self._worker.put(item)
+
+    def finish(self) -> None:
+        """Wait for the frames still being measured; the results are complete afterwards."""
+        if self._worker is not None:
+            self._worker.finish()
+
+    def close(self) -> None:
+        """Stop the measuring thread (after the frames already queued); raises nothing."""
+        if self._worker is not None:
+            self._worker.close()

@@ -28,7 +28,7 @@ import numpy as np
 
 from cinefx.errors import OptionError
 from cinefx.metrics import DEFAULT_METRIC_WIDTH
-from cinefx.worker import Worker
+from cinefx.worker import Meter
 
 OCCLUSION_SCALE, OCCLUSION_FLOOR = 0.01, 0.5  # Ruder et al. 2016's forward-backward check
 
@@ -142,7 +142,7 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-class WarpMeter:
+class WarpMeter(Meter):
     """Feed the input and its output(s) frame by frame, scene by scene; read `scenes()` and
     `overall()` after `finish()`. Pairs never straddle a scene change; with `every` = N only the
     pairs (t, t+1) whose t is a multiple of N frames into its scene are measured.
@@ -151,8 +151,6 @@ class WarpMeter:
     already that size pass through, so a caller that has shrunk them pays nothing). With
     `background`, measuring runs on a thread of its own a few frames behind, as `TemporalMeter`.
     """
-
-    QUEUE_FRAMES = 8
 
     def __init__(self, metric_width: int = DEFAULT_METRIC_WIDTH, every: int = 1, background: bool = False):
         if every < 1:
@@ -164,8 +162,7 @@ class WarpMeter:
         self._scene: int | None = None
         self._position = 0  # frames into the current scene
         self._prev: tuple | None = None  # (scene, grey input, input, outputs) of a pair's first frame
-        self._worker = Worker(lambda item: self._measure(*item), self.QUEUE_FRAMES, "cinefx-warp") \
-            if background else None
+        super().__init__(background, "cinefx-warp")
 
     def add(self, scene: int, src: np.ndarray, *outs: np.ndarray) -> None:
         if scene != self._scene:
@@ -177,10 +174,7 @@ class WarpMeter:
         if self.size is None:
             self.size = metric_size(src.shape[1], src.shape[0], self.metric_width)
         item = (scene, first, second, shrink(src, self.size), tuple(shrink(o, self.size) for o in outs))
-        if self._worker is None:
-            self._measure(*item)
-        else:
-            self._worker.put(item)
+        self._submit(*item)
 
     def _measure(self, scene: int, first: bool, second: bool, src: np.ndarray, outs: tuple) -> None:
         series = self._series.setdefault(scene, _Series(renders=[[] for _ in outs]))
@@ -195,16 +189,6 @@ class WarpMeter:
                 for values, a, b in zip(series.renders, pouts, outs):
                     values.append(warp_error(a, b, flow))
         self._prev = (scene, g, src, outs) if first else None
-
-    def finish(self) -> None:
-        """Wait for the frames still being measured; results are complete afterwards."""
-        if self._worker is not None:
-            self._worker.finish()
-
-    def close(self) -> None:
-        """Stop the measuring thread (after the frames already queued); raises nothing."""
-        if self._worker is not None:
-            self._worker.close()
 
     def scenes(self) -> dict[int, WarpScene]:
         """Per scene index, the scenes seen so far (a scene of one frame has no pairs)."""

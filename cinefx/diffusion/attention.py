@@ -9,16 +9,21 @@ its appearance from the same source and textures stop boiling. Modes:
   causal variant (Tune-A-Video, Text2Video-Zero). Cost grows with F.
 - ``none``: plain per-frame self-attention, the baseline.
 
-Only self-attention (``attn1``) changes; cross-attention to the prompt stays per frame. The batch
-seen by a processor is ``G × F`` rows (G = 2 with classifier-free guidance: unconditional, then
-conditional), and frames only attend within their own group.
+Only self-attention (``attn1``) spans frames; cross-attention to the prompt stays per frame. The
+batch seen by a processor is ``G × F`` rows (G = 2 with classifier-free guidance: unconditional,
+then conditional), and frames only attend within their own group.
+
+Every attention call goes through PyTorch's ``scaled_dot_product_attention`` without a mask, so
+long cross-frame sequences get its flash / memory-efficient kernels on a GPU. Projections fused by
+diffusers' ``Attention.fuse_projections`` (one QKV matrix product instead of three) are used where
+no LoRA wraps the separate ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +33,21 @@ TEMPORAL_MODES = ("full", "anchor", "none")
 
 @dataclass
 class TemporalState:
-    """Shared by every installed processor; the pipeline sets `frames` before each UNet call."""
+    """Shared by every installed processor; the pipeline sets it before each UNet call.
+
+    `groups` (G), when set, makes the processors read the frame count off the batch (rows / G)
+    rather than `frames`: a compiled UNet then sees the count only as a tensor size, so batches
+    with and without anchors, and a scene's short last chunk, reuse one compiled graph."""
 
     mode: str = "full"
     frames: int = 1
+    groups: int = 0
+    processor: SpatialTemporalAttnProcessor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        # One processor object per state: a compiled module guards on the processor it traced, so
+        # installing a new one for every call would compile again every call.
+        self.processor = SpatialTemporalAttnProcessor(self)
 
 
 class SpatialTemporalAttnProcessor:
@@ -60,17 +76,19 @@ class SpatialTemporalAttnProcessor:
             context = attn.norm_encoder_hidden_states(encoder_hidden_states)
         elif cross:
             context = encoder_hidden_states
-        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        q, k, v = _project(attn, hidden_states, context, cross)
 
-        frames = self.state.frames
-        mode = "none" if cross or attention_mask is not None else self.state.mode
-        if frames <= 1 or q.shape[0] % frames:
+        state, rows = self.state, q.shape[0]
+        groups = state.groups or rows // max(state.frames, 1)
+        frames = rows // groups if state.groups else state.frames
+        mode = "none" if cross or attention_mask is not None else state.mode
+        if frames <= 1 or rows != groups * frames:
             mode = "none"
-        if mode == "full":
-            out = _attend(attn, *_join_frames(q, k, v, frames))
+        if mode == "full":  # (G·F, N, C) → (G, F·N, C): every query sees every frame of its group
+            out = _attend(attn, *(t.reshape(groups, frames * t.shape[1], t.shape[2]) for t in (q, k, v)))
             out = out.reshape(q.shape)
         elif mode == "anchor":
-            out = _anchor_attention(attn, q, k, v, frames)
+            out = _anchor_attention(attn, q, k, v, groups, frames)
         else:
             mask = None
             if attention_mask is not None:
@@ -86,10 +104,17 @@ class SpatialTemporalAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def _join_frames(q, k, v, frames: int):
-    """(G·F, N, C) → (G, F·N, C): one long sequence per group, so every query sees every frame."""
-    g = q.shape[0] // frames
-    return (t.reshape(g, frames * t.shape[1], t.shape[2]) for t in (q, k, v))
+def _project(attn, hidden_states, context, cross: bool):
+    """Queries, keys and values (B, N, C). Fused projections are copies of the separate weights
+    made when they were fused, so they are used only where no LoRA wraps the separate layers
+    (a peft layer keeps the original as `base_layer`): adapters loaded later stay in effect."""
+    fused = getattr(attn, "fused_projections", False) and not any(
+        hasattr(m, "base_layer") for m in (attn.to_q, attn.to_k, attn.to_v))
+    if fused and not cross:
+        return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    if fused:
+        return (attn.to_q(hidden_states), *attn.to_kv(context).chunk(2, dim=-1))
+    return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
 
 
 def _attend(attn, q, k, v, mask=None):
@@ -105,38 +130,44 @@ def _attend(attn, q, k, v, mask=None):
     return out.transpose(1, 2).reshape(b, -1, heads * d)
 
 
-def _anchor_attention(attn, q, k, v, frames: int):
-    """Frame i's queries against keys/values of frames [0, i-1, i] (all (G·F, N, C))."""
+def _anchor_attention(attn, q, k, v, g: int, frames: int):
+    """Frame i's queries against keys/values of frames 0, i-1 and i (all (G·F, N, C)), each frame
+    counted once: frame 0 sees itself, frame 1 frames 0 and 1, later frames all three. Three
+    unmasked attention calls rather than one masked one, so the fast SDPA kernels apply (flash
+    attention takes no mask; a masked call falls back to slower ones)."""
     bf, n, c = k.shape
-    g = bf // frames
-    prev = torch.clamp(torch.arange(frames, device=k.device) - 1, min=0)
+    q, k, v = (t.view(g, frames, n, c) for t in (q, k, v))
 
-    def gather(t):
-        t = t.view(g, frames, n, c)
-        first = t[:, :1].expand(g, frames, n, c)
-        return torch.cat([first, t[:, prev], t], dim=2).reshape(bf, 3 * n, c)
-
-    # Frame 1's "first" and "previous" are the same frame; counting it twice would double its
-    # weight, so its second copy is masked. (Frame 0 sees itself three times: uniform, harmless.)
-    mask = torch.zeros(frames, 1, 1, 3 * n, device=q.device, dtype=q.dtype)
+    out = [_attend(attn, q[:, 0], k[:, 0], v[:, 0])[:, None]]
     if frames > 1:
-        mask[1, ..., n:2 * n] = float("-inf")
-    mask = mask.repeat(g, 1, 1, 1)
-    return _attend(attn, q, gather(k), gather(v), mask)
+        k1, v1 = (t[:, :2].reshape(g, 2 * n, c) for t in (k, v))
+        out.append(_attend(attn, q[:, 1], k1, v1)[:, None])
+    if frames > 2:
+        rest = frames - 2
+        first = (t[:, :1].expand(g, rest, n, c) for t in (k, v))
+        kk, vv = (torch.cat([f, t[:, 1:-1], t[:, 2:]], dim=2).reshape(g * rest, 3 * n, c)
+                  for f, t in zip(first, (k, v)))
+        out.append(_attend(attn, q[:, 2:].reshape(g * rest, n, c), kk, vv).view(g, rest, n, c))
+    return torch.cat(out, dim=1).reshape(bf, n, c)
 
 
 @contextmanager
 def temporal_attention(modules: Iterable, state: TemporalState) -> Iterator[SpatialTemporalAttnProcessor]:
-    """Install the spatial-temporal processor on the self-attention layers of `modules` (UNet,
-    ControlNets) for the duration of the block; the processors found there are put back after,
-    even on error."""
+    """Install the state's spatial-temporal processor on the self-attention layers of `modules`
+    (UNet, ControlNets), and on their cross-attention layers whose projections are fused (diffusers'
+    own processors would use the fused copies even under a LoRA), for the duration of the block;
+    the processors found there are put back after, even on error."""
     modules = list(modules)
     saved = [(m, dict(m.attn_processors)) for m in modules]
-    proc = SpatialTemporalAttnProcessor(state)
+    proc = state.processor
+
+    def ours(m, name: str) -> bool:
+        return name.endswith("attn1.processor") or getattr(
+            m.get_submodule(name.removesuffix(".processor")), "fused_projections", False)
+
     try:
         for m, procs in saved:
-            m.set_attn_processor({name: proc if name.endswith("attn1.processor") else p
-                                  for name, p in procs.items()})
+            m.set_attn_processor({name: proc if ours(m, name) else p for name, p in procs.items()})
         yield proc
     finally:
         for m, procs in saved:

@@ -111,9 +111,12 @@ def resolve(role: str, spec: str, allow_pickle: bool = False, marker: str | None
     if isinstance(cached, str):
         return Resolved(role, spec, "cache", Path(cached).parent)
     if _offline():
+        # naming the file a marker asks for downloads that file only, not a whole repository
+        # (Hyper-SD's holds 30 GB of LoRAs and UNets)
+        what = f"{spec} {marker}" if marker not in ("model_index.json", "config.json") else spec
         return Resolved(role, spec, "missing", None,
                         f"not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it on a machine "
-                        f"with a network (`huggingface-cli download {spec}`) or give a local folder")
+                        f"with a network (`huggingface-cli download {what}`) or give a local copy")
     return Resolved(role, spec, "hub", None, "not cached: will be downloaded on first use")
 
 
@@ -186,6 +189,7 @@ class Components:
     control_models: dict[str, object]
     device: object
     dtype: object
+    speed: SpeedOptions | None = None  # set by `apply_speed`
 
 
 WEIGHT_SUFFIXES = {".safetensors", *PICKLE_SUFFIXES}
@@ -235,7 +239,7 @@ def _load_error(r: Resolved, ex: Exception) -> ModelError:
 
 
 @contextlib.contextmanager
-def _loading(r: Resolved):
+def loading(r: Resolved):
     """Around a library's load of `r`: its warnings silenced (cinefx reports problems itself) and
     any failure turned into one `ModelError` naming the model and the file. Loaders raise many
     types (OSError, SafetensorError, UnpicklingError, NotImplementedError for weights missing from
@@ -253,7 +257,7 @@ def _loading(r: Resolved):
 def _load(cls, r: Resolved, allow_pickle: bool, device: str, **kwargs):
     """`cls` (a diffusers pipeline or model class) from a single file or a folder / hub id, on
     `device`, with failures turned into one `ModelError` naming the model."""
-    with _loading(r):
+    with loading(r):
         if r.how == "file":
             model = cls.from_single_file(str(r.path), local_files_only=True, **kwargs)
         else:
@@ -312,7 +316,7 @@ def _load_depth(r: Resolved, allow_pickle: bool, device: str, dtype):
     from transformers.utils import cached_file
 
     model = _load(AutoModelForDepthEstimation, r, allow_pickle, device, dtype=dtype)  # a folder or hub id, never a file
-    with _loading(r):
+    with loading(r):
         # The preprocessing numbers only: resizing and normalising happen on the GPU in batches,
         # not through the (PIL-based) image processor class.
         cfg = json.loads(Path(cached_file(r.where, "preprocessor_config.json",
@@ -325,12 +329,64 @@ def _load_depth(r: Resolved, allow_pickle: bool, device: str, dtype):
 def _load_annotator(kind: str, r: Resolved, device: str):
     from cinefx.controls.annotators import load_annotator
 
-    with _loading(r):
+    with loading(r):
         try:
             return load_annotator(kind, r.where, r.how != "hub", device)
         except ImportError as ex:  # installed but broken, typically a CUDA torchvision without a driver
             raise ModelError(f"{r.role}: controlnet-aux cannot be imported ({str(ex).splitlines()[0]}); "
                              f"{INSTALL_HINT}") from ex
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """How the loaded modules run; none of these changes the output beyond float rounding. The
+    precision is chosen apart (`pick_device_dtype`: bf16 on GPUs that have it)."""
+
+    # torch.compile the UNet, the ControlNets and the VAE decoder. The batch size is traced as a
+    # symbol (`TemporalControlPipeline._dynamic_batch`), so a render size compiles once per temporal
+    # mode and guidance on/off. Off by default: compiling takes minutes of CPU before the first frame
+    # (bench/bench_diffusion_gpu.py reports how long, and what it gains).
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend ("eager" checks the tracing alone)
+    # NHWC weights and activations: the layout tensor-core convolutions use without transposes.
+    channels_last: bool = True
+    # One QKV (self-attention) or KV (cross-attention) matrix product instead of three or two,
+    # through diffusers' Attention.fuse_projections; layers a LoRA wraps keep their own.
+    fuse_qkv: bool = True
+
+
+def apply_speed(comps: Components, options: SpeedOptions) -> None:
+    """Apply `options` to the modules of `comps`, in place, once: a set shared by several engines
+    must not get different options (a compiled module cannot be uncompiled), and fused
+    projections must be made before compiling. Raises ValueError when `comps` already has others."""
+    if comps.speed is not None:
+        if comps.speed != options:
+            raise ValueError(f"this model set already runs with {comps.speed}; load another for {options}")
+        return
+    import torch
+    from diffusers.models.attention_processor import Attention
+
+    host = comps.host
+    nets = [host.unet, *comps.controlnets.values()]
+    if options.channels_last:
+        for m in (*nets, host.vae):
+            m.to(memory_format=torch.channels_last)
+    if options.fuse_qkv:
+        for m in nets:
+            for a in m.modules():
+                if isinstance(a, Attention) and not getattr(a, "fused_projections", False):
+                    a.fuse_projections()  # processors untouched: cinefx's own use the fused layers
+    if options.compile:
+        # The UNet's and the ControlNets' forwards are one code object (diffusers' LoRA-scale
+        # wrapper), so their graphs for every render size, temporal mode and guidance setting count
+        # against one limit, torch's default of 8: past it they would run uncompiled.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for m in nets:
+            m.compile(backend=options.compile_backend)
+        # the decoder's input is made inside diffusers (post_quant_conv), where the pipeline
+        # cannot mark its batch as a symbol: trace every size as one
+        host.vae.decoder.compile(backend=options.compile_backend, dynamic=True)
+    comps.speed = options
 
 
 def pick_device_dtype(precision: str = "auto"):

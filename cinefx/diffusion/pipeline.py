@@ -8,8 +8,14 @@ One call renders F frames of one scene (Control-A-Video, Chen et al. 2023):
   5. noise the latents with the frames' prior noise; prepend the anchor frames
   6. denoise with spatial-temporal attention installed on UNet and ControlNets; anchors are
      re-imposed at every step from their already-rendered clean latents, so the batch is drawn
-     towards frames the viewer has already seen (no seam between chunks)
+     towards frames the viewer has already seen (no seam between chunks). Classifier-free
+     guidance runs the unconditional batch only when guidance > 1.
   7. decode the new frames (VAE, in slices)
+
+Few-step samplers for distilled LoRAs (`cinefx.diffusion.turbo`): LCM and TCD put fresh noise
+back at every step but the last. The pipeline takes that noise from the caller (`step_noise`), who
+draws it through the scene's noise prior as the initial noise is: noise drawn per frame would
+make frames that should agree differ at every step, i.e. flicker.
 
 Anchors are rendered frames of the same scene (its first frame, the previous chunk's last ones)
 given as clean latents with their noise and control maps: they are never changed, only attended to.
@@ -44,6 +50,12 @@ class RenderOutput:
 
 
 SCHEDULERS = ("dpm++", "ddim", "euler", "unipc")
+# Samplers of the distilled few-step LoRAs: Latent Consistency Models (Luo et al. 2023), Trajectory
+# Consistency Distillation (Zheng et al. 2024), and DDIM with trailing timesteps, which Hyper-SD's
+# N-step LoRAs document (Ren et al. 2024). The first two re-noise at every step.
+FEW_STEP_SCHEDULERS = ("lcm", "tcd", "ddim-trailing")
+NOISY_SCHEDULERS = ("lcm", "tcd")
+TCD_ETA = 0.3  # TCD's γ: how far back each step re-noises (its paper's and diffusers' default)
 
 
 # What SD1.5's own scheduler config sets, for configs that leave the keys out (one written by
@@ -54,20 +66,32 @@ SD_SCHEDULER_DEFAULTS = {"clip_sample": False, "set_alpha_to_one": False}
 
 
 def make_scheduler(name: str, config):
-    """A fresh scheduler of the named family from the model's scheduler config. Every family here is
-    deterministic (no noise injected during sampling), which `--seed` reproducibility relies on."""
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                           UniPCMultistepScheduler)
+    """A fresh scheduler of the named family (`SCHEDULERS`, `FEW_STEP_SCHEDULERS`) from the model's
+    scheduler config. The families draw no noise of their own (LCM and TCD take theirs from the
+    caller, see `consistency_step`), which `--seed` reproducibility relies on."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler,
+                           TCDScheduler, UniPCMultistepScheduler)
 
     classes = {"dpm++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
-               "unipc": UniPCMultistepScheduler}
-    return classes[name].from_config({**SD_SCHEDULER_DEFAULTS, **config})
+               "unipc": UniPCMultistepScheduler, "lcm": LCMScheduler, "tcd": TCDScheduler,
+               "ddim-trailing": DDIMScheduler}
+    extra = {"timestep_spacing": "trailing"} if name == "ddim-trailing" else {}
+    return classes[name].from_config({**SD_SCHEDULER_DEFAULTS, **config, **extra})
 
 
 def img2img_timesteps(scheduler, steps: int, strength: float, device=None) -> torch.Tensor:
     """The timesteps img2img at `strength` runs, out of `steps`: the last ⌊steps·strength⌋, as
     diffusers' img2img pipelines count them (`get_timesteps`), but at least one for any strength
-    > 0. Sets the scheduler's timesteps and begin index."""
+    > 0. Sets the scheduler's timesteps and begin index.
+
+    LCM and TCD instead place `steps` timesteps on the part of their distillation schedule that
+    `strength` leaves, as diffusers' LatentConsistencyModelImg2ImgPipeline does, so a 4-step run
+    keeps its 4 steps (fewer only where that part has fewer entries)."""
+    origin = getattr(scheduler.config, "original_inference_steps", None)
+    if origin is not None:
+        strength = max(strength, 1 / origin)  # at least one entry of the schedule
+        scheduler.set_timesteps(min(steps, int(origin * strength)), device=device, strength=strength)
+        return scheduler.timesteps
     scheduler.set_timesteps(steps, device=device)
     keep = min(max(1, int(steps * strength)), steps)
     start = (steps - keep) * scheduler.order
@@ -76,12 +100,37 @@ def img2img_timesteps(scheduler, steps: int, strength: float, device=None) -> to
     return scheduler.timesteps[start:]
 
 
+def consistency_step(name: str, scheduler, eps: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor | None,
+                     x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """One LCM or TCD step from latents `x` (B, 4, h, w) at timestep `t` to `t_next`, re-noised
+    with the given `noise` (B, 4, h, w); on the last step (`t_next` None) no noise is added.
+    The same arithmetic as diffusers' LCMScheduler.step / TCDScheduler.step (epsilon prediction),
+    which draw the noise themselves from a generator instead."""
+    ac = scheduler.alphas_cumprod.to(x.device)
+    a_t = ac[t]
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    if name == "lcm":
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+        denoised = c_out * x0 + c_skip * x
+        if t_next is None:
+            return denoised
+        return ac[t_next].sqrt() * denoised + (1 - ac[t_next]).sqrt() * noise
+    prev = t_next if t_next is not None else torch.zeros_like(t)
+    s = torch.floor((1 - TCD_ETA) * prev).long()  # in float32, as diffusers rounds it
+    x_s = ac[s].sqrt() * x0 + (1 - ac[s]).sqrt() * eps
+    if t_next is None:
+        return x_s
+    keep = ac[prev] / ac[s]
+    return keep.sqrt() * x_s + (1 - keep).sqrt() * noise
+
+
 class TemporalControlPipeline:
     """Holds the loaded modules; `__call__` renders one batch of frames of one scene."""
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config, controlnets: dict,
-                 scheduler: str = "dpm++", vae_batch: int = 8, convert_prompt=None):
-        # convert_prompt: expands multi-vector textual-inversion tokens (diffusers' loader mixin)
+                 scheduler: str = "dpm++", vae_batch: int = 8, convert_prompt=None, speed=None):
+        # convert_prompt: expands multi-vector textual-inversion tokens (diffusers' loader mixin);
+        # speed: the `models.SpeedOptions` the modules run with (`models.apply_speed`), or None
         self.convert_prompt = convert_prompt or (lambda text, tokenizer: text)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.controlnets = controlnets
@@ -90,13 +139,15 @@ class TemporalControlPipeline:
         self.vae_batch = vae_batch
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.state = TemporalState()
+        self.compiled = bool(speed and speed.compile)  # see `models.apply_speed`
         self._prompt_cache: dict[tuple[str, str], torch.Tensor] = {}
 
     @classmethod
     def from_components(cls, comps, scheduler: str = "dpm++") -> TemporalControlPipeline:
         host = comps.host
         return cls(host.unet, host.vae, host.text_encoder, host.tokenizer, host.scheduler.config,
-                   comps.controlnets, scheduler, convert_prompt=getattr(host, "maybe_convert_prompt", None))
+                   comps.controlnets, scheduler, convert_prompt=getattr(host, "maybe_convert_prompt", None),
+                   speed=comps.speed)
 
     @property
     def device(self) -> torch.device:
@@ -142,7 +193,8 @@ class TemporalControlPipeline:
         for part in images.split(self.vae_batch):
             x = part.to(self.device, self.dtype) * 2 - 1
             out.append(self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor)
-        return torch.cat(out)
+        # one memory layout whatever the VAE's (channels-last): a compiled UNet guards on strides
+        return torch.cat(out).contiguous()
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(F, 4, h, w) → (F, 3, H, W) float32 in [0, 1]."""
@@ -156,14 +208,24 @@ class TemporalControlPipeline:
                       scales: dict[str, float]) -> torch.Tensor:
         """One UNet evaluation guided by every ControlNet (their residuals summed): x (B, 4, h, w)
         latents, text (B, L, D), conds kind → (B, 3, H, W); returns the predicted noise (B, 4, h, w)."""
+        self._dynamic_batch(x, text, *conds.values())
         down, mid = None, None
         for kind, net in self.controlnets.items():
             d, md = net(x, t, encoder_hidden_states=text, controlnet_cond=conds[kind],
                         conditioning_scale=scales.get(kind, 1.0), return_dict=False)
             down = d if down is None else [p + q for p, q in zip(down, d)]
             mid = md if mid is None else mid + md
+        if down is not None:
+            self._dynamic_batch(*down, mid)  # the UNet adds them to its own activations
         return self.unet(x, t, encoder_hidden_states=text, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid, return_dict=False)[0]
+
+    def _dynamic_batch(self, *tensors: torch.Tensor) -> None:
+        """Compiled modules: trace the batch size as a symbol, so one graph serves every batch of a
+        scene (with or without anchors, a short last chunk) instead of one compile per size."""
+        if self.compiled:
+            for t in tensors:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
 
     def frame_memory(self, width: int, height: int, cfg: bool, temporal: str) -> int:
         """Peak CUDA bytes one more frame costs in a denoising step, measured: a UNet + ControlNets
@@ -177,7 +239,7 @@ class TemporalControlPipeline:
                                device=self.device, dtype=self.dtype)
             cond = torch.zeros(rows, 3, height, width, device=self.device, dtype=self.dtype)
             t = torch.tensor(500, device=self.device)
-            self.state.mode, self.state.frames = temporal, frames
+            self.state.mode, self.state.frames, self.state.groups = temporal, frames, 2 if cfg else 1
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
             with torch.inference_mode(), temporal_attention([self.unet, *self.controlnets.values()], self.state):
@@ -192,9 +254,11 @@ class TemporalControlPipeline:
     def __call__(self, frames: torch.Tensor, controls: dict[str, torch.Tensor], noise: torch.Tensor, *,
                  prompt: str, negative: str = "", scales: dict[str, float] | None = None,
                  strength: float = 0.55, steps: int = 20, guidance: float = 7.5, temporal: str = "full",
-                 anchors: Anchors | None = None) -> RenderOutput:
+                 anchors: Anchors | None = None, step_noise=None) -> RenderOutput:
         """Render `frames` (F, 3, H, W) in [0, 1] with control maps kind → (F, 3, H, W) and initial
-        noise (F, 4, H/8, W/8); see the module docstring for the steps."""
+        noise (F, 4, H/8, W/8); see the module docstring for the steps. `step_noise(i)` gives the
+        noise (F, 4, H/8, W/8) the LCM and TCD samplers add after step i (0-based, all but the last
+        step of the run); other samplers add none."""
         # 1. check inputs
         n, _, h, w = frames.shape
         m = self.size_multiple
@@ -208,6 +272,9 @@ class TemporalControlPipeline:
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength {strength}: must be in (0, 1]")
         scales = {k: (scales or {}).get(k, 1.0) for k in self.controlnets}
+        noisy = self.scheduler_name in NOISY_SCHEDULERS
+        if noisy and step_noise is None:
+            raise ValueError(f"the {self.scheduler_name} sampler adds noise at every step: pass step_noise")
         cfg = guidance > 1.0
         # 2. encode the prompt
         emb = self.encode_prompt(prompt, negative)
@@ -232,9 +299,9 @@ class TemporalControlPipeline:
         text = emb.repeat_interleave(total, dim=0)  # (G·F, L, D): rows grouped [uncond…, cond…]
         conds = {k: c.repeat(groups, 1, 1, 1) for k, c in conds.items()}
         # 6. denoise
-        self.state.mode, self.state.frames = temporal, total
+        self.state.mode, self.state.frames, self.state.groups = temporal, total, groups
         with temporal_attention([self.unet, *self.controlnets.values()], self.state):
-            for t in timesteps:
+            for i, t in enumerate(timesteps):
                 if a:
                     latents[:a] = scheduler.add_noise(a_clean, a_noise, t.reshape(1))
                 x = scheduler.scale_model_input(torch.cat([latents] * groups), t)
@@ -242,7 +309,22 @@ class TemporalControlPipeline:
                 if cfg:
                     uncond, cond = eps.chunk(2)
                     eps = uncond + guidance * (cond - uncond)
-                latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+                if not noisy:
+                    latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+                elif i == len(timesteps) - 1:
+                    latents = consistency_step(self.scheduler_name, scheduler, eps, t, None, latents, None)
+                else:
+                    z = self._step_noise(step_noise(i), latents, a)
+                    latents = consistency_step(self.scheduler_name, scheduler, eps, t, timesteps[i + 1], latents, z)
         # 7. decode the new frames
         latents = latents[a:]
         return RenderOutput(images=self.decode_latents(latents), latents=latents)
+
+    def _step_noise(self, noise: torch.Tensor, latents: torch.Tensor, a: int) -> torch.Tensor:
+        """The caller's step noise (F, 4, h, w) for the new frames, behind zeros for the `a` anchors
+        (re-imposed from their clean latents before the next step, so theirs is never used)."""
+        want = (latents.shape[0] - a, *latents.shape[1:])
+        if tuple(noise.shape) != want:
+            raise ValueError(f"step noise has shape {tuple(noise.shape)}; expected {want}")
+        noise = noise.to(latents.device, latents.dtype)
+        return torch.cat([noise.new_zeros((a, *want[1:])), noise]) if a else noise

@@ -134,3 +134,31 @@ def write_tiny_bundle(folder: str | Path, seed: int = 0) -> Path:
         "cinefx tiny test bundle: random weights in SD1.5 + ControlNet shapes. Renders noise; "
         "for tests and smoke runs only.\n", encoding="utf-8")
     return folder
+
+
+def write_turbo_lora(unet, path: str | Path, rank: int = 8, alpha: float = 4.0, seed: int = 0) -> Path:
+    """A random LoRA over the layers the distilled few-step LoRAs adapt (LCM-LoRA, Hyper-SD, TCD:
+    attention projections, feed-forward, resnet convolutions and time projections, resamplers),
+    for `unet`'s shapes, in kohya's format with alpha ≠ rank as their published files are, so it
+    loads through the path theirs take. Its pictures mean nothing; tests and benches only."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, m in unet.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        adapted = leaf in ("to_q", "to_k", "to_v", "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj",
+                           "conv_shortcut", "conv") or name.endswith(("to_out.0", "ff.net.0.proj", "ff.net.2"))
+        if not adapted or not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        key = "lora_unet_" + name.replace(".", "_")
+        fan_in = m.weight[0].numel()
+        down = torch.randn((rank, *m.weight.shape[1:]), generator=gen) / fan_in ** 0.5
+        up = torch.randn((m.weight.shape[0], rank, *(1,) * (m.weight.ndim - 2)), generator=gen) * 0.1
+        tensors.update({f"{key}.lora_down.weight": down.contiguous(), f"{key}.lora_up.weight": up,
+                        f"{key}.alpha": torch.tensor(float(alpha))})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path

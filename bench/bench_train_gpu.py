@@ -2,9 +2,10 @@
 
 The models are built from the published SD1.5 configs with random weights (no download), saved as
 a diffusers folder and trained through the same `train()` users run, on 20 real photographs from
-scikit-image. Steps after a warm-up are timed; with and without gradient checkpointing.
+scikit-image. Steps after a warm-up are timed; with and without gradient checkpointing. Each row is
+appended to train_rows.jsonl under --out ($OUT when set) as soon as it is measured.
 
-    python bench/bench_train_gpu.py                    # 512², batch 1, rank 16
+    python bench/bench_train_gpu.py --out $OUT         # 512², batch 1, rank 16
     python bench/bench_train_gpu.py --tiny --device cpu --steps 6 --resolution 64   # smoke test anywhere
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import sys
 import tempfile
 import time
@@ -31,7 +34,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out", help="folder for train_rows.jsonl (default: $OUT, else none)")
     args = ap.parse_args()
+    out = args.out or os.environ.get("OUT")
 
     from bench_diffusion_gpu import sd15_components
 
@@ -72,9 +77,16 @@ def main() -> None:
         train(cfg, data, tmp / f"work{checkpointing}", progress=tick)
         timed = stamps[args.warmup:]
         rate = (len(timed) - 1) / (timed[-1] - timed[0])
-        mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device == "cuda" else ""
+        gib = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+        mem = f", peak {gib:.1f} GiB" if gib is not None else ""
         print(f"LoRA step, gradient checkpointing {'on ' if checkpointing else 'off'}: {rate:.2f} steps/s "
-              f"({1000 / rate:.0f} ms/step){mem}")
+              f"({1000 / rate:.0f} ms/step){mem}", flush=True)
+        if out:
+            row = dict(gradient_checkpointing=checkpointing, steps_per_s=rate, resolution=args.resolution,
+                       batch=args.batch, rank=cfg.rank, peak_mem_gib=gib, tiny=args.tiny)
+            Path(out).mkdir(parents=True, exist_ok=True)
+            with open(Path(out) / "train_rows.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ TEMPORAL = ("full", "anchor", "none")
 NOISE_PRIORS = ("independent", "shared", "residual", "flow")
 SCHEDULERS = ("dpm++", "ddim", "euler", "unipc")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+TURBO = ("lcm", "hyper-sd", "tcd")
 METHODS = ("lora", "ti", "dreambooth-lora", "pivotal")
 
 
@@ -231,6 +232,10 @@ def stylize(
     batch: Annotated[int, typer.Option(help="Diffusion: frames per GPU call (0 = chunk, capped by free memory).", rich_help_panel="Diffusion")] = field_default(*_E, "batch"),
     scheduler: Annotated[str, typer.Option(metavar=_one_of(*SCHEDULERS), help="Diffusion: sampler.", rich_help_panel="Diffusion")] = field_default(*_E, "scheduler"),
     precision: Annotated[str, typer.Option(metavar=_one_of(*PRECISIONS), help="Diffusion: weights' precision.", rich_help_panel="Diffusion")] = field_default(*_E, "precision"),
+    turbo: Annotated[Optional[str], typer.Option(metavar=_one_of(*TURBO), help="Diffusion: a few-step distilled LoRA and its sampler (overrides the preset's): 4 steps without guidance, about 10x fewer UNet passes than 20 guided steps; the look drifts from the preset's.", rich_help_panel="Diffusion")] = None,
+    turbo_steps: Annotated[Optional[int], typer.Option(help="Diffusion: steps with --turbo (0 = the kind's default, 4; hyper-sd runs at 2, 4 or 8).", rich_help_panel="Diffusion")] = None,
+    turbo_lora: Annotated[Optional[str], typer.Option(help="Diffusion: the --turbo LoRA: .safetensors file, folder or hub id (default the config file's [models.turbo_lora], else the kind's hub repo).", rich_help_panel="Models")] = None,
+    compile: Annotated[bool, _flag("--compile/--no-compile", help="Diffusion: torch.compile the UNet, ControlNets and VAE decoder: minutes before the first frame, faster frames after (worth it for long runs on a GPU).", rich_help_panel="Diffusion")] = field_default(*_E, "compile"),
     preview: Annotated[Optional[Path], typer.Option(help="Write one stylized frame per scene as a contact-sheet PNG instead of the video.")] = None,
     crf: Annotated[float, typer.Option(help="x264 quality, 0-51, lower is better.")] = field_default(*_W, "crf"),
     x264_preset: Annotated[str, typer.Option("--x264-preset", metavar=_one_of(*X264_PRESETS), help="x264 (and x265) speed preset.")] = field_default(*_W, "x264_preset"),
@@ -268,7 +273,8 @@ def stylize(
         try:  # these name the option: a usage error, not a broken preset
             look = P.override(look, "grade", letterbox=letterbox, grain=grain)
             look = P.override(look, "diffusion", strength=strength, steps=steps, guidance=guidance, temporal=temporal,
-                              noise_prior=noise_prior, chunk=chunk, keyframes=keyframes, detail=detail)
+                              noise_prior=noise_prior, chunk=chunk, keyframes=keyframes, detail=detail,
+                              turbo=turbo, turbo_steps=turbo_steps)
         except PresetError as ex:
             raise OptionError(str(ex)) from None
         if overwrite and skip_existing:
@@ -278,7 +284,8 @@ def stylize(
         _check_colorspaces(input_colorspace, output_colorspace)
         options = StylizeOptions(
             engine=engine, models=_model_spec(model, controlnet, depth_model, annotators, allow_pickle),
-            diffusion=EngineSettings(size=size, batch=batch, scheduler=scheduler, precision=precision),
+            diffusion=EngineSettings(size=size, batch=batch, scheduler=scheduler, precision=precision,
+                                     turbo_lora=turbo_lora, compile=compile),
             encode=EncodeOptions(crf=crf, x264_preset=x264_preset, codec=codec), overwrite=overwrite, seed=seed,
             metrics=not no_metrics, warp_error=warp_error, thumbnails=html is not None, resume=not no_resume,
             input_colorspace=input_colorspace, output_colorspace=output_colorspace)
@@ -737,33 +744,44 @@ def models(
     annotators: Annotated[Optional[str], typer.Option(help="controlnet-aux annotator weights (folder or hub id).")] = None,
     control: Annotated[list[str], typer.Option(help="Control kinds to check (default canny and depth; also lineart, softedge, openpose, normal, mlsd).")] = [],
     allow_pickle: Annotated[bool, _flag("--allow-pickle", help="Accept pickled .ckpt/.pt/.bin weights.")] = False,
+    turbo: Annotated[Optional[str], typer.Option(metavar=_one_of(*TURBO), help="Turbo LoRA to check (default: list every kind's, missing ones not counted as failures).")] = None,
+    turbo_lora: Annotated[Optional[str], typer.Option(help="Where --turbo's LoRA is: .safetensors file, folder or hub id.")] = None,
 ):
     """Show which diffusion weights resolve, from where, and what is missing (nothing is loaded)."""
 
     def run():
         from rich.table import Table
 
-        from cinefx.config import config_path
+        from dataclasses import replace
+
+        from cinefx.config import config_path, model_defaults
         from cinefx.controls import BUILTIN_KINDS, CONTROLNETS
         from cinefx.diffusion.models import resolve_models
+        from cinefx.diffusion.turbo import TURBO_KINDS, resolve_turbo
+        from cinefx.errors import OptionError
 
         for kind in control:
             if kind not in CONTROLNETS:
                 raise _fail(f"--control {kind!r}: unknown control (known: {', '.join(CONTROLNETS)})", EXIT_USAGE)
         spec = _model_spec(model, controlnet, depth_model, annotators, allow_pickle)
         found = resolve_models(spec, tuple(control) or BUILTIN_KINDS)
+        if turbo_lora and not turbo:
+            raise OptionError("--turbo-lora needs --turbo KIND (the kind whose LoRA it is)")
+        where = dict(model_defaults().turbo_lora)
+        loras = [replace(resolve_turbo(k, None, turbo_lora or where.get(k), allow_pickle)[0], role=f"turbo-lora {k}")
+                 for k in ([turbo] if turbo else TURBO_KINDS)]
         t = Table(title="cinefx diffusion models")
         for col in ("role", "model", "status", "where / what to do"):
             t.add_column(col)
         status = {"folder": "[green]local folder[/]", "file": "[green]local file[/]", "cache": "[green]HF cache[/]",
                   "hub": "[yellow]to download[/]", "missing": "[red]missing[/]"}
-        for r in found:
+        for r in (*found, *loras):
             t.add_row(r.role, escape(_printable(r.spec)), status[r.how],
                       escape(_printable(r.path if r.path and r.ok else r.detail)))
         if config_path().is_file():
             t.caption = escape(f"defaults from {config_path()}")
         _show(t)
-        if not all(r.ok for r in found):
+        if not all(r.ok for r in (*found, *(loras if turbo else ()))):  # turbo is optional unless asked for
             raise typer.Exit(EXIT_FAILED)
 
     _run(run)

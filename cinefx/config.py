@@ -9,6 +9,8 @@
     allow_pickle = false
     [models.controlnets]
     canny = "/models/control_v11p_sd15_canny"
+    [models.turbo_lora]                        # --turbo's few-step LoRAs (file, folder or hub id)
+    lcm = "/models/lcm-lora-sdv1-5"
     [models.eval]                              # `cinefx eval`'s models (folders or hub ids)
     captioner = "/models/vit-gpt2-image-captioning"
     sentence = "/models/all-MiniLM-L6-v2"
@@ -44,6 +46,7 @@ class ModelDefaults:
     annotators: str | None = None
     allow_pickle: bool = False
     eval: tuple[tuple[str, str], ...] = ()  # role → folder or hub id, for `cinefx eval`
+    turbo_lora: tuple[tuple[str, str], ...] = ()  # turbo kind → file, folder or hub id
 
 
 def field_default(module: str, cls: str, name: str):
@@ -101,12 +104,14 @@ def model_defaults() -> ModelDefaults:
                 raise ConfigError(f"{at}: models.allow_pickle = {clip_text(repr(value))}: "
                                   "must be true or false")
             out[key] = value
-        elif key in ("controlnets", "eval"):
+        elif key in ("controlnets", "eval", "turbo_lora"):
             from cinefx.controls import CONTROLNETS
+            from cinefx.presets import TURBO_MODES
 
-            known, what = (CONTROLNETS, "control") if key == "controlnets" else (EVAL_ROLES, "model")
+            known, what = {"controlnets": (CONTROLNETS, "control"), "eval": (EVAL_ROLES, "model"),
+                           "turbo_lora": (TURBO_MODES[1:], "turbo kind")}[key]
             if not isinstance(value, dict):
-                raise ConfigError(f"{at}: models.{key} must be a table of {what} = folder or hub id")
+                raise ConfigError(f"{at}: models.{key} must be a table of {what} = path or hub id")
             for name in value:
                 if name not in known:
                     raise ConfigError(f"{at}: models.{key}.{clip_text(name)}: unknown {what} "
@@ -114,5 +119,5 @@ def model_defaults() -> ModelDefaults:
             out[key] = tuple((k, where(f"{key}.{k}", v)) for k, v in value.items())
         else:
             raise ConfigError(f"{at}: unknown key models.{clip_text(key)} (expected base, controlnets, depth, "
-                              "annotators, allow_pickle, eval)")
+                              "annotators, allow_pickle, eval, turbo_lora)")
     return ModelDefaults(**out)

@@ -67,7 +67,8 @@ def choose_engine(requested: str, models=None, controls: tuple[str, ...] = ("can
 
 
 class ModelCache:
-    """Loaded model sets keyed by what was loaded: (models, controls, device, dtype). A batch over
+    """Loaded model sets keyed by what was loaded and how it runs: (models, controls, device, dtype,
+    `SpeedOptions`; a compiled set cannot be uncompiled, so other options get another set). A batch over
     many files, or several engines in one process, load a set once. Adapters are not part of the
     key: every engine sharing a set puts its own adapters on it before each render
     (`DiffusionEngine.render`), so engines may alternate in any order with one copy of the weights.
@@ -77,14 +78,18 @@ class ModelCache:
         self.keep = keep
         self.sets: dict = {}
 
-    def get(self, models, controls: tuple[str, ...], device, dtype):
-        from cinefx.diffusion.models import load_components
+    def get(self, models, controls: tuple[str, ...], device, dtype, speed=None):
+        """The set for these, loaded once and run with `speed` (`models.SpeedOptions()` when None)."""
+        from cinefx.diffusion.models import SpeedOptions, apply_speed, load_components
 
-        key = (models, controls, str(device), str(dtype))
+        speed = speed or SpeedOptions()
+        key = (models, controls, str(device), str(dtype), speed)
         if key not in self.sets:
             while len(self.sets) >= self.keep:
                 self.sets.pop(next(iter(self.sets)))
-            self.sets[key] = load_components(models, controls, device, dtype)
+            comps = load_components(models, controls, device, dtype)
+            apply_speed(comps, speed)
+            self.sets[key] = comps
         return self.sets[key]
 
     def clear(self) -> None:
@@ -94,23 +99,54 @@ class ModelCache:
 MODELS = ModelCache()
 
 
+def turbo_for(preset, settings: EngineSettings, allow_pickle: bool = False):
+    """The preset's turbo LoRA (`turbo.TurboLoRA`), or None without turbo: from --turbo-lora, else
+    the config file's ``[models.turbo_lora]`` entry for the kind, else the kind's hub repo. Raises
+    OptionError for a step count the kind does not run at, ModelError when the weights are nowhere."""
+    cfg = preset.diffusion
+    if not cfg.turbo:
+        return None
+    from cinefx.config import model_defaults
+    from cinefx.diffusion.turbo import turbo_lora
+
+    where = settings.turbo_lora or dict(model_defaults().turbo_lora).get(cfg.turbo)
+    return turbo_lora(cfg.turbo, cfg.turbo_steps or None, where, allow_pickle)
+
+
+def speed_key(preset, settings: EngineSettings, allow_pickle: bool = False) -> dict:
+    """What the turbo LoRA and the speed options add to a resume key (`resume.run_key`): the kind,
+    its steps, where it loads from and the local file's identity (a replaced file renders anew),
+    and every `SpeedOptions` field (compiled kernels round differently)."""
+    from cinefx.diffusion.models import SpeedOptions
+    from cinefx.resume import file_identity
+
+    lora = turbo_for(preset, settings, allow_pickle)
+    turbo = lora and {"kind": lora.kind, "steps": lora.steps, "source": lora.source.spec, "weight": lora.weight,
+                      "file": file_identity(lora.file) if lora.file else None}
+    return {"turbo": turbo, "speed": SpeedOptions(compile=settings.compile)}
+
+
 def build_diffusion_engine(preset, models, settings: EngineSettings, cache: ModelCache | None = None):
     """Load (or reuse from `cache`) the models the preset's controls need, apply its adapters (so a
     bad adapter file fails here, before any rendering), and return a `DiffusionEngine` for it.
     `models` is used as given: the caller has resolved it with the config file (`with_user_defaults`)."""
     from cinefx.diffusion.adapters import apply_adapters
     from cinefx.diffusion.engine import DiffusionEngine
-    from cinefx.diffusion.models import pick_device_dtype
+    from cinefx.diffusion.models import SpeedOptions, pick_device_dtype
     from cinefx.diffusion.pipeline import SCHEDULERS, TemporalControlPipeline
+    from cinefx.diffusion.turbo import apply_turbo
 
     if settings.scheduler not in SCHEDULERS:
         raise OptionError(f"--scheduler {settings.scheduler!r}: must be one of {', '.join(SCHEDULERS)}")
+    lora = turbo_for(preset, settings, models.allow_pickle)  # before loading: a missing LoRA fails at once
     device, dtype = pick_device_dtype(settings.precision)
-    comps = (cache or MODELS).get(models, tuple(k for k, _ in preset.diffusion.controls), device, dtype)
+    comps = (cache or MODELS).get(models, tuple(k for k, _ in preset.diffusion.controls), device, dtype,
+                                  SpeedOptions(compile=settings.compile))
     apply_adapters(comps.host, preset.diffusion.adapters, models.allow_pickle)
-    pipe = TemporalControlPipeline.from_components(comps, settings.scheduler)
+    apply_turbo(comps.host, lora)
+    pipe = TemporalControlPipeline.from_components(comps, lora.sampler if lora else settings.scheduler)
     return DiffusionEngine(pipe, preset, settings, control_models=comps.control_models, host=comps.host,
-                           allow_pickle=models.allow_pickle)
+                           allow_pickle=models.allow_pickle, turbo=lora)
 
 
 def build_renderer(name: str, preset, size: tuple[int, int], seed: int, models=None,

@@ -104,6 +104,7 @@ class Adapter:
 
 TEMPORAL_MODES = ("full", "anchor", "none")
 NOISE_PRIORS = ("independent", "shared", "residual", "flow")
+TURBO_MODES = ("", "lcm", "hyper-sd", "tcd")  # "" = off; the others are cinefx.diffusion.turbo.TURBO_KINDS
 CONTROL_KINDS = tuple(CONTROLNETS)  # canny, depth, and the controlnet-aux annotators
 
 
@@ -122,6 +123,10 @@ class DiffusionConfig:
     colour_anchor: float = _num(0.5, 0.0, 1.0, "hold colour to the scene's first stylized frame")
     detail: float = _num(0.7, 0.0, 1.0, "source detail finer than the render size, added back to its luma")
     adapters: tuple[Adapter, ...] = field(default=(), metadata={"doc": "LoRA / textual-inversion files"})
+    # A few-step distilled LoRA and its sampler (cinefx.diffusion.turbo): turbo_steps steps without
+    # guidance replace `steps` and `guidance`.
+    turbo: str = _choice("", TURBO_MODES, "few-step LoRA: lcm, hyper-sd or tcd (\"\" = off)")
+    turbo_steps: int = _num(0, 0, 8, "steps with turbo (0 = the kind's default, 4)")
     base_model: str = field(default="", metadata={"doc": "base model the adapters were trained on (used when --model is not given)"})
 
 

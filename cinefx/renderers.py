@@ -37,6 +37,8 @@ class EngineSettings:
     batch: int = 0  # frames per pipeline call; 0 = the preset's chunk, capped by free GPU memory
     scheduler: str = "dpm++"
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    turbo_lora: str | None = None  # the preset's turbo LoRA: file, folder or hub id (None = config file, else hub)
+    compile: bool = False  # torch.compile the UNet, ControlNets and VAE decoder (models.SpeedOptions.compile)
 
     def __post_init__(self):
         if not 0 <= self.size <= MAX_SIZE:

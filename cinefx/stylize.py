@@ -24,7 +24,7 @@ import numpy as np
 
 from cinefx import __version__, interrupt, resume
 from cinefx.diffusion.models import ModelSpec, with_user_defaults
-from cinefx.engines import EngineChoice, EngineSettings, build_renderer, choose_engine
+from cinefx.engines import EngineChoice, EngineSettings, build_renderer, choose_engine, speed_key
 from cinefx.errors import (CinefxError, InputFileError, MissingFileError, OptionError, OutputBusyError, OutputError,
                            PresetError, unforeseen)
 from cinefx.grade import ocio
@@ -189,7 +189,7 @@ def work_folder(src: Path, dst: Path, info: VideoInfo, preset: Preset, options: 
     work = WorkFolder(dst, run_key(input=file_identity(src), prompt=preset.prompt, diffusion=preset.diffusion,
                                    grade=preset.grade, engine=choice.name, models=options.models,
                                    settings=options.diffusion, seed=options.seed, detector=options.detector,
-                                   colour=colour))
+                                   colour=colour, **speed_key(preset, options.diffusion, options.models.allow_pickle)))
     work.open()
     return work
 

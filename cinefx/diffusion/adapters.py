@@ -14,6 +14,7 @@ Loading goes through diffusers' own loaders on the host pipeline, which convert 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from cinefx.errors import AdapterError
@@ -60,14 +61,17 @@ def inspect_file(path: Path, allow_pickle: bool = False) -> tuple[str, str]:
 
 def apply_adapters(host, adapters, allow_pickle: bool = False) -> None:
     """Load `adapters` (preset `Adapter`s) into `host`, a diffusers SD pipeline, replacing any
-    loaded before. LoRA scales are set per adapter (times alpha/rank for an older train-preset
+    loaded before; other adapters (the turbo LoRA, `turbo.TURBO_ADAPTER`) stay loaded. LoRA scales are set per adapter (times alpha/rank for an older train-preset
     export, see `_unfolded_alpha`); a textual inversion's scale multiplies its embedding rows."""
     adapters = tuple(adapters)
     current = getattr(host, "_cinefx_adapters", ())
     if current == adapters:
         return
     if current != ():  # a tuple of adapters, or None after a load that failed half-way
-        host.unload_lora_weights()
+        loaded = {n for m in (host.unet, host.text_encoder) for n in getattr(m, "peft_config", {})}
+        mine = sorted(n for n in loaded if n.startswith("cinefx_") and n[7:].isdigit())
+        if mine:
+            host.delete_adapters(mine)
         if hasattr(host, "unload_textual_inversion"):
             host.unload_textual_inversion()
     host._cinefx_adapters = None
@@ -79,7 +83,9 @@ def apply_adapters(host, adapters, allow_pickle: bool = False) -> None:
         try:
             if a.kind == "lora":
                 name = f"cinefx_{i}"
-                host.load_lora_weights(str(a.path), adapter_name=name)
+                with warnings.catch_warnings():  # peft's note on a second adapter beside the first
+                    warnings.filterwarnings("ignore", "Already found a `peft_config`")
+                    host.load_lora_weights(str(a.path), adapter_name=name)
                 names.append(name)
                 weights.append(a.scale * (_unfolded_alpha(Path(a.path)) if fmt == "diffusers" else 1.0))
             else:

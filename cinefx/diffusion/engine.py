@@ -17,7 +17,8 @@ from cinefx import interrupt
 from cinefx.controls import EXTRACTORS
 from cinefx.diffusion.adapters import apply_adapters
 from cinefx.diffusion.noise import NoiseCarry, initial_noise
-from cinefx.diffusion.pipeline import Anchors, TemporalControlPipeline
+from cinefx.diffusion.pipeline import NOISY_SCHEDULERS, Anchors, TemporalControlPipeline
+from cinefx.diffusion.turbo import TURBO_GUIDANCE, StepNoise, TurboLoRA, apply_turbo
 from cinefx.renderers import EngineSettings
 from cinefx.presets import Preset, prompt_text
 
@@ -51,16 +52,22 @@ class DiffusionEngine:
     """`render(frames, scene)` → frames of the same shape; call in order, scene by scene.
 
     `host` is the diffusers pipeline whose modules `pipe` uses, given when other engines may share
-    them: each render first puts this preset's adapters on it (a no-op when they are there), so
-    engines built in one process render the same interleaved as alone."""
+    them: each render first puts this preset's adapters and turbo LoRA on it (a no-op when they are
+    there), so engines built in one process render the same interleaved as alone.
+
+    With `turbo` (`turbo.TurboLoRA`, whose sampler `pipe` runs) the engine renders its steps
+    without guidance instead of the preset's steps and guidance."""
 
     name = "diffusion"
 
     def __init__(self, pipe: TemporalControlPipeline, preset: Preset, settings: EngineSettings,
-                 control_models: dict | None = None, host=None, allow_pickle: bool = False):
+                 control_models: dict | None = None, host=None, allow_pickle: bool = False,
+                 turbo: TurboLoRA | None = None):
         self.pipe, self.preset, self.settings = pipe, preset, settings
-        self.host, self.allow_pickle = host, allow_pickle
+        self.host, self.allow_pickle, self.turbo = host, allow_pickle, turbo
         self.cfg = preset.diffusion
+        self.steps = turbo.steps if turbo else self.cfg.steps
+        self.guidance = TURBO_GUIDANCE if turbo else self.cfg.guidance
         kinds = [k for k, _ in self.cfg.controls]
         models = control_models or {}
         self.extractors = {k: EXTRACTORS[k](device=pipe.device, model=models.get(k)) for k in kinds}
@@ -78,7 +85,7 @@ class DiffusionEngine:
             self.pipe.vae.enable_tiling()  # the VAE decoder's memory grows with the square of the side
         if self.settings.batch or self.pipe.device.type != "cuda":
             return
-        per_frame = self.pipe.frame_memory(rw, rh, self.cfg.guidance > 1.0, self.cfg.temporal)
+        per_frame = self.pipe.frame_memory(rw, rh, self.guidance > 1.0, self.cfg.temporal)
         free, _ = torch.cuda.mem_get_info(self.pipe.device)
         anchors = 0 if self.temporal_off else 2
         fits = int(0.85 * free // max(per_frame, 1)) - anchors
@@ -89,6 +96,10 @@ class DiffusionEngine:
     def start_scene(self, scene: int) -> None:
         self._scene = scene
         self.generator = torch.Generator().manual_seed(scene_seed(self.settings.seed, scene))
+        # LCM and TCD add noise at every step: drawn through the prior too, or it undoes the prior
+        noisy = self.pipe.scheduler_name in NOISY_SCHEDULERS
+        self.step_noise = StepNoise(self.cfg.noise_prior, scene_seed(self.settings.seed, scene),
+                                    self.steps) if noisy else None
         self.carry: NoiseCarry | None = None
         self.first: Anchors | None = None  # the scene's first rendered frame
         self.last: Anchors | None = None  # the previous batch's last rendered frame
@@ -104,6 +115,7 @@ class DiffusionEngine:
             return frames.copy()  # img2img at strength 0 is the source itself
         if self.host is not None:
             apply_adapters(self.host, self.cfg.adapters, self.allow_pickle)
+            apply_turbo(self.host, self.turbo)  # with None too: takes another engine's turbo off the shared set
         h, w = frames.shape[1:3]
         rw, rh = render_size(w, h, self.settings.size or self.pipe.native_size, self.pipe.size_multiple)
         if self._fitted != (rw, rh):
@@ -136,15 +148,15 @@ class DiffusionEngine:
         """(B, h, w, 3) uint8 at render size → stylized, same shape."""
         pipe = self.pipe
         scale = pipe.vae_scale
-        noise, self.carry = initial_noise(self.cfg.noise_prior, small,
-                                          (4, small.shape[1] // scale, small.shape[2] // scale),
-                                          self.generator, self.carry)
+        shape = (4, small.shape[1] // scale, small.shape[2] // scale)
+        noise, self.carry = initial_noise(self.cfg.noise_prior, small, shape, self.generator, self.carry)
         controls = {k: ex(small) for k, ex in self.extractors.items()}
         images = torch.from_numpy(small).permute(0, 3, 1, 2).float().div_(255)
         anchors = self._anchors()
         res = pipe(images, controls, noise, prompt=self.prompt, negative=self.preset.prompt.negative,
-                   scales=self.scales, strength=self.cfg.strength, steps=self.cfg.steps,
-                   guidance=self.cfg.guidance, temporal=self.cfg.temporal, anchors=anchors)
+                   scales=self.scales, strength=self.cfg.strength, steps=self.steps, guidance=self.guidance,
+                   temporal=self.cfg.temporal, anchors=anchors,
+                   step_noise=self.step_noise.draw(small, shape) if self.step_noise else None)
         mine = Anchors(res.latents[-1:], noise[-1:].to(res.latents.device),
                        {k: c[-1:] for k, c in controls.items()})
         if self.first is None:

@@ -83,7 +83,7 @@ def resolve_turbo(kind: str, steps: int | None = None, where: str | None = None,
     steps = spec.steps if steps is None else steps
     if steps not in spec.step_choices:
         choices = ", ".join(map(str, spec.step_choices))
-        raise OptionError(f"--steps {steps} with --turbo {kind}: it runs at {choices} steps")
+        raise OptionError(f"--turbo-steps {steps} with --turbo {kind}: it runs at {choices} steps")
     weight = spec.weight.format(steps=steps)
     target = where or spec.repo
     if Path(target).expanduser().is_file():

@@ -651,13 +651,7 @@ def _eval_videos(source, renders, prompt, reports, every, spec, device, as_json,
                       device=device, progress=progress)
     finally:
         progress.close()
-    for note in ev.notes:
-        _info(note)
-    _show(render_table(ev))
-    if as_json:
-        write_json(ev, as_json)
-    if csv:
-        write_csv(ev, csv)
+    _present(ev, render_table, write_json, write_csv, as_json, csv)
 
 
 def _eval_stills(folder, reference, prompts, spec, device, as_json, csv):
@@ -665,13 +659,18 @@ def _eval_stills(folder, reference, prompts, spec, device, as_json, csv):
     from cinefx.eval.table import render_stills_table, write_stills_csv, write_stills_json
 
     ev = evaluate_stills(folder, reference, prompts, models=spec, device=device)
+    _present(ev, render_stills_table, write_stills_json, write_stills_csv, as_json, csv)
+
+
+def _present(ev, table, to_json, to_csv, as_json, csv):
+    """Print an evaluation's notes and table; write its JSON and CSV where asked."""
     for note in ev.notes:
         _info(note)
-    _show(render_stills_table(ev))
+    _show(table(ev))
     if as_json:
-        write_stills_json(ev, as_json)
+        to_json(ev, as_json)
     if csv:
-        write_stills_csv(ev, csv)
+        to_csv(ev, csv)
 
 
 @app.command()

@@ -26,6 +26,7 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 import socket
 import stat
 from collections.abc import Iterator
@@ -89,11 +90,16 @@ def temp_path_for(target: str | os.PathLike) -> Path:
     raise OutputError(f"{target}: cannot create a temporary file beside it")  # pragma: no cover
 
 
-def default_mode() -> int:
-    """0666 less the process's umask: the mode `open(path, "w")` would give a new file."""
+def umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def default_mode() -> int:
+    """0666 less the process's umask: the mode `open(path, "w")` would give a new file."""
+    return 0o666 & ~umask()
 
 
 def commit(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
@@ -150,6 +156,25 @@ def atomic_open(target: str | os.PathLike, mode: str = "w", encoding: str | None
         yield f
         f.flush()
         os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new hidden folder beside `target` to fill; on a clean exit it gets the mode a new
+    folder would (0777 less the umask) and is renamed to `target` (which may be an empty folder;
+    a full one is refused with `OSError`); on any exception it is removed. A folder appears whole
+    or not at all (a preset, a study)."""
+    target = Path(target)
+    tmp = target.with_name(f".{fit_stem(target.parent, target.name, 40)}{TEMP_MARK}{_HOST}-{os.getpid()}-"
+                           f"{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~umask())
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_bytes(target: str | os.PathLike, data: bytes) -> Path:

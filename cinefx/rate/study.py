@@ -20,14 +20,12 @@ import json
 import os
 import random
 import secrets
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cinefx.errors import InputFileError, MissingFileError, OptionError, OutputError
-from cinefx.fsutil import write_bytes, write_text
+from cinefx.fsutil import atomic_dir, write_bytes, write_text
 from cinefx.stylize import VIDEO_EXTENSIONS
 from cinefx.train.data import IMAGE_SUFFIXES
 
@@ -199,8 +197,7 @@ def make_study(systems: list[str | os.PathLike], folder: str | os.PathLike,
     trials = draw_trials(list(sources), len(names), options)
     questions = QUESTIONS[options.questions]
     study_id = secrets.token_hex(8)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.cinefx-tmp-", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:  # replaces an empty folder too
         (tmp / "media").mkdir()
         media: dict[tuple[str, int], str] = {}
         for source, *pair in trials:
@@ -231,19 +228,8 @@ def make_study(systems: list[str | os.PathLike], folder: str | os.PathLike,
         }
         write_text(tmp / "key.json", json.dumps(key, indent=2))
         write_text(tmp / "index.html", page_html(public))
-        os.chmod(tmp, 0o777 & ~_umask())
-        os.replace(tmp, folder)  # replaces an empty folder too
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Study(folder=folder, page=folder / "index.html", key=folder / "key.json", systems=names,
                  sources=tuple(sources), trials=len(trials), notes=tuple(notes))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_key(folder: str | os.PathLike) -> dict:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import secrets
 import shutil
 import tomllib
 from collections.abc import Iterator
@@ -29,7 +27,7 @@ import torch
 
 from cinefx.diffusion.adapters import FOLDED_ALPHA_KEY
 from cinefx.errors import OutputError, PresetError
-from cinefx.fsutil import TEMP_MARK, atomic_path, host_name, write_text
+from cinefx.fsutil import atomic_dir, atomic_path, write_text
 from cinefx.presets import NAME_RULE, bundled_names, is_name
 from cinefx.train.loop import LORA_TARGETS, TrainConfig, TrainState, config_dict
 
@@ -160,20 +158,16 @@ def write_preset_toml(out: Path, name: str, description: str, trigger: str, base
 
 @contextlib.contextmanager
 def _folder_in_place(folder: Path) -> Iterator[Path]:
-    """A new hidden folder beside `folder`, to fill; renamed to `folder` when the block ends, removed
-    on any error, so a failed import leaves nothing (and nothing in the way of the next try)."""
+    """`fsutil.atomic_dir`, its rename refused (a folder of that name holding files) said as the
+    user's fix; a failed import leaves nothing, nor anything in the way of the next try."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}{TEMP_MARK}{host_name()}-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.mkdir()
     try:
-        yield tmp
-        try:
-            os.rename(tmp, folder)  # replaces an empty folder; refuses a full one
-        except OSError as ex:
-            raise OutputError(f"{folder}: cannot be written ({ex.strerror}); pick another --name or remove it") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(folder) as tmp:
+            yield tmp
+    except OSError as ex:
+        if ex.filename2 != str(folder):  # not the rename into place
+            raise
+        raise OutputError(f"{folder}: cannot be written ({ex.strerror}); pick another --name or remove it") from None
 
 
 def import_adapter(file: Path, name: str, folder: Path, token: str = "", trigger: str = "", scale: float = 0.0,

@@ -10,7 +10,8 @@ One call renders F frames of one scene (Control-A-Video, Chen et al. 2023):
      re-imposed at every step from their already-rendered clean latents, so the batch is drawn
      towards frames the viewer has already seen (no seam between chunks). Classifier-free
      guidance runs the unconditional batch only when guidance > 1.
-  7. decode the new frames (VAE, in slices)
+  7. decode the new frames (VAE, in slices), or leave that to an `OverlappedDecoder`, which decodes
+     a batch while the caller denoises the next (that needs only this batch's latents, as anchors)
 
 Few-step samplers for distilled LoRAs (`cinefx.diffusion.turbo`): LCM and TCD put fresh noise
 back at every step but the last. The pipeline takes that noise from the caller (`step_noise`), who
@@ -23,6 +24,7 @@ given as clean latents with their noise and control maps: they are never changed
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +47,7 @@ class Anchors:
 
 @dataclass(frozen=True)
 class RenderOutput:
-    images: torch.Tensor  # (F, 3, H, W) float in [0, 1]
+    images: torch.Tensor | None  # (F, 3, H, W) float in [0, 1]; None when called with decode=False
     latents: torch.Tensor  # (F, 4, h, w) clean latents, for the next call's anchors
 
 
@@ -140,6 +142,9 @@ class TemporalControlPipeline:
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.state = TemporalState()
         self.compiled = bool(speed and speed.compile)  # see `models.apply_speed`
+        # whether the engine decodes batch k on an `OverlappedDecoder` while it denoises batch k+1
+        self.overlap_decode = bool(speed and speed.overlap_decode)
+        self._side_stream = None  # the CUDA stream decodes overlap on: one per pipeline, see `side_stream`
         self._prompt_cache: dict[tuple[str, str], torch.Tensor] = {}
 
     @classmethod
@@ -248,17 +253,43 @@ class TemporalControlPipeline:
             del x, text, cond
         return max(peaks[1] - peaks[0], peaks[0] // 2)
 
+    def decode_memory(self, width: int, height: int, frames: int) -> int:
+        """Peak CUDA bytes a decode of up to `frames` frames in flight (`OverlappedDecoder`) holds
+        beside the denoising; 0 without `overlap_decode`, where the decode runs after the denoising
+        has freed its memory. Measured: the VAE decoding one slice (≤ `vae_batch` frames), plus the
+        float32 images of the other frames twice (the slices' and their concatenation)."""
+        if not self.overlap_decode:
+            return 0
+        s = self.vae_scale
+        part = min(frames, self.vae_batch)
+        torch.cuda.synchronize(self.device)
+        latents = torch.zeros(part, 4, height // s, width // s, device=self.device, dtype=self.dtype)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        with torch.inference_mode():
+            self.decode_latents(latents)
+        return torch.cuda.max_memory_allocated(self.device) - base + 2 * (frames - part) * 3 * width * height * 4
+
+    def side_stream(self) -> torch.cuda.Stream:
+        """The CUDA stream overlapped decodes run on. One for the pipeline's life: the caching
+        allocator keeps a stream's freed blocks for that stream, so a stream per render would
+        strand a decode's worth of cached memory on each."""
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        return self._side_stream
+
     # -- the call --------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor, controls: dict[str, torch.Tensor], noise: torch.Tensor, *,
                  prompt: str, negative: str = "", scales: dict[str, float] | None = None,
                  strength: float = 0.55, steps: int = 20, guidance: float = 7.5, temporal: str = "full",
-                 anchors: Anchors | None = None, step_noise=None) -> RenderOutput:
+                 anchors: Anchors | None = None, step_noise=None, decode: bool = True) -> RenderOutput:
         """Render `frames` (F, 3, H, W) in [0, 1] with control maps kind → (F, 3, H, W) and initial
         noise (F, 4, H/8, W/8); see the module docstring for the steps. `step_noise(i)` gives the
         noise (F, 4, H/8, W/8) the LCM and TCD samplers add after step i (0-based, all but the last
-        step of the run); other samplers add none."""
+        step of the run); other samplers add none. With `decode` False the images are left to the
+        caller (`OverlappedDecoder`) and `images` is None."""
         # 1. check inputs
         n, _, h, w = frames.shape
         m = self.size_multiple
@@ -318,7 +349,7 @@ class TemporalControlPipeline:
                     latents = consistency_step(self.scheduler_name, scheduler, eps, t, timesteps[i + 1], latents, z)
         # 7. decode the new frames
         latents = latents[a:]
-        return RenderOutput(images=self.decode_latents(latents), latents=latents)
+        return RenderOutput(images=self.decode_latents(latents) if decode else None, latents=latents)
 
     def _step_noise(self, noise: torch.Tensor, latents: torch.Tensor, a: int) -> torch.Tensor:
         """The caller's step noise (F, 4, h, w) for the new frames, behind zeros for the `a` anchors
@@ -328,3 +359,74 @@ class TemporalControlPipeline:
             raise ValueError(f"step noise has shape {tuple(noise.shape)}; expected {want}")
         noise = noise.to(latents.device, latents.dtype)
         return torch.cat([noise.new_zeros((a, *want[1:])), noise]) if a else noise
+
+
+class DecodeJob:
+    """One decode submitted to an `OverlappedDecoder`; `result()` waits for it."""
+
+    def __init__(self, future: Future, device: torch.device):
+        self._future, self._device = future, device
+        self.collected = False
+
+    def result(self) -> torch.Tensor:
+        """The images (F, 3, H, W) float32 in [0, 1], as `decode_latents` returns them, readable on
+        the caller's current stream. An exception raised while decoding is raised here."""
+        self.collected = True
+        images, done = self._future.result()
+        if done is not None:
+            stream = torch.cuda.current_stream(self._device)
+            stream.wait_event(done)  # the caller's kernels read the images only once written
+            images.record_stream(stream)  # and the side stream reuses their memory only once read
+        return images
+
+
+class OverlappedDecoder:
+    """Decodes batches with the pipeline's VAE on a thread of its own while the caller denoises the
+    next batch, which needs only this one's latents: on a GPU the decode's kernels run on a side
+    stream beside the denoising's, and the host keeps launching the denoising's meanwhile.
+
+    The same thread runs on a CPU, without a stream, and decodes exactly what `decode_latents`
+    does in line. Memory: at most one decode is in flight (`submit` refuses a second before the
+    first's `result()` is taken), so the GPU holds one batch's decode beside the denoising:
+    `TemporalControlPipeline.decode_memory`, which the engine reserves when it sizes batches.
+    `close()` (or leaving a `with` block) waits for a decode that is running, drops one not yet
+    started, and ends the thread."""
+
+    def __init__(self, pipe: TemporalControlPipeline):
+        self.pipe = pipe
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cinefx-decode")
+        self._stream = pipe.side_stream() if pipe.device.type == "cuda" else None
+        self._job: DecodeJob | None = None
+
+    def submit(self, latents: torch.Tensor) -> DecodeJob:
+        """Start decoding `latents` (F, 4, h, w), which the caller's current stream produced."""
+        if self._job is not None and not self._job.collected:
+            raise RuntimeError("a decode is already in flight: take its result() before submitting another")
+        ready = None
+        if self._stream is not None:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.pipe.device))  # now, not when the thread starts
+        self._job = DecodeJob(self._pool.submit(self._decode, latents, ready), self.pipe.device)
+        return self._job
+
+    def _decode(self, latents: torch.Tensor, ready) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        with torch.inference_mode():  # grad mode is per thread: the caller's does not reach here
+            if self._stream is None:
+                return self.pipe.decode_latents(latents), None
+            with torch.cuda.stream(self._stream):
+                self._stream.wait_event(ready)
+                # made on the caller's stream: keep its memory from reuse there until this decode has read it
+                latents.record_stream(self._stream)
+                images = self.pipe.decode_latents(latents)
+                done = torch.cuda.Event()
+                done.record(self._stream)
+            return images, done
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> OverlappedDecoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

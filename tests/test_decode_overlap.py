@@ -1,0 +1,195 @@
+"""The VAE decode overlapped with the next batch's denoising (issue 15), on the tiny bundle.
+
+On a CPU the decoder runs the thread the GPU runs, without the CUDA stream; what it returns must
+be the bytes `decode_latents` returns in line."""
+
+import threading
+
+import pytest
+import torch
+
+from cinefx.diffusion.models import ModelSpec, SpeedOptions, apply_speed, load_components
+from cinefx.diffusion.pipeline import OverlappedDecoder, TemporalControlPipeline
+
+SIZE = 64  # the tiny bundle's native side: 8×8 latents
+
+
+def make_pipe(bundle, speed=SpeedOptions()):
+    comps = load_components(ModelSpec(base=str(bundle)), ("canny",), "cpu", torch.float32)
+    apply_speed(comps, speed)
+    return TemporalControlPipeline.from_components(comps, "ddim")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_bundle):
+    return make_pipe(tiny_bundle)
+
+
+def latents(n, seed=0):
+    return torch.randn(n, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(seed))
+
+
+def decode_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("cinefx-decode")]
+
+
+def test_overlap_is_on_by_default_and_follows_the_speed_options(tiny_bundle, pipe):
+    assert SpeedOptions().overlap_decode and pipe.overlap_decode
+    assert not make_pipe(tiny_bundle, SpeedOptions(overlap_decode=False)).overlap_decode
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_overlapped_decode_is_bit_identical_to_decoding_in_line(pipe, monkeypatch, n):
+    """1, 2 and 5 frames with `vae_batch` 2 (one slice, a full slice, three slices with a short
+    last one): the decoder thread returns exactly `decode_latents`' tensor, and decodes on its own
+    thread."""
+    monkeypatch.setattr(pipe, "vae_batch", 2)
+    x = latents(n, seed=n)
+    with torch.inference_mode():
+        inline = pipe.decode_latents(x)
+    where, real = [], pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda z: where.append((threading.current_thread().name, len(z)))
+                        or real(z))
+    with OverlappedDecoder(pipe) as decoder:
+        images = decoder.submit(x).result()
+    assert images.dtype == inline.dtype == torch.float32 and images.shape == (n, 3, SIZE, SIZE)
+    assert torch.equal(images, inline)
+    assert [k for _, k in where] == [2] * (n // 2) + [1] * (n % 2)
+    assert all(name.startswith("cinefx-decode") for name, _ in where), where
+
+
+def test_pipeline_without_decode_leaves_the_images_to_the_decoder(pipe):
+    """`decode=False` returns the same latents and no images; decoding them on the decoder gives
+    the images of a call that decodes itself."""
+    g = torch.Generator().manual_seed(4)
+    frames = torch.rand(3, 3, SIZE, SIZE, generator=g)
+    kw = dict(prompt="epic film still", strength=0.8, steps=2, temporal="full")
+    args = (frames, {"canny": (frames > 0.5).float()}, torch.randn(3, 4, 8, 8, generator=g))
+    whole, split = pipe(*args, **kw), pipe(*args, decode=False, **kw)
+    assert split.images is None and torch.equal(split.latents, whole.latents)
+    with OverlappedDecoder(pipe) as decoder:
+        assert torch.equal(decoder.submit(split.latents).result(), whole.images)
+
+
+def test_submit_returns_while_the_decode_runs(pipe, monkeypatch):
+    """The caller goes on (to denoise the next batch) while the decode runs: here the decode waits
+    for the caller to act after `submit` has returned, which a decode run inside `submit` never sees."""
+    go, real = threading.Event(), pipe.decode_latents
+
+    def decode(x):
+        if not go.wait(timeout=30):
+            raise TimeoutError("the decode ran before submit returned")
+        return real(x)
+
+    monkeypatch.setattr(pipe, "decode_latents", decode)
+    with OverlappedDecoder(pipe) as decoder:
+        job = decoder.submit(latents(2))
+        go.set()
+        assert job.result().shape == (2, 3, SIZE, SIZE)
+
+
+def test_one_decode_in_flight_and_errors_surface_at_result(pipe, monkeypatch):
+    """A second submit before the first's result is refused (the memory bound); an exception in
+    the decode thread is raised at `result()` as the very exception, and the decoder goes on."""
+    boom = MemoryError("decode ran out")
+    real, calls = pipe.decode_latents, []
+
+    def decode(x):
+        calls.append(len(x))
+        if len(calls) == 1:
+            raise boom
+        return real(x)
+
+    monkeypatch.setattr(pipe, "decode_latents", decode)
+    with OverlappedDecoder(pipe) as decoder:
+        job = decoder.submit(latents(1))
+        with pytest.raises(RuntimeError, match="in flight"):
+            decoder.submit(latents(1))
+        with pytest.raises(MemoryError) as err:
+            job.result()
+        assert err.value is boom
+        assert decoder.submit(latents(3)).result().shape == (3, 3, SIZE, SIZE)
+    assert calls == [1, 3]
+
+
+def test_close_and_interrupts_leave_no_thread(pipe, monkeypatch):
+    """`close()` ends the thread; a run stopped (Ctrl-C) with a decode still running waits for it
+    on the way out rather than leaving the thread behind."""
+    assert not decode_threads()
+    decoder = OverlappedDecoder(pipe)
+    decoder.submit(latents(1)).result()
+    assert decode_threads()
+    decoder.close()
+    assert not decode_threads()
+
+    started, real = threading.Event(), pipe.decode_latents
+
+    def slow(x):
+        started.set()
+        threading.Event().wait(0.2)  # still running when the interrupt unwinds the caller
+        return real(x)
+
+    monkeypatch.setattr(pipe, "decode_latents", slow)
+    with pytest.raises(KeyboardInterrupt):
+        with OverlappedDecoder(pipe) as decoder:
+            decoder.submit(latents(2))
+            started.wait(timeout=30)
+            raise KeyboardInterrupt
+    assert not decode_threads()
+
+
+def test_decode_memory_counts_the_decode_in_flight(tiny_bundle, pipe, monkeypatch):
+    """With overlap the batch sizing keeps room for one decode: the VAE's peak over one slice,
+    measured (CUDA's counters faked, the same calls run here), plus the other frames' images;
+    decoding in line needs none, since it runs after the denoising has freed its memory."""
+    calls, real = [], pipe.decode_latents
+    monkeypatch.setattr(pipe, "decode_latents", lambda x: calls.append(tuple(x.shape)) or real(x))
+    monkeypatch.setattr(pipe, "vae_batch", 2)
+    peak = iter([1_000, 9_000])  # memory_allocated, then max_memory_allocated
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: next(peak))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: next(peak))
+    assert pipe.decode_memory(SIZE, SIZE, 5) == 8_000 + 2 * 3 * (3 * SIZE * SIZE * 4)
+    assert calls == [(2, 4, 8, 8)]
+    monkeypatch.setattr(pipe, "overlap_decode", False)
+    assert pipe.decode_memory(SIZE, SIZE, 5) == 0 and len(calls) == 1
+
+
+def test_compiled_decoder_runs_on_the_decode_thread(tiny_bundle):
+    """With --compile the VAE decoder is a compiled module; called from the decode thread it runs
+    compiled (backend "eager": the tracing alone) and returns the in-line bytes."""
+    from torch._dynamo.utils import counters
+
+    fast = make_pipe(tiny_bundle, SpeedOptions(compile=True, compile_backend="eager"))
+    x = latents(3)
+    frames_before = counters["frames"]["ok"]
+    with OverlappedDecoder(fast) as decoder:
+        images = decoder.submit(x).result()
+    assert counters["frames"]["ok"] > frames_before  # traced from the thread
+    with torch.inference_mode():
+        assert torch.equal(images, fast.decode_latents(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_side_stream_decode_is_identical_on_a_gpu(tiny_bundle):
+    """On a GPU the decode runs on the side stream while the caller's stream is busy, and the
+    caller reads the same bytes as an in-line decode, even when the caller frees the latents and
+    reallocates at once (the stream discipline keeps either from being reused early)."""
+    comps = load_components(ModelSpec(base=str(tiny_bundle)), ("canny",), "cuda", torch.float32)
+    apply_speed(comps, SpeedOptions())
+    gpu = TemporalControlPipeline.from_components(comps, "ddim")
+    x = latents(5).cuda()
+    with torch.inference_mode():
+        inline = gpu.decode_latents(x)
+    with OverlappedDecoder(gpu) as decoder:
+        busy = torch.randn(2048, 2048, device="cuda")
+        y = x.clone()
+        job = decoder.submit(y)
+        del y
+        for _ in range(20):  # the caller's stream is busy and allocating while the decode runs
+            busy = busy @ busy / 2048 + torch.zeros_like(busy)
+        images = job.result()
+        assert torch.equal(images, inline)
+    assert decoder._stream is gpu.side_stream()

@@ -120,6 +120,9 @@ class DiffusionConfig:
     noise_prior: str = _choice("residual", NOISE_PRIORS, "how initial noise is shared across frames")
     chunk: int = _num(8, 1, 256, "frames diffused together")
     keyframes: int = _num(0, 0, 1000, "diffuse every K-th frame and propagate (0 = every frame)")
+    # A take longer than this is rendered as pieces that share the scene's first frame as anchor,
+    # so they can render side by side on a cluster (cinefx.diffusion.engine explains the cost).
+    part: int = _num(192, 48, 100_000, "frames of a long take rendered as one piece (0 = never split)", off=0)
     colour_anchor: float = _num(0.5, 0.0, 1.0, "hold colour to the scene's first stylized frame")
     detail: float = _num(0.7, 0.0, 1.0, "source detail finer than the render size, added back to its luma")
     adapters: tuple[Adapter, ...] = field(default=(), metadata={"doc": "LoRA / textual-inversion files"})

@@ -28,6 +28,19 @@ RUN_FRAMES = 48
 MAX_SIZE, MAX_BATCH = 2048, 1024
 
 
+def run_frames(batch: int) -> int:
+    """Frames per run of a diffusion renderer batching `batch` frames: whole batches, at least
+    `RUN_FRAMES` when the batch is smaller, so batches fall at the same frames however runs are cut."""
+    return batch * max(1, RUN_FRAMES // batch)
+
+
+def part_frames(part: int, batch: int) -> int:
+    """Frames per piece of a long scene (a preset's `part`, 0 = a scene is one piece), rounded up
+    to whole runs so that pieces begin where runs do."""
+    run = run_frames(batch)
+    return -(-part // run) * run
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """How the diffusion engine runs, as opposed to the look the preset asks for."""
@@ -51,8 +64,13 @@ class EngineSettings:
 class Renderer(Protocol):
     name: str
     run_length: int
+    part: int  # frames per piece of a scene (0: a scene is one piece); see `DiffusionRenderer`
 
     def render(self, frames: Sequence[np.ndarray], scene: int, start: int) -> Sequence[np.ndarray]: ...
+
+    def scene_state(self) -> bytes | None: ...
+
+    def prime(self, scene: int, at: int, state: bytes, lead: np.ndarray) -> None: ...
 
     def close(self) -> None: ...
 
@@ -67,7 +85,13 @@ class GradeRenderer:
 
     def __init__(self, preset: Preset, size: tuple[int, int], seed: int, engine=None):
         self.grader = Grader(preset.grade, size, seed=seed)
-        self.run_length = RUN_FRAMES
+        self.run_length, self.part = RUN_FRAMES, 0
+
+    def scene_state(self) -> bytes | None:
+        return None  # frames are graded on their own: nothing carries from one to the next
+
+    def prime(self, scene: int, at: int, state: bytes, lead: np.ndarray) -> None:
+        pass
 
     def render(self, frames: Sequence[np.ndarray], scene: int, start: int) -> Iterator[np.ndarray] | Sequence[np.ndarray]:
         if self.grader.is_identity:
@@ -80,9 +104,10 @@ class GradeRenderer:
 
 class DiffusionRenderer(GradeRenderer):
     """The diffusion engine (`cinefx.diffusion.engine.DiffusionEngine`), then the preset's grade.
-    Runs are whole multiples of the engine's batch, at least `RUN_FRAMES` when the batch is smaller,
-    so batches fall at the same frames of a scene however runs are cut: a preset's chunk is never
-    capped by the run length."""
+    Runs are `run_frames` of the engine's batch, so a preset's chunk is never capped by the run
+    length. A scene longer than `part` frames renders as pieces (see the engine): piece k can be
+    rendered anywhere once the scene's first batch is known, given `scene_state()` and the frame
+    before the piece (`prime`)."""
 
     name = "diffusion"
     needs_model = True
@@ -90,8 +115,19 @@ class DiffusionRenderer(GradeRenderer):
     def __init__(self, preset: Preset, size: tuple[int, int], seed: int, engine=None):
         super().__init__(preset, size, seed)
         self.engine = engine
-        batch = engine.settings.batch or preset.diffusion.chunk
-        self.run_length = batch * max(1, RUN_FRAMES // batch)
+        batch = engine.settings.batch or preset.diffusion.chunk  # as the engine's own nominal batch
+        self.run_length, self.part = run_frames(batch), part_frames(preset.diffusion.part, batch)
+
+    def scene_state(self) -> bytes | None:
+        """What the current scene's later pieces start from (`SceneState`, as bytes), once its first
+        batch is rendered."""
+        state = self.engine.scene_state()
+        return None if state is None else state.to_bytes()
+
+    def prime(self, scene: int, at: int, state: bytes, lead: np.ndarray) -> None:
+        """Render scene `scene` from frame `at` (a piece's first) on: `state` from `scene_state()`
+        of whoever rendered its first batch, `lead` (H, W, 3) uint8 the input frame before `at`."""
+        self.engine.prime(scene, at, state, lead)
 
     def render(self, frames: Sequence[np.ndarray], scene: int, start: int) -> Sequence[np.ndarray]:
         stacked = frames if isinstance(frames, np.ndarray) else np.stack(frames)

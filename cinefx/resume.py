@@ -3,7 +3,9 @@
 Finished scenes are kept in a work folder beside the output: ``.<output name>.cinefx-work/`` holds
 ``run.json`` (a key over everything that decides the rendered pixels: the input file, the preset's
 prompt and diffusion sections, seed, models, engine settings, scene detection; and the size and
-SHA-256 of every finished scene) and one lossless FFV1 file per finished scene. A re-run with the
+SHA-256 of every finished scene) and one lossless FFV1 file per finished scene (per piece of a long
+take: ``scene-00003.p001.mkv``, and beside the first piece what the later ones start from,
+``scene-00003.state.pt``; see `cinefx.diffusion.engine`). A re-run with the
 same key reads finished scenes back instead of rendering them, and renders the rest; because every
 scene is rendered from its own seed (see `cinefx.diffusion.engine.scene_seed`), the result is the
 same as an uninterrupted run. A kept scene whose size or checksum no longer matches (a truncated
@@ -49,7 +51,7 @@ import numpy as np
 from cinefx import __version__
 from cinefx.errors import OutputBusyError, OutputError
 from cinefx.fsutil import (TEMP_MARK, alive, cannot_write, commit, fit_stem, host_name, remove_quietly,
-                           temp_path_for, write_text)
+                           temp_path_for, write_bytes, write_text)
 
 
 def run_key(**parts) -> str:
@@ -94,6 +96,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _piece(scene: int, part: int) -> str:
+    """A kept unit's name in the manifest: "3" for scene 3 (or its first piece), "3.1" for its second."""
+    return f"{scene}.{part}" if part else str(scene)
+
+
+def _shown(piece: str) -> str:
+    """A piece as users count: scene 4, or scene 4 piece 2."""
+    scene, _, part = piece.partition(".")
+    return f"{int(scene) + 1}" + (f" (piece {int(part) + 1})" if part else "")
+
+
+def _intact(path: Path, rec: dict) -> bool:
+    return path.is_file() and path.stat().st_size == rec["size"] and _sha256(path) == rec["sha256"]
+
+
 class WorkFolder:
     """Finished scenes of one run (see module docstring). Scenes are recorded in order. The caller
     holds the output's `OutputLock`, so no other run uses the folder meanwhile."""
@@ -104,12 +121,15 @@ class WorkFolder:
         # False: a worker's view of a folder another process (the cluster's driver) keeps: it writes
         # scene files and hands their records back; the driver enters them (`adopt`)
         self.manifest = manifest
-        self._recording: tuple[int, av.container.OutputContainer, av.video.stream.VideoStream, Path] | None = None
-        self._reading: tuple[int, Iterator[np.ndarray]] | None = None
-        self._kept: dict[str, dict] = {}  # scene → {"size", "sha256"} as recorded when it was kept
-        self._intact: dict[int, bool] = {}
-        self.reused: list[int] = []
-        self.damaged: list[int] = []  # kept scenes that failed their check and were rendered again
+        self._recording: tuple[str, av.container.OutputContainer, av.video.stream.VideoStream, Path] | None = None
+        self._reading: tuple[str, Iterator[np.ndarray]] | None = None
+        # piece ("3", or "3.1" for a long take's second piece) → {"size", "sha256"} as recorded when
+        # it was kept, and for a first piece with later ones, "state": the same for its state file
+        self._kept: dict[str, dict] = {}
+        self._intact: dict[str, bool] = {}
+        self._state: tuple[str, bytes] | None = None  # to keep with the piece being recorded
+        self.reused: list[str] = []
+        self.damaged: list[str] = []  # kept pieces that failed their check and were rendered again
 
     def open(self) -> None:
         manifest = self.path / "run.json"
@@ -152,14 +172,14 @@ class WorkFolder:
         work.path = folder
         return work
 
-    def kept(self, scene: int) -> dict:
-        """The record (size, sha256) of a kept scene, as `adopt` takes it."""
-        return self._kept[str(scene)]
+    def kept(self, scene: int, part: int = 0) -> dict:
+        """The record (size, sha256) of a kept scene (or piece of one), as `adopt` takes it."""
+        return self._kept[_piece(scene, part)]
 
-    def adopt(self, scene: int, record: dict) -> None:
-        """Enter a scene another process wrote into this folder: only now does it count as done."""
-        self._kept[str(scene)] = record
-        self._intact.pop(scene, None)
+    def adopt(self, scene: int, record: dict, part: int = 0) -> None:
+        """Enter a scene (or piece) another process wrote into this folder: only now does it count as done."""
+        self._kept[_piece(scene, part)] = record
+        self._intact.pop(_piece(scene, part), None)
         self._save()
 
     def _save(self) -> None:
@@ -167,74 +187,96 @@ class WorkFolder:
             return
         write_text(self.path / "run.json", json.dumps({"key": self.key, "cinefx": __version__, "scenes": self._kept}))
 
-    def _file(self, scene: int) -> Path:
-        return self.path / f"scene-{scene:05d}.mkv"
+    def _file(self, piece: str) -> Path:
+        scene, _, part = piece.partition(".")
+        return self.path / f"scene-{int(scene):05d}{f'.p{int(part):03d}' if part else ''}.mkv"
 
-    def has(self, scene: int) -> bool:
-        """Whether `scene` is kept intact: its file has the size and SHA-256 recorded when it was
-        kept. A damaged one is deleted, to be rendered again."""
-        if scene not in self._intact:
-            rec, f = self._kept.get(str(scene)), self._file(scene)
-            ok = rec is not None and f.is_file() and f.stat().st_size == rec["size"] and _sha256(f) == rec["sha256"]
+    def _state_file(self, scene: int) -> Path:
+        return self.path / f"scene-{scene:05d}.state.pt"
+
+    def has(self, scene: int, part: int = 0) -> bool:
+        """Whether the scene (or its piece `part`) is kept intact: its file, and its state file if
+        it has one, have the size and SHA-256 recorded when it was kept. A damaged one is deleted,
+        to be rendered again."""
+        piece = _piece(scene, part)
+        if piece not in self._intact:
+            rec, f = self._kept.get(piece), self._file(piece)
+            ok = rec is not None and _intact(f, rec) and ("state" not in rec or _intact(self._state_file(scene), rec["state"]))
             if not ok and rec is not None:
-                self.damaged.append(scene)
-                del self._kept[str(scene)]
+                self.damaged.append(piece)
+                del self._kept[piece]
                 remove_quietly(f)
-            self._intact[scene] = ok
-        return self._intact[scene]
+            self._intact[piece] = ok
+        return self._intact[piece]
 
-    def read(self, scene: int, count: int) -> np.ndarray:
-        """The next `count` stored frames of `scene`, (count, H, W, 3) uint8."""
-        if self._reading is None or self._reading[0] != scene:
-            self._reading = (scene, self._frames(scene))
-            self.reused.append(scene)
+    def state(self, scene: int) -> bytes:
+        """The state kept with the scene's first piece (see `keep_state`)."""
+        return self._state_file(scene).read_bytes()
+
+    def read(self, scene: int, count: int, part: int = 0) -> np.ndarray:
+        """The next `count` stored frames of the scene (or piece), (count, H, W, 3) uint8."""
+        piece = _piece(scene, part)
+        if self._reading is None or self._reading[0] != piece:
+            self._reading = (piece, self._frames(piece))
+            self.reused.append(piece)
         frames = [next(self._reading[1]) for _ in range(count)]
         return np.stack(frames)
 
-    def _frames(self, scene: int) -> Iterator[np.ndarray]:
-        with av.open(str(self._file(scene))) as c:
+    def _frames(self, piece: str) -> Iterator[np.ndarray]:
+        with av.open(str(self._file(piece))) as c:
             for f in c.decode(video=0):
                 yield f.to_ndarray(format="rgb24")
 
-    def begin(self, scene: int) -> None:
-        """Frames of `scene` come next: the scene recorded so far is complete, so finish it now
-        (before the new scene's render, which may be interrupted)."""
-        if self._recording is not None and self._recording[0] != scene:
+    def begin(self, scene: int, part: int = 0) -> None:
+        """Frames of the scene (or piece) come next: the one recorded so far is complete, so
+        finish it now (before the new one's render, which may be interrupted)."""
+        if self._recording is not None and self._recording[0] != _piece(scene, part):
             self.finish()
 
-    def record(self, scene: int, frames: np.ndarray) -> None:
-        """Append rendered frames (F, H, W, 3) uint8 to `scene`'s file."""
-        self.begin(scene)
+    def keep_state(self, scene: int, state: bytes) -> None:
+        """Keep `state` (a renderer's `scene_state()`) with the scene's first piece, being recorded:
+        what its later pieces start from, wherever they are rendered."""
+        self._state = (_piece(scene, 0), state)
+
+    def record(self, scene: int, frames: np.ndarray, part: int = 0) -> None:
+        """Append rendered frames (F, H, W, 3) uint8 to the scene's (or piece's) file."""
+        piece = _piece(scene, part)
+        self.begin(scene, part)
         if self._recording is None:
-            tmp = temp_path_for(self._file(scene))
+            tmp = temp_path_for(self._file(piece))
             c = av.open(str(tmp), "w")
             s = c.add_stream("ffv1", rate=Fraction(24))
             s.width, s.height = frames.shape[2], frames.shape[1]
             s.pix_fmt = "bgr0"  # RGB with a pad byte: lossless, no colour conversion either way
-            self._recording = (scene, c, s, tmp)
+            self._recording = (piece, c, s, tmp)
         _, c, s, _ = self._recording
         for f in frames:
             for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="bgr0")):
                 c.mux(p)
 
     def finish(self) -> None:
-        """Close the scene being recorded, move it into place and record its size and checksum:
-        only now does it count as done."""
+        """Close the scene (or piece) being recorded, move it into place and record its size and
+        checksum: only now does it count as done. A first piece's state is in place before it."""
         if self._recording is None:
             return
-        scene, c, s, tmp = self._recording
+        piece, c, s, tmp = self._recording
         self._recording = None
         for p in s.encode(None):
             c.mux(p)
         c.close()
         rec = {"size": tmp.stat().st_size, "sha256": _sha256(tmp)}
-        commit(tmp, self._file(scene))
-        self._kept[str(scene)] = rec
+        if self._state is not None and self._state[0] == piece:
+            data, self._state = self._state[1], None
+            write_bytes(self._state_file(int(piece)), data)
+            rec["state"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        commit(tmp, self._file(piece))
+        self._kept[piece] = rec
         self._save()
 
     def abandon(self) -> None:
         """Stop recording without keeping the unfinished scene (the run was interrupted); the
         folder goes too if no scene in it is finished, as nothing in it could be reused."""
+        self._state = None
         try:
             if self._recording is not None:
                 _, c, _, tmp = self._recording
@@ -254,7 +296,7 @@ class WorkFolder:
         """Remove the folder of a complete run; returns what to tell the user about it."""
         notes = []
         if self.damaged:
-            notes.append(f"resume: kept scene(s) {', '.join(str(k + 1) for k in self.damaged)} failed their "
+            notes.append(f"resume: kept scene(s) {', '.join(_shown(p) for p in self.damaged)} failed their "
                          "checksum and were rendered again")
         if self.reused:
             notes.append(f"resumed: {len(self.reused)} finished scene(s) reused from {self.path.name}")
@@ -263,23 +305,41 @@ class WorkFolder:
 
 
 class ResumingRenderer:
-    """A renderer (see `cinefx.renderers`) whose finished scenes are kept in `work` and read back,
-    instead of rendered, on a re-run with the same key."""
+    """A renderer (see `cinefx.renderers`) whose finished scenes (and pieces of long takes) are kept
+    in `work` and read back, instead of rendered, on a re-run with the same key. Where a piece must
+    be rendered after pieces that were read back, the renderer is primed with the scene's kept state
+    and the frame before the piece, as a cluster's worker is."""
 
     def __init__(self, renderer, work: WorkFolder):
         self.renderer, self.work = renderer, work
-        self.name, self.run_length = renderer.name, renderer.run_length
+        self.name, self.run_length, self.part = renderer.name, renderer.run_length, renderer.part
+        self._scene: int | None = None
+        self._at = 0  # frames of the scene so far
+        self._lead: np.ndarray | None = None  # its last frame
+        self._rendered = False  # whether the renderer itself rendered them
 
     def render(self, frames, scene: int, start: int) -> np.ndarray:
-        self.work.begin(scene)
-        if self.work.has(scene):
-            return self.work.read(scene, len(frames))
-        out = np.stack(list(self.renderer.render(frames, scene, start)))
-        try:
-            self.work.record(scene, out)
-        except OSError as ex:  # a full disk, mostly: say where, and how to run without it
-            raise OutputError(f"{self.work.path}: cannot keep finished scenes for resume ({ex}); "
-                              "free some space or use --no-resume") from ex
+        if scene != self._scene:
+            self._scene, self._at, self._rendered = scene, 0, False
+        at = self._at
+        part = at // self.part if self.part else 0
+        self.work.begin(scene, part)
+        if self.work.has(scene, part):
+            out, rendered = self.work.read(scene, len(frames), part), False
+        else:
+            if at and not self._rendered:  # what came before was read back: start the renderer here
+                self.renderer.prime(scene, at, self.work.state(scene), self._lead)
+            out, rendered = np.stack(list(self.renderer.render(frames, scene, start))), True
+            try:
+                self.work.record(scene, out, part)
+                if part == 0 and self.part and at + len(frames) == self.part:  # the take goes on
+                    state = self.renderer.scene_state()
+                    if state is not None:
+                        self.work.keep_state(scene, state)
+            except OSError as ex:  # a full disk, mostly: say where, and how to run without it
+                raise OutputError(f"{self.work.path}: cannot keep finished scenes for resume ({ex}); "
+                                  "free some space or use --no-resume") from ex
+        self._at, self._lead, self._rendered = at + len(frames), frames[-1], rendered
         return out
 
     def close(self) -> None:

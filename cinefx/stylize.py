@@ -117,24 +117,18 @@ def renderer_for(preset: Preset, options: StylizeOptions, choice: EngineChoice, 
 
 @dataclass(frozen=True)
 class SceneTask:
-    """One scene of one input to render: its result depends on these fields alone, so any worker
-    (this process, a resumed run, another machine) renders the same frames. `options` are resolved
-    (`resolve_options`); `options.seed` seeds the scene's noise with the scene's index."""
+    """One scene of one input to render, or piece `part` of a long one (`Renderer.part` frames from
+    the scene's first frame on; piece 0 of a scene no longer than that is the whole scene): its
+    result depends on these fields alone, so any worker (this process, a resumed run, another
+    machine) renders the same frames. `options` are resolved (`resolve_options`); `options.seed`
+    seeds the scene's noise with the scene's index."""
 
     input: Path
     scene: Scene
     preset: Preset
     options: StylizeOptions
     engine: str = "diffusion"
-
-
-def render_scene(renderer, scene: Scene, runs: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-    """Render `runs` ((F, H, W, 3) uint8 each, `renderer.run_length` frames from the scene's first
-    frame on, the last one shorter) of `scene` in order; yields each run's rendered frames."""
-    start = scene.start
-    for frames in runs:
-        yield renderer.render(frames, scene.index, start)
-        start += len(frames)
+    part: int = 0
 
 
 def decode(info: VideoInfo, options: StylizeOptions, notes: list[str] | None = None) -> Iterator[Frame]:
@@ -148,16 +142,24 @@ def decode(info: VideoInfo, options: StylizeOptions, notes: list[str] | None = N
             for f in read_frames(info, notes=notes, depth=16 if info.bit_depth > 8 else 8))
 
 
-def run_scene_task(task: SceneTask, renderer=None) -> Iterator[np.ndarray]:
-    """The task's scene rendered, run by run: decodes frames [start, end) of the input and renders
-    them with fresh per-scene state. `renderer` may be one built for the same preset and options
-    (a worker keeps its renderer, and the models, across tasks)."""
+def run_scene_task(task: SceneTask, renderer=None, state: bytes | None = None) -> Iterator[np.ndarray]:
+    """The task's scene (or piece) rendered, run by run ((F, H, W, 3) uint8 each): decodes its frames
+    of the input and renders them with fresh per-scene state, or for a later piece, from `state`
+    (`Renderer.scene_state()` after the scene's first batch) and the frame before the piece.
+    `renderer` may be one built for the same preset and options (a worker keeps its renderer, and
+    the models, across tasks)."""
     info = probe(task.input)
     renderer = renderer or build_renderer(task.engine, task.preset, info.display_size, task.options.seed,
                                           task.options.models, task.options.diffusion)
-    frames = islice((f.rgb for f in decode(info, task.options)), task.scene.start, task.scene.end)
-    runs = iter(lambda: list(islice(frames, renderer.run_length)), [])
-    yield from (np.stack(list(out)) for out in render_scene(renderer, task.scene, map(np.stack, runs)))
+    at = task.part * renderer.part
+    start = task.scene.start + at
+    end = min(task.scene.end, start + renderer.part) if renderer.part else task.scene.end
+    frames = islice((f.rgb for f in decode(info, task.options)), start - (1 if at else 0), end)
+    if at:
+        renderer.prime(task.scene.index, at, state, next(frames))
+    for run in iter(lambda: list(islice(frames, renderer.run_length)), []):
+        yield np.stack(list(renderer.render(np.stack(run), task.scene.index, start)))
+        start += len(run)
 
 
 def _notes(info: VideoInfo, choice: EngineChoice, colour: ocio.InputChoice) -> list[str]:

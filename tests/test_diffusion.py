@@ -880,7 +880,7 @@ def cv2_resize(frame, size):
 def test_full_disk_in_the_work_folder_is_a_one_line_error(tiny_bundle, clips, tmp_path, monkeypatch):
     from cinefx.resume import WorkFolder
 
-    def full(self, scene, frames):
+    def full(self, scene, frames, part=0):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(WorkFolder, "record", full)

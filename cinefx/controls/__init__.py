@@ -3,8 +3,10 @@
 An extractor turns a chunk of frames into the conditioning images its ControlNet was trained on:
 ``extractor(frames) -> (F, 3, H, W)`` float tensor in [0, 1] on the extractor's device, from
 ``frames`` (F, H, W, 3) uint8 RGB at the render size. `reset()` is called at every scene start, so
-an extractor may keep per-scene state (the depth range) and never carries it across a cut.
-To add a kind, write a class with those two methods, add it to `EXTRACTORS` and name the SD1.5
+an extractor may keep per-scene state (the depth range) and never carries it across a cut;
+`state()` returns that state and `reset(state)` restores it (a long take's later pieces start from
+what its first batch fixed, see `cinefx.diffusion.engine`). To add a kind, write a class with those
+three methods, add it to `EXTRACTORS` and name the SD1.5
 ControlNet trained on its maps in `CONTROLNETS`.
 
 canny and depth are built in; the other kinds are controlnet-aux's annotators, used when that

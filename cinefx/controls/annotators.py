@@ -62,8 +62,11 @@ class AnnotatorExtractor:
         self.kind, self.device, self.annotator = kind, device, model
         self.options = AUX_KINDS[kind].options
 
-    def reset(self) -> None:
+    def reset(self, state=None) -> None:
         pass
+
+    def state(self):
+        return None
 
     def __call__(self, frames: np.ndarray):
         """(F, H, W, 3) uint8 → (F, 3, H, W) float32 tensor in [0, 1]."""

@@ -13,8 +13,11 @@ class CannyExtractor:
         # 100/200 are the thresholds the lllyasviel canny ControlNet's training maps used.
         self.device, self.low, self.high = device, low, high
 
-    def reset(self) -> None:
+    def reset(self, state=None) -> None:
         pass
+
+    def state(self):
+        return None
 
     def __call__(self, frames: np.ndarray):
         """(F, H, W, 3) uint8 → (F, 3, H, W) float32 tensor in {0, 1}."""

@@ -19,8 +19,11 @@ class DepthExtractor:
         self.device = device
         self.range: tuple[float, float] | None = None
 
-    def reset(self) -> None:
-        self.range = None
+    def reset(self, state: tuple[float, float] | None = None) -> None:
+        self.range = state
+
+    def state(self) -> tuple[float, float] | None:
+        return self.range
 
     def __call__(self, frames: np.ndarray):
         """(F, H, W, 3) uint8 → (F, 3, H, W) float32 tensor in [0, 1], near = bright (as MiDaS)."""

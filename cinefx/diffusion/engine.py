@@ -5,9 +5,20 @@ frame, as clean latents), the noise prior's carry and the control extractors' st
 dropped at a cut, so frames agree within a scene and not across scenes. Noise comes from a
 generator seeded by (seed, scene number): a scene renders the same whichever scenes ran before it,
 which resume relies on.
+
+A long take is rendered as pieces of `part` frames. Within a piece everything chains as above;
+piece k > 0 starts afresh except for what the scene's first batch fixed (`SceneState`: the first
+frame's anchor, the colour reference, the depth range), with noise seeded by (seed, scene, k) and,
+in place of the previous batch's last frame, the frame before the piece rendered alone against the
+first frame (one extra frame per piece). So piece k depends on the scene's first batch and its own
+frames only: the pieces of one take render side by side on a cluster, and a one-machine run
+renders them the same way, so both write the same file. The price is a seam every `part` frames
+where the noise restarts; the lead-in frame keeps the content on both sides of it alike.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -19,13 +30,46 @@ from cinefx.diffusion.adapters import apply_adapters
 from cinefx.diffusion.noise import NoiseCarry, initial_noise
 from cinefx.diffusion.pipeline import NOISY_SCHEDULERS, Anchors, TemporalControlPipeline
 from cinefx.diffusion.turbo import TURBO_GUIDANCE, StepNoise, TurboLoRA, apply_turbo
-from cinefx.renderers import EngineSettings
+from cinefx.renderers import EngineSettings, part_frames
 from cinefx.presets import Preset, prompt_text
 
 
-def scene_seed(seed: int, scene: int) -> int:
-    # A fixed mix of the two, so scene k's noise depends on nothing but the seed and k.
-    return (seed * 1_000_003 + scene * 7_919 + 12_345) % (2 ** 63)
+def scene_seed(seed: int, scene: int, piece: int = 0) -> int:
+    # A fixed mix, so a scene's (and a piece's) noise depends on nothing but the seed and its numbers.
+    base = (seed * 1_000_003 + scene * 7_919 + 12_345) % (2 ** 63)
+    return base if piece == 0 else (base * 6_364_136_223 + piece * 1_442_695_041) % (2 ** 63)
+
+
+@dataclass(frozen=True)
+class SceneState:
+    """What a scene's first batch fixes for the rest of the scene, so that a later piece can be
+    rendered elsewhere: the first frame as anchor, the colour reference (Lab mean offset and std
+    ratio, (3,) each), and each control extractor's state."""
+
+    first: Anchors
+    colour_ref: tuple[np.ndarray, np.ndarray] | None
+    extractors: dict
+
+    def to_bytes(self) -> bytes:
+        import io
+
+        a = self.first
+        blob = {"latents": a.latents.cpu(), "noise": a.noise.cpu(), "controls": {k: c.cpu() for k, c in a.controls.items()},
+                "colour_ref": None if self.colour_ref is None else [torch.from_numpy(np.asarray(x)) for x in self.colour_ref],
+                "extractors": self.extractors}
+        buf = io.BytesIO()
+        torch.save(blob, buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, device) -> "SceneState":
+        import io
+
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        first = Anchors(blob["latents"].to(device), blob["noise"].to(device),
+                        {k: c.to(device) for k, c in blob["controls"].items()})
+        ref = blob["colour_ref"]
+        return cls(first, None if ref is None else tuple(x.numpy() for x in ref), blob["extractors"])
 
 
 def render_size(width: int, height: int, short: int, multiple: int) -> tuple[int, int]:
@@ -73,8 +117,12 @@ class DiffusionEngine:
         self.extractors = {k: EXTRACTORS[k](device=pipe.device, model=models.get(k)) for k in kinds}
         self.scales = dict(self.cfg.controls)
         self.prompt = prompt_text(preset)
-        self.batch = settings.batch or self.cfg.chunk
+        self.batch = self.nominal_batch = settings.batch or self.cfg.chunk
+        self.part = part_frames(self.cfg.part, self.nominal_batch)
         self._scene: int | None = None
+        self._at = 0  # frames of the scene rendered so far
+        self._lead: np.ndarray | None = None  # the last frame rendered, for the next piece's lead-in
+        self._state: SceneState | None = None
         self._fitted: tuple[int, int] | None = None
 
     def _fit(self, rw: int, rh: int) -> None:
@@ -94,33 +142,83 @@ class DiffusionEngine:
     # -- per-scene state -------------------------------------------------------------------------
 
     def start_scene(self, scene: int) -> None:
-        self._scene = scene
-        self.generator = torch.Generator().manual_seed(scene_seed(self.settings.seed, scene))
-        # LCM and TCD add noise at every step: drawn through the prior too, or it undoes the prior
-        noisy = self.pipe.scheduler_name in NOISY_SCHEDULERS
-        self.step_noise = StepNoise(self.cfg.noise_prior, scene_seed(self.settings.seed, scene),
-                                    self.steps) if noisy else None
-        self.carry: NoiseCarry | None = None
+        self._scene, self._at, self._lead, self._state = scene, 0, None, None
         self.first: Anchors | None = None  # the scene's first rendered frame
-        self.last: Anchors | None = None  # the previous batch's last rendered frame
         self.colour_ref: tuple[np.ndarray, np.ndarray] | None = None
+        self._start_piece(0)
         for ex in self.extractors.values():
             ex.reset()
 
+    def _start_piece(self, piece: int) -> None:
+        seed = scene_seed(self.settings.seed, self._scene, piece)
+        self.generator = torch.Generator().manual_seed(seed)
+        # LCM and TCD add noise at every step: drawn through the prior too, or it undoes the prior
+        noisy = self.pipe.scheduler_name in NOISY_SCHEDULERS
+        self.step_noise = StepNoise(self.cfg.noise_prior, seed, self.steps) if noisy else None
+        self.carry: NoiseCarry | None = None
+        self.last: Anchors | None = None  # the previous batch's last rendered frame
+
+    def scene_state(self) -> SceneState | None:
+        """What later pieces of the current scene need (None before its first batch)."""
+        return self._state
+
+    def prime(self, scene: int, at: int, state: bytes, lead: np.ndarray) -> None:
+        """Get ready to render scene `scene` from frame `at` (a piece's first frame) without having
+        rendered what comes before: `state` is the scene's (`scene_state().to_bytes()` of whoever
+        rendered its first batch), `lead` (H, W, 3) uint8 the input frame before `at`."""
+        if not self.part or at % self.part or at <= 0:
+            raise ValueError(f"frame {at} of a scene: pieces of {self.part} frames begin only at their multiples")
+        self.start_scene(scene)
+        self._at, self._lead, self._state = at, lead, SceneState.from_bytes(state, self.pipe.device)
+
     def render(self, frames: np.ndarray, scene: int) -> np.ndarray:
-        """(F, H, W, 3) uint8 display-size frames of scene `scene` → the same, stylized."""
+        """(F, H, W, 3) uint8 display-size frames of scene `scene`, following those of the last
+        call for that scene (or, for a new scene, its first frames) → the same, stylized."""
         if scene != self._scene:
             self.start_scene(scene)
         if self.cfg.strength == 0:
+            self._at += len(frames)
             return frames.copy()  # img2img at strength 0 is the source itself
         if self.host is not None:
             apply_adapters(self.host, self.cfg.adapters, self.allow_pickle)
             apply_turbo(self.host, self.turbo)  # with None too: takes another engine's turbo off the shared set
+        out, i = [], 0
+        while i < len(frames):  # a call that crosses into a new piece renders as two
+            n = len(frames) - i
+            if self.part:
+                if self._at and self._at % self.part == 0:
+                    self._enter_piece()
+                n = min(n, self.part - self._at % self.part)
+            out.append(self._render_piece(frames[i:i + n]))
+            self._at, self._lead, i = self._at + n, frames[i + n - 1], i + n
+        return np.concatenate(out)
+
+    def _enter_piece(self) -> None:
+        """Begin piece `_at // part` of the scene from `_state` and `_lead` (see the module docstring)."""
+        state = self._state
+        if state is None or self._lead is None:
+            raise RuntimeError(f"piece {self._at // self.part} of scene {self._scene + 1}: its scene's first "
+                               "batch and the frame before it are needed (DiffusionEngine.prime)")
+        self._start_piece(self._at // self.part)
+        self.first, self.colour_ref = state.first, state.colour_ref
+        for k, ex in self.extractors.items():
+            ex.reset(state.extractors.get(k))
+        if not self.temporal_off:
+            self.last = self._diffuse(self._small(self._lead[None]))[2]
+
+    def _small(self, frames: np.ndarray) -> np.ndarray:
+        """(F, H, W, 3) uint8 display-size frames → at render size."""
         h, w = frames.shape[1:3]
         rw, rh = render_size(w, h, self.settings.size or self.pipe.native_size, self.pipe.size_multiple)
         if self._fitted != (rw, rh):
             self._fit(rw, rh)
-        small = np.stack([cv2.resize(f, (rw, rh), interpolation=cv2.INTER_AREA) for f in frames])
+        return np.stack([cv2.resize(f, (rw, rh), interpolation=cv2.INTER_AREA) for f in frames])
+
+    def _render_piece(self, frames: np.ndarray) -> np.ndarray:
+        """Frames within one piece of the current scene → stylized."""
+        h, w = frames.shape[1:3]
+        small = self._small(frames)
+        rh, rw = small.shape[1:3]
         keys = self._keyframe_positions(len(frames))
         out_small = np.empty_like(small)
         for start in range(0, len(keys), self.batch):
@@ -145,26 +243,36 @@ class DiffusionEngine:
         return sorted(set(range(0, n, k)) | {n - 1})
 
     def _render_batch(self, small: np.ndarray) -> np.ndarray:
-        """(B, h, w, 3) uint8 at render size → stylized, same shape."""
+        """(B, h, w, 3) uint8 at render size → stylized, same shape; keeps the anchors it yields."""
+        out, head, self.last = self._diffuse(small)
+        if self.first is None:
+            self.first = head
+        out = self._anchor_colour(out, small)
+        if self._state is None:  # the scene's first batch: what its later pieces start from
+            self._state = SceneState(self.first, self.colour_ref, {k: ex.state() for k, ex in self.extractors.items()})
+        return out
+
+    def _diffuse(self, small: np.ndarray) -> tuple[np.ndarray, Anchors, Anchors]:
+        """(B, h, w, 3) uint8 at render size → the diffused frames (same shape, before colour
+        anchoring), and the first and last of them as anchors."""
         pipe = self.pipe
         scale = pipe.vae_scale
         shape = (4, small.shape[1] // scale, small.shape[2] // scale)
         noise, self.carry = initial_noise(self.cfg.noise_prior, small, shape, self.generator, self.carry)
         controls = {k: ex(small) for k, ex in self.extractors.items()}
         images = torch.from_numpy(small).permute(0, 3, 1, 2).float().div_(255)
-        anchors = self._anchors()
         res = pipe(images, controls, noise, prompt=self.prompt, negative=self.preset.prompt.negative,
                    scales=self.scales, strength=self.cfg.strength, steps=self.steps, guidance=self.guidance,
-                   temporal=self.cfg.temporal, anchors=anchors,
+                   temporal=self.cfg.temporal, anchors=self._anchors(),
                    step_noise=self.step_noise.draw(small, shape) if self.step_noise else None)
-        mine = Anchors(res.latents[-1:], noise[-1:].to(res.latents.device),
-                       {k: c[-1:] for k, c in controls.items()})
-        if self.first is None:
-            self.first = mine if len(small) == 1 else Anchors(
-                res.latents[:1], noise[:1].to(res.latents.device), {k: c[:1] for k, c in controls.items()})
-        self.last = mine
+        noise = noise.to(res.latents.device)
+
+        def anchor(i: int) -> Anchors:
+            return Anchors(res.latents[i:i + 1], noise[i:i + 1], {k: c[i:i + 1] for k, c in controls.items()})
+
         out = (res.images.permute(0, 2, 3, 1).float().cpu().numpy() * 255 + 0.5).astype(np.uint8)
-        return self._anchor_colour(out, small)
+        last = anchor(len(small) - 1)
+        return out, anchor(0) if len(small) > 1 else last, last  # one frame: one anchor, not two alike
 
     def _anchors(self) -> Anchors | None:
         if self.temporal_off:

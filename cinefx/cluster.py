@@ -5,9 +5,12 @@ The classes that do the work (`SceneWorker`, `check_node`) are plain Python; the
 actors and tasks where they are scheduled (`ray.remote(...).options(...)`).
 
 Diffusion: one long-lived worker per GPU (or, without GPUs, per core) keeps its models loaded. The
-scenes of every input go into one queue, longest first; a worker decodes its scene from the input
-itself (frames never travel through Ray's object store) and writes the rendered scene into the
-output's work folder (`cinefx.resume.WorkFolder`), on storage every node sees. The driver alone
+scenes of every input go into one queue, longest first; a take longer than a piece
+(`DiffusionConfig.part`) goes in as its pieces, the first one first, the others as soon as it is
+done (they start from the state it leaves in the work folder, see `cinefx.diffusion.engine`), so a
+single long take still spreads over the workers. A worker decodes its scene or piece from the input
+itself (frames never travel through Ray's object store) and writes it into the output's work folder
+(`cinefx.resume.WorkFolder`), on storage every node sees. The driver alone
 keeps the folder's manifest, and assembles an output as soon as all its scenes are in, through
 `stylize_file`, which then reads every scene back instead of rendering it: the audio, timing,
 colour tags, report and the atomic write are the one-machine run's. Because a scene's pixels depend
@@ -48,10 +51,11 @@ IN_FLIGHT = 2  # scenes queued per worker, so none idles while the driver assemb
 
 @dataclass(frozen=True)
 class SceneDone:
-    """A scene a worker finished (what progress and tests see)."""
+    """A scene (or piece of one) a worker finished (what progress and tests see)."""
 
     input: Path
     scene: int  # 0-based
+    part: int  # the piece of a long take, 0 for the first (or the whole scene)
     frames: int
     seconds: float
     node: str
@@ -154,8 +158,9 @@ class SceneWorker:
         return os.getpid()
 
     def render(self, task: SceneTask, folder: str, key: str) -> tuple[SceneDone, dict]:
-        """Render `task` into the work folder `folder` (keyed `key`). Returns what was done and the
-        scene file's record for the manifest (`adopt`); the file is complete when this returns."""
+        """Render `task` into the work folder `folder` (keyed `key`), a later piece from the state its
+        scene's first piece left there. Returns what was done and the file's record for the
+        manifest (`adopt`); the file is complete when this returns."""
         from cinefx.stylize import renderer_for
         from cinefx.video.probe import probe
 
@@ -170,14 +175,18 @@ class SceneWorker:
             self._renderer = renderer_for(task.preset, task.options, _Choice(task.engine), size)
             self._for = (task.input, size)
         files = WorkFolder.at(Path(folder), key, manifest=False)
+        scene, part, frames = task.scene.index, task.part, 0
         try:
-            for out in run_scene_task(task, self._renderer):
-                files.record(task.scene.index, out)
+            for out in run_scene_task(task, self._renderer, files.state(scene) if part else None):
+                files.record(scene, out, part)
+                frames += len(out)
+            if part == 0 and task.scene.frames > frames:  # the later pieces start from this
+                files.keep_state(scene, self._renderer.scene_state())
             files.finish()
         finally:
             files.abandon()
-        return SceneDone(task.input, task.scene.index, task.scene.frames, time.perf_counter() - t0, host_name(),
-                         os.getpid()), files.kept(task.scene.index)
+        return SceneDone(task.input, scene, part, frames, time.perf_counter() - t0, host_name(),
+                         os.getpid()), files.kept(scene, part)
 
 
 @dataclass(frozen=True)
@@ -194,8 +203,16 @@ class _Output:
     lock: OutputLock
     work: WorkFolder
     scenes: list[Scene]
-    left: set[int]
+    pieces: dict[int, int]  # scene → how many pieces it renders as
+    left: set[tuple[int, int]]  # (scene, piece) not yet in the work folder
     failed: str = ""
+
+
+def _pieces(scene: Scene, piece: int) -> list[int]:
+    """Frames of each piece `scene` renders as, pieces being `piece` frames (0: the whole scene)."""
+    if not piece:
+        return [scene.frames]
+    return [min(piece, scene.frames - k) for k in range(0, scene.frames, piece)]
 
 
 def _scenes(src: Path, options: StylizeOptions) -> tuple[list[Scene], object]:
@@ -213,8 +230,10 @@ def _scenes(src: Path, options: StylizeOptions) -> tuple[list[Scene], object]:
     return stream.scenes, info
 
 
-def _open_output(src: Path, dst: Path, preset, options: StylizeOptions, choice, work_dir: Path | None) -> _Output:
-    """Lock `dst`, find the scenes and open the work folder (finished scenes of an earlier run count)."""
+def _open_output(src: Path, dst: Path, preset, options: StylizeOptions, choice, work_dir: Path | None,
+                 piece: int) -> _Output:
+    """Lock `dst`, find the scenes and open the work folder (finished scenes and pieces of an
+    earlier run count); scenes longer than `piece` frames render as pieces."""
     from cinefx.grade import ocio
     from cinefx.video.writer import check_output_path
 
@@ -236,7 +255,9 @@ def _open_output(src: Path, dst: Path, preset, options: StylizeOptions, choice, 
     except BaseException:
         lock.release()
         raise
-    return _Output(src, dst, lock, work, scenes, {s.index for s in scenes if not work.has(s.index)})
+    pieces = {s.index: len(_pieces(s, piece)) for s in scenes}
+    return _Output(src, dst, lock, work, scenes, pieces,
+                   {(s.index, k) for s in scenes for k in range(pieces[s.index]) if not work.has(s.index, k)})
 
 
 def _assemble(out: _Output, preset, options: StylizeOptions, progress: Progress | None):
@@ -257,14 +278,14 @@ def pinned(preset, options: StylizeOptions) -> StylizeOptions:
     return dataclasses.replace(options, diffusion=dataclasses.replace(options.diffusion, batch=preset.diffusion.chunk))
 
 
-def _failure(ex: BaseException, out: _Output | None = None, scene: int | None = None) -> str:
-    """One line naming the input, the scene and the node where a task failed."""
+def _failure(ex: BaseException, out: _Output | None = None, scene: int | None = None, part: int = 0) -> str:
+    """One line naming the input, the scene (and piece) and the node where a task failed."""
     cause = getattr(ex, "cause", None) or ex
     where = f" (node {getattr(ex, 'ip', '?')}, pid {getattr(ex, 'pid', '?')})" if cause is not ex else ""
     what = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
     if not isinstance(cause, CinefxError):
         what = f"unexpected {type(cause).__name__}: {what}"
-    head = f"{out.src}: scene {scene + 1}" if out is not None and scene is not None else ""
+    head = f"{out.src}: scene {scene + 1}{f' piece {part + 1}' if part else ''}" if out is not None and scene is not None else ""
     return f"{head}{where}: {what}" if head else f"{what}{where}"
 
 
@@ -331,8 +352,11 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
                    progress, on_scene) -> list[BatchItem]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from cinefx.renderers import part_frames
+
     items: dict[int, BatchItem] = {}
     opened: dict[int, _Output] = {}
+    piece = part_frames(preset.diffusion.part, options.diffusion.batch)  # the batch is pinned
 
     def done(i: int, item: BatchItem) -> None:
         items[i] = item
@@ -343,7 +367,7 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
             done(i, BatchItem(src, dst, "skipped", "output exists"))
             continue
         try:
-            opened[i] = _open_output(src, dst, preset, options, choice, work_dir)
+            opened[i] = _open_output(src, dst, preset, options, choice, work_dir, piece)
         except OptionError:
             raise
         except CinefxError as ex:
@@ -351,25 +375,36 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
         except Exception as ex:
             done(i, BatchItem(src, dst, "failed", unforeseen(ex, src), traceback=traceback.format_exc()))
 
-    queue = deque(sorted(((i, s) for i, o in opened.items() for s in o.scenes if s.index in o.left),
-                         key=lambda t: -t[1].frames))
+    def frames(scene: Scene, part: int) -> int:
+        return _pieces(scene, piece)[part]
+
+    # a take's later pieces wait for its first (they start from the state it leaves)
+    queue = deque(sorted(((i, s, k) for i, o in opened.items() for s in o.scenes for k in range(o.pieces[s.index])
+                          if (s.index, k) in o.left and (k == 0 or (s.index, 0) not in o.left)),
+                         key=lambda t: -frames(t[1], t[2])))
     total = sum(s.frames for o in opened.values() for s in o.scenes)
-    finished = sum(s.frames for o in opened.values() for s in o.scenes if s.index not in o.left)
+    finished = total - sum(frames(s, k) for o in opened.values() for s in o.scenes for k in range(o.pieces[s.index])
+                           if (s.index, k) in o.left)
     actor = ray.remote(SceneWorker)
     pool = [actor.options(**res, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,
                           scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(1)
-            for node, res in _placements(ray, nodes, workers)[:max(1, len(queue))]] if queue else []
-    flight: dict = {}  # ref → (worker, input, scene)
+            for node, res in _placements(ray, nodes, workers)[:max(1, sum(len(o.left) for o in opened.values()))]] \
+        if queue else []
+    flight: dict = {}  # ref → (worker, input, scene, piece)
     rates: dict[str, list[float]] = {}  # "host:pid" → [frames, seconds]
 
-    def feed(worker) -> None:
-        while queue and sum(w is worker for w, _, _ in flight.values()) < IN_FLIGHT:
-            i, scene = queue.popleft()
+    def feed() -> None:
+        """Queue work on the least busy workers first, up to `IN_FLIGHT` each."""
+        while queue and pool:
+            load, worker = min(((sum(w is p for w, *_ in flight.values()), k), p) for k, p in enumerate(pool))
+            if load[0] >= IN_FLIGHT:
+                return
+            i, scene, part = queue.popleft()
             if opened[i].failed:
                 continue
             o = opened[i]
-            task = SceneTask(o.src, scene, preset, options, choice.name)
-            flight[worker.render.remote(task, str(o.work.path), o.work.key)] = (worker, i, scene)
+            task = SceneTask(o.src, scene, preset, options, choice.name, part)
+            flight[worker.render.remote(task, str(o.work.path), o.work.key)] = (worker, i, scene, part)
 
     def finish(i: int) -> None:
         o = opened.pop(i)
@@ -387,11 +422,10 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
     try:
         for i in [i for i, o in opened.items() if not o.left]:  # every scene kept by an earlier run
             finish(i)
-        for w in pool:
-            feed(w)
+        feed()
         while flight:
             ready, _ = ray.wait(list(flight), num_returns=1)
-            worker, i, scene = flight.pop(ready[0])
+            worker, i, scene, part = flight.pop(ready[0])
             o = opened[i]
             try:
                 scene_done, record = ray.get(ready[0])
@@ -399,25 +433,28 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
                 pool.remove(worker)
                 if not pool:
                     raise ClusterError(f"--cluster: every worker died; the last while rendering "
-                                                 f"{o.src} scene {scene.index + 1}") from None
-                queue.appendleft((i, scene))
-                feed(pool[0])
+                                       f"{o.src} scene {scene.index + 1}") from None
+                queue.appendleft((i, scene, part))
+                feed()
                 continue
             except ray.exceptions.RayTaskError as ex:
-                o.failed = o.failed or _failure(ex, o, scene.index)
-                o.left.discard(scene.index)
+                o.failed = o.failed or _failure(ex, o, scene.index, part)
+                o.left.clear()  # nothing more of this input is rendered; what is in flight drains
             else:
-                o.work.adopt(scene.index, record)
-                o.left.discard(scene.index)
-                finished += scene.frames
+                o.work.adopt(scene.index, record, part)
+                o.left.discard((scene.index, part))
+                if part == 0:  # the take's later pieces can start now, ahead of whole scenes
+                    queue.extendleft((i, scene, k) for k in reversed(range(1, o.pieces[scene.index]))
+                                     if (scene.index, k) in o.left)
+                finished += scene_done.frames
                 r = rates.setdefault(f"{scene_done.node}:{scene_done.pid}", [0, 0.0])
                 r[0], r[1] = r[0] + scene_done.frames, r[1] + scene_done.seconds
                 if on_scene:
                     on_scene(scene_done)
                 if progress:
                     progress(finished, total, ", ".join(f"{k} {f / max(s, 1e-9):.1f} fps" for k, (f, s) in rates.items()))
-            feed(worker)
-            if not o.left and not any(j == i for _, j, _ in flight.values()):
+            feed()  # a first piece may have made work for idle workers too
+            if not o.left and not any(j == i for _, j, _, _ in flight.values()):
                 finish(i)
     except BaseException:
         for w in pool:

@@ -70,7 +70,7 @@ class Renderer(Protocol):
 
     def scene_state(self) -> bytes | None: ...
 
-    def prime(self, scene: int, at: int, state: bytes, lead: np.ndarray) -> None: ...
+    def prime(self, scene: int, at: int, state: bytes | None, lead: np.ndarray | None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -90,7 +90,7 @@ class GradeRenderer:
     def scene_state(self) -> bytes | None:
         return None  # frames are graded on their own: nothing carries from one to the next
 
-    def prime(self, scene: int, at: int, state: bytes, lead: np.ndarray) -> None:
+    def prime(self, scene: int, at: int, state: bytes | None, lead: np.ndarray | None) -> None:
         pass
 
     def render(self, frames: Sequence[np.ndarray], scene: int, start: int) -> Iterator[np.ndarray] | Sequence[np.ndarray]:
@@ -124,9 +124,10 @@ class DiffusionRenderer(GradeRenderer):
         state = self.engine.scene_state()
         return None if state is None else state.to_bytes()
 
-    def prime(self, scene: int, at: int, state: bytes, lead: np.ndarray) -> None:
-        """Render scene `scene` from frame `at` (a piece's first) on: `state` from `scene_state()`
-        of whoever rendered its first batch, `lead` (H, W, 3) uint8 the input frame before `at`."""
+    def prime(self, scene: int, at: int, state: bytes | None, lead: np.ndarray | None) -> None:
+        """Render scene `scene` from frame `at` (0, afresh; or a piece's first frame) on: `state`
+        from `scene_state()` of whoever rendered its first batch, `lead` (H, W, 3) uint8 the input
+        frame before `at`."""
         self.engine.prime(scene, at, state, lead)
 
     def render(self, frames: Sequence[np.ndarray], scene: int, start: int) -> Sequence[np.ndarray]:

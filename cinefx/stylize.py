@@ -155,8 +155,7 @@ def run_scene_task(task: SceneTask, renderer=None, state: bytes | None = None) -
     start = task.scene.start + at
     end = min(task.scene.end, start + renderer.part) if renderer.part else task.scene.end
     frames = islice((f.rgb for f in decode(info, task.options)), start - (1 if at else 0), end)
-    if at:
-        renderer.prime(task.scene.index, at, state, next(frames))
+    renderer.prime(task.scene.index, at, state, next(frames) if at else None)
     for run in iter(lambda: list(islice(frames, renderer.run_length)), []):
         yield np.stack(list(renderer.render(np.stack(run), task.scene.index, start)))
         start += len(run)

@@ -70,6 +70,28 @@ def test_same_bytes_as_one_machine_and_a_killed_worker_is_retried(local_ray, tin
     assert not list((tmp_path / "ray").glob(".*cinefx-*"))  # no work folder or lock left
 
 
+def test_a_long_take_spreads_over_workers_in_pieces_with_the_same_bytes(local_ray, tiny_bundle, tmp_path):
+    """One take of 110 frames in pieces of 48: the first piece, then the other two side by side on
+    both workers, each from the state the first left in the work folder."""
+    from cinefx.testing.clips import render_move
+
+    src = write_clip(tmp_path / "take.mp4", render_move(Move("astronaut", 110, (0.45, 0.4, 0.9), (0.55, 0.5, 0.6)),
+                                                        (96, 64)), fps=24, audio="aac")
+    preset, opts = diffusion(tiny_bundle)
+    preset = override(preset, "diffusion", part=48)
+    local = stylize_file(src, tmp_path / "local.mp4", preset, opts)
+    assert len(local.scenes) == 1
+    (tmp_path / "ray").mkdir()
+    seen = []
+    items = cluster.stylize_on_ray([src], [tmp_path / "ray" / "local.mp4"], preset, opts, workers=2,
+                                   on_scene=seen.append)
+    assert [i.status for i in items] == ["done"], items
+    assert sha(tmp_path / "ray" / "local.mp4") == sha(tmp_path / "local.mp4")
+    assert [(d.scene, d.part, d.frames) for d in seen][:1] == [(0, 0, 48)]
+    assert sorted((d.part, d.frames) for d in seen[1:]) == [(1, 48), (2, 14)]
+    assert len({d.pid for d in seen[1:]}) == 2  # the later pieces went to both workers
+
+
 def test_a_stopped_driver_resumes_with_finished_scenes(local_ray, tiny_bundle, three_scenes, tmp_path):
     preset, opts = diffusion(tiny_bundle)
     local = tmp_path / "local.mp4"

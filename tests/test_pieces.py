@@ -61,3 +61,43 @@ def test_a_piece_depends_on_its_lead_in_and_the_scenes_first_batch(tiny_bundle, 
     other = engine(tiny_bundle)
     other.render(take[60:64], 0)
     assert np.abs(piece1(take[47], other.scene_state().to_bytes()).astype(int) - whole[48:96]).mean() > 0.5
+
+
+def test_a_long_take_resumes_piece_by_piece_to_the_same_bytes(tiny_bundle, tmp_path, monkeypatch):
+    """Killed in the third piece, the re-run reads the first two back and renders the third from the
+    kept scene state and the frame before it: the file is the uninterrupted run's."""
+    import hashlib
+
+    from cinefx.diffusion import engine as E
+    from cinefx.stylize import StylizeOptions, stylize_file
+    from cinefx.testing.clips import write_clip
+
+    src = write_clip(tmp_path / "take.mp4", render_move(Move("astronaut", 110, (0.45, 0.4, 0.9), (0.55, 0.5, 0.6)),
+                                                        (96, 64)), fps=24, audio="aac")
+    preset = override(load_preset("epic"), "diffusion", chunk=4, steps=2, strength=0.8, part=RUN)
+    opts = StylizeOptions(engine="diffusion", models=ModelSpec(base=str(tiny_bundle)), metrics=False)
+    whole = stylize_file(src, tmp_path / "whole.mp4", preset, opts)
+    assert len(whole.scenes) == 1 and whole.frames == 110
+
+    real, calls = E.DiffusionEngine.render, []
+
+    def killed_in_piece_3(self, frames, scene):
+        if self._at >= 2 * RUN:
+            raise KeyboardInterrupt
+        calls.append(self._at)
+        return real(self, frames, scene)
+
+    monkeypatch.setattr(E.DiffusionEngine, "render", killed_in_piece_3)
+    with pytest.raises(KeyboardInterrupt):
+        stylize_file(src, tmp_path / "resumed.mp4", preset, opts)
+    work = tmp_path / ".resumed.mp4.cinefx-work"
+    assert sorted(p.name for p in work.glob("scene-*")) == ["scene-00000.mkv", "scene-00000.p001.mkv",
+                                                            "scene-00000.state.pt"]
+    monkeypatch.setattr(E.DiffusionEngine, "render", lambda self, frames, scene: (calls.append(self._at),
+                                                                                 real(self, frames, scene))[1])
+    calls.clear()
+    res = stylize_file(src, tmp_path / "resumed.mp4", preset, opts)
+    assert calls == [2 * RUN]  # only the third piece, primed from what was kept
+    assert any("resumed: 2" in n for n in res.notes)
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "whole.mp4", tmp_path / "resumed.mp4")]
+    assert digest[0] == digest[1]

@@ -162,13 +162,16 @@ class DiffusionEngine:
         """What later pieces of the current scene need (None before its first batch)."""
         return self._state
 
-    def prime(self, scene: int, at: int, state: bytes, lead: np.ndarray) -> None:
-        """Get ready to render scene `scene` from frame `at` (a piece's first frame) without having
-        rendered what comes before: `state` is the scene's (`scene_state().to_bytes()` of whoever
-        rendered its first batch), `lead` (H, W, 3) uint8 the input frame before `at`."""
-        if not self.part or at % self.part or at <= 0:
-            raise ValueError(f"frame {at} of a scene: pieces of {self.part} frames begin only at their multiples")
+    def prime(self, scene: int, at: int, state: bytes | None, lead: np.ndarray | None) -> None:
+        """Get ready to render scene `scene` from frame `at` (0, or a piece's first frame) without
+        having rendered what comes before: `state` is the scene's (`scene_state().to_bytes()` of
+        whoever rendered its first batch), `lead` (H, W, 3) uint8 the input frame before `at`.
+        At frame 0 the scene starts afresh, even if it is the one rendered last."""
         self.start_scene(scene)
+        if at == 0:
+            return
+        if not self.part or at % self.part or at < 0:
+            raise ValueError(f"frame {at} of a scene: pieces of {self.part} frames begin only at their multiples")
         self._at, self._lead, self._state = at, lead, SceneState.from_bytes(state, self.pipe.device)
 
     def render(self, frames: np.ndarray, scene: int) -> np.ndarray:

@@ -98,9 +98,20 @@ class Frame:
     concealed: bool = False  # could not be decoded: a copy of the last good frame stands in for it
 
 
+# Seeks to a time before the one that landed after `start_pts` (demuxers that index decode times,
+# like AVI's, land on the keyframe whose decode time is at or before it).
+_SEEK_TRIES = 3
+
+
+class _Missed(Exception):
+    """Decoding from the keyframe a seek found cannot be shown to give a full decode's frames;
+    raised before any frame is yielded, so `read_frames` decodes from the start instead."""
+
+
 def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: int = 0,
-                exact: bool = True, notes: list[str] | None = None, depth: int = 8) -> Iterator[Frame]:
-    """Yield every frame of `info.path` in display order.
+                exact: bool = True, notes: list[str] | None = None, depth: int = 8,
+                start: int = 0, start_pts: int | None = None) -> Iterator[Frame]:
+    """Yield the frames of `info.path` in display order, from frame `start` on.
 
     size: (width, height) in display orientation to scale to while converting (swscale, area
     filter), or None for the source size. The colour matrix and range come from `info.colour`
@@ -113,6 +124,19 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
     Either way the stream's range tag is honoured: limited-range code values are expanded to full
     range, as players and editors (DaVinci Resolve's "auto" levels) read camera log files too, so
     a curve defined on code/1023 sees the values the camera's own conversion would.
+    start: the index of the first frame to yield, as a full decode numbers them (stand-ins
+    included); frames before it are decoded only as far as needed, and never converted.
+    start_pts: that frame's `Frame.pts` in a full decode (a scene task knows both from the
+    driver's decode). Given, decoding begins at the last keyframe at or before it instead of the
+    first frame: the demuxer seeks there, or, in MPEG transport and program streams (whose clock
+    can restart, so a time names no place in the file), the packets before it are demuxed but not
+    decoded. The frames yielded are the full decode's: pixels, times, durations, indices (frames
+    lost before `start` do not shift them) and stand-ins. Where that cannot be made certain (no
+    timestamps, as in raw streams; no keyframe found at or before `start_pts`; damaged data
+    between that keyframe and `start`; no frame at exactly `start_pts`), the file is decoded from
+    its first frame instead: slower, never different. Without `start_pts` that is always done.
+    Damage after `start` is stood in for as below, but the pixels FFmpeg conceals it with may
+    differ from a full decode's, as they differ between decodes with different thread counts.
 
     Damaged data: a frame that cannot be decoded (the decoder refuses its packet, or drops it
     without a word, as H.264 does when a slice header is damaged) is replaced by a copy of the last
@@ -124,7 +148,8 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
     frames.
     When more than `MAX_LOST_SHARE` (10 %) of the frames are lost, or none decodes, the file is
     refused with `InputFileError`: as soon as that is certain where the container lists its frame
-    count, otherwise after the last frame, before a caller has finished its output.
+    count, otherwise after the last frame, before a caller has finished its output. (Decoding from
+    `start_pts` counts the losses it sees; checking the whole file is the full decode's job.)
 
     Timestamp restarts in MPEG transport and program streams (joined files, splices: the clock
     steps back, or forward by over a second) are discontinuities, not losses: every frame is kept,
@@ -137,6 +162,21 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
 
     Raises `InputFileError` if the file turns out truncated or corrupt part way.
     """
+    if start and start_pts is not None:
+        noted = len(notes) if notes is not None else 0
+        try:
+            yield from _decode(info, size, threads, exact, notes, depth, start, start_pts)
+            return
+        except _Missed:
+            if notes is not None:
+                del notes[noted:]  # the decode from the start notes them again
+    yield from _decode(info, size, threads, exact, notes, depth, start, None)
+
+
+def _decode(info: VideoInfo, size: tuple[int, int] | None, threads: int, exact: bool, notes: list[str] | None,
+            depth: int, start: int, start_pts: int | None) -> Iterator[Frame]:
+    """`read_frames`: decoding from the keyframe before `start_pts` (raising `_Missed` where that
+    cannot be trusted, before yielding anything), or from the first frame where it is None."""
     path = info.path
     k = (info.rotation // 90) % 4
     if size is not None and k % 2:
@@ -160,34 +200,58 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
     sizes_seen = {source_size}
     gaps = info.container in NO_INDEX
     restarts = _restarts(info) if gaps else None
-    heap: list[tuple[int, int, np.ndarray, int]] = []
+    seeking = start_pts is not None
+    # frames wait in the heap as decoded pictures when some will not be yielded, converted on release
+    heap: list[tuple[int, int, np.ndarray | av.VideoFrame, int]] = []
     expected: list[tuple[int, int]] = []  # (pts, duration) of packets whose frame is not out yet
     seq = itertools.count()
-    emitted = itertools.count()
+    emitted = itertools.count(start if seeking else 0)
     last_pts: int | None = None  # last pts pushed into the heap
     last_out: int | None = None  # last pts handed out
-    good: np.ndarray | None = None  # the last frame decoded, which stands in for lost ones
+    good: np.ndarray | av.VideoFrame | None = None  # the last frame decoded, which stands in for lost ones
+    started = False  # a frame has been numbered
     lost = 0
 
-    def out(pts: int, rgb: np.ndarray, duration: int, concealed: bool = False) -> Frame:
-        nonlocal last_out
+    def to_rgb(frame: av.VideoFrame) -> np.ndarray:
+        if (frame.width, frame.height) != source_size:
+            rgb = _fit(frame, size or source_size, {**convert, "interpolation": shrink})
+        elif own and frame.format.name == "yuv420p":
+            rgb = _yuv420_to_rgb(frame, matrix, size, fields)
+        else:
+            rgb = frame.to_ndarray(**convert)
+        return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
+
+    def out(pts: int, picture, duration: int, concealed: bool = False) -> Frame | None:
+        """The frame at `pts`, numbered, or None for one before `start`."""
+        nonlocal last_out, started, lost
         if last_out is not None and pts <= last_out:
             pts = last_out + 1  # duplicate timestamps: keep order, nudge by one tick
         last_out = pts
-        return Frame(next(emitted), pts, rgb, duration, concealed)
+        if seeking and not started:
+            if pts < start_pts:
+                return None
+            # not the full decode's frame at start_pts, or a stand-in that would copy a later frame
+            # where the full decode copies one from before the keyframe
+            if pts != start_pts or (concealed and good is None):
+                raise _Missed
+        started = True
+        index = next(emitted)
+        lost += concealed
+        if index < start:
+            return None
+        rgb = picture if isinstance(picture, np.ndarray) else to_rgb(picture)
+        return Frame(index, pts, rgb.copy() if concealed else rgb, duration, concealed)
 
-    def stand_in(missing: list[tuple[int, int]], rgb: np.ndarray) -> Iterator[Frame]:
-        nonlocal lost
-        lost += len(missing)
+    def stand_in(missing: list[tuple[int, int]], picture) -> Iterator[Frame]:
+        made = [out(pts, picture, duration, concealed=True) for pts, duration in missing]
         if info.frame_count and lost > MAX_LOST_SHARE * info.frame_count:
             raise _too_damaged(path, lost, info.frame_count)
-        for pts, duration in missing:
-            yield out(pts, rgb.copy(), duration, concealed=True)
+        yield from (f for f in made if f)
 
     def release() -> Iterator[Frame]:
         """The next decoded frame in display order, after stand-ins for the frames lost before it."""
         nonlocal good
-        pts, _, rgb, duration = heapq.heappop(heap)
+        pts, _, picture, duration = heapq.heappop(heap)
         missing = []
         while expected and expected[0][0] < pts:
             missing.append(heapq.heappop(expected))
@@ -201,9 +265,11 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
                 filled.append((t, d))
                 prev = t
             missing = filled[:-1]
-        yield from stand_in(missing, rgb if good is None else good)
-        good = rgb
-        yield out(pts, rgb, duration)
+        yield from stand_in(missing, picture if good is None else good)
+        frame = out(pts, picture, duration)
+        good = picture if frame is None else frame.rgb
+        if frame is not None:
+            yield frame
 
     packets = 0
     with open_container(path) as container:
@@ -215,8 +281,13 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
             stream.codec_context.options = {**stream.codec_context.options, "skip_loop_filter": "all"}
         if threads:
             stream.codec_context.thread_count = threads
+        demuxed, skip = container.demux(stream), 0
+        if seeking and gaps:
+            skip = _packets_before_keyframe(info, start_pts)
+        elif seeking:
+            demuxed = _seek(container, stream, start_pts)
         try:
-            for packet in container.demux(stream):
+            for packet in demuxed:
                 if packet.size:
                     packets += 1
                     if restarts is not None and restarts.fix(packet) and notes is not None:
@@ -224,17 +295,23 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
                         at = float(moved * info.time_base) - info.start_time
                         notes.append(f"timestamps restart at {at:.2f} s (joined files?): frames after it are "
                                      "timed to follow on")
+                    if packets <= skip:
+                        continue
                     if packet.pts is not None and not packet.is_discard:  # discard: before an edit list's start
                         heapq.heappush(expected, (packet.pts, packet.duration or step))
                 try:
                     frames = packet.decode()
                 except av.error.InvalidDataError:
+                    if seeking and not started:
+                        raise _Missed from None  # how a decoder gets over damage may depend on what came before
                     continue  # its frame is missed, and stood in for, by its timestamp
                 for frame in frames:
                     pts = frame.pts
                     if pts is None:
                         pts = (last_pts + step) if last_pts is not None else 0
                     last_pts = pts
+                    if seeking and not started and frame.is_corrupt:
+                        raise _Missed  # error concealment may have drawn on frames before the keyframe
                     coded = (frame.width, frame.height)
                     if coded != source_size:
                         if notes is not None and coded not in sizes_seen:
@@ -243,29 +320,64 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
                                          f"{coded[0]}x{coded[1]} at {at:.2f}s: scaled to fit the first size, "
                                          "with black bars")
                         sizes_seen.add(coded)
-                        rgb = _fit(frame, size or source_size, {**convert, "interpolation": shrink})
-                    elif own and frame.format.name == "yuv420p":
-                        rgb = _yuv420_to_rgb(frame, matrix, size, fields)
-                    else:
-                        rgb = frame.to_ndarray(**convert)
-                    if k:
-                        rgb = np.ascontiguousarray(np.rot90(rgb, k))
-                    heapq.heappush(heap, (pts, next(seq), rgb, int(frame.duration or 0)))
+                    heapq.heappush(heap, (pts, next(seq), frame if start else to_rgb(frame), int(frame.duration or 0)))
                     if len(heap) > REORDER_DEPTH:
                         yield from release()
         except av.error.FFmpegError as ex:
             raise InputFileError(f"{path}: cannot be decoded past packet {packets} ({ex})") from ex
     while heap:
         yield from release()
-    if info.frame_count and packets < info.frame_count:
+    if not seeking and info.frame_count and packets < info.frame_count:  # a seek skips packets
         raise InputFileError(f"{path}: truncated: the container lists {info.frame_count} frames, "
                              f"only {packets} are present")
     if good is None:
+        if seeking:
+            raise _Missed
         raise InputFileError(f"{path}: contains no decodable video frames ({packets} damaged packets)")
     yield from stand_in([e for e in sorted(expected) if e[0] > last_out], good)  # lost at the end
+    if seeking and not started:
+        raise _Missed
     total = next(emitted)
     if lost > MAX_LOST_SHARE * total:
         raise _too_damaged(path, lost, total)
+
+
+def _seek(container, stream, start_pts: int) -> Iterator[av.Packet]:
+    """`stream`'s packets from the last keyframe at or before `start_pts` on. (FFmpeg's decoders
+    drop the pictures of an open GOP shown before its keyframe when decoding starts there.)"""
+    target, landed = start_pts, None
+    for _ in range(_SEEK_TRIES):
+        try:
+            container.seek(target, backward=True, stream=stream)
+            demuxed = container.demux(stream)
+            key = next((p for p in demuxed if p.size), None)
+        except av.error.FFmpegError:
+            raise _Missed from None
+        if key is None or key.pts is None or not key.is_keyframe or key.pts == landed:
+            raise _Missed  # no timestamps (raw streams), no keyframe, or no earlier keyframe
+        if key.pts <= start_pts:
+            return itertools.chain([key], demuxed)
+        landed, target = key.pts, min(target, key.pts if key.dts is None else key.dts) - 1
+    raise _Missed
+
+
+def _packets_before_keyframe(info: VideoInfo, start_pts: int) -> int:
+    """In a stream without an index: how many packets come before the last keyframe at or before
+    `start_pts`, times moved as `Restarts` moves them. Demuxing costs little beside decoding."""
+    restarts, found = _restarts(info), None
+    with open_container(info.path) as container:
+        try:
+            for n, packet in enumerate(p for p in container.demux(container.streams.video[0]) if p.size):
+                restarts.fix(packet)
+                if packet.is_keyframe and packet.pts is not None:
+                    if packet.pts > start_pts:
+                        break
+                    found = n
+        except av.error.FFmpegError:
+            found = None  # the decode from the start says what is wrong
+    if found is None:
+        raise _Missed
+    return found
 
 
 def _too_damaged(path, lost: int, total: int) -> InputFileError:

@@ -5,11 +5,12 @@ be the bytes `decode_latents` returns in line."""
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 from cinefx.diffusion.models import ModelSpec, SpeedOptions, apply_speed, load_components
-from cinefx.diffusion.pipeline import OverlappedDecoder, TemporalControlPipeline
+from cinefx.diffusion.pipeline import BatchDecoder, TemporalControlPipeline
 
 SIZE = 64  # the tiny bundle's native side: 8×8 latents
 
@@ -50,7 +51,7 @@ def test_overlapped_decode_is_bit_identical_to_decoding_in_line(pipe, monkeypatc
     where, real = [], pipe.vae.decode
     monkeypatch.setattr(pipe.vae, "decode", lambda z: where.append((threading.current_thread().name, len(z)))
                         or real(z))
-    with OverlappedDecoder(pipe) as decoder:
+    with BatchDecoder(pipe) as decoder:
         images = decoder.submit(x).result()
     assert images.dtype == inline.dtype == torch.float32 and images.shape == (n, 3, SIZE, SIZE)
     assert torch.equal(images, inline)
@@ -69,8 +70,22 @@ def test_pipeline_without_decode_leaves_the_images_to_the_decoder(pipe):
     args = (frames, {"canny": (frames > 0.5).float()}, torch.randn(3, 4, 8, 8, generator=g))
     whole, split = pipe(*args, **kw), pipe(*args, decode=False, **kw)
     assert split.images is None and torch.equal(split.latents, whole.latents)
-    with OverlappedDecoder(pipe) as decoder:
+    with BatchDecoder(pipe) as decoder:
         assert torch.equal(decoder.submit(split.latents).result(), whole.images)
+
+
+def test_without_overlap_submit_decodes_in_line(pipe, monkeypatch):
+    """`overlap_decode` off: the same calls decode in the caller's thread, at `submit`, and start
+    no thread."""
+    monkeypatch.setattr(pipe, "overlap_decode", False)
+    where, real = [], pipe.decode_latents
+    monkeypatch.setattr(pipe, "decode_latents", lambda x: where.append(threading.current_thread()) or real(x))
+    x = latents(3)
+    with BatchDecoder(pipe) as decoder:
+        job = decoder.submit(x)
+        assert where == [threading.current_thread()] and not decode_threads()
+        with torch.inference_mode():
+            assert torch.equal(job.result(), real(x))
 
 
 def test_submit_returns_while_the_decode_runs(pipe, monkeypatch):
@@ -84,7 +99,7 @@ def test_submit_returns_while_the_decode_runs(pipe, monkeypatch):
         return real(x)
 
     monkeypatch.setattr(pipe, "decode_latents", decode)
-    with OverlappedDecoder(pipe) as decoder:
+    with BatchDecoder(pipe) as decoder:
         job = decoder.submit(latents(2))
         go.set()
         assert job.result().shape == (2, 3, SIZE, SIZE)
@@ -103,7 +118,7 @@ def test_one_decode_in_flight_and_errors_surface_at_result(pipe, monkeypatch):
         return real(x)
 
     monkeypatch.setattr(pipe, "decode_latents", decode)
-    with OverlappedDecoder(pipe) as decoder:
+    with BatchDecoder(pipe) as decoder:
         job = decoder.submit(latents(1))
         with pytest.raises(RuntimeError, match="in flight"):
             decoder.submit(latents(1))
@@ -118,7 +133,7 @@ def test_close_and_interrupts_leave_no_thread(pipe, monkeypatch):
     """`close()` ends the thread; a run stopped (Ctrl-C) with a decode still running waits for it
     on the way out rather than leaving the thread behind."""
     assert not decode_threads()
-    decoder = OverlappedDecoder(pipe)
+    decoder = BatchDecoder(pipe)
     decoder.submit(latents(1)).result()
     assert decode_threads()
     decoder.close()
@@ -133,7 +148,7 @@ def test_close_and_interrupts_leave_no_thread(pipe, monkeypatch):
 
     monkeypatch.setattr(pipe, "decode_latents", slow)
     with pytest.raises(KeyboardInterrupt):
-        with OverlappedDecoder(pipe) as decoder:
+        with BatchDecoder(pipe) as decoder:
             decoder.submit(latents(2))
             started.wait(timeout=30)
             raise KeyboardInterrupt
@@ -166,11 +181,74 @@ def test_compiled_decoder_runs_on_the_decode_thread(tiny_bundle):
     fast = make_pipe(tiny_bundle, SpeedOptions(compile=True, compile_backend="eager"))
     x = latents(3)
     frames_before = counters["frames"]["ok"]
-    with OverlappedDecoder(fast) as decoder:
+    with BatchDecoder(fast) as decoder:
         images = decoder.submit(x).result()
     assert counters["frames"]["ok"] > frames_before  # traced from the thread
     with torch.inference_mode():
         assert torch.equal(images, fast.decode_latents(x))
+
+
+# -- the engine ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def take():
+    """9 frames of a push-in over a real photograph, 96x64: batches of 2, 2, 2, 2 and 1."""
+    from cinefx.testing.clips import Move, render_move
+
+    return np.stack(list(render_move(Move("astronaut", 9, (0.45, 0.4, 0.9), (0.5, 0.45, 0.75)), (96, 64))))
+
+
+def engine(bundle, overlap, **diffusion):
+    """The epic preset (canny and depth, colour anchoring) in batches of 2, temporal full, the
+    residual noise prior; decodes overlapped or in line."""
+    from cinefx.engines import build_diffusion_engine
+    from cinefx.presets import load_preset, override
+    from cinefx.renderers import EngineSettings
+
+    cfg = dict(chunk=2, steps=2, strength=0.8, temporal="full", noise_prior="residual", **diffusion)
+    eng = build_diffusion_engine(override(load_preset("epic"), "diffusion", **cfg), ModelSpec(base=str(bundle)),
+                                 EngineSettings(seed=3))
+    eng.pipe.overlap_decode = overlap
+    return eng
+
+
+def test_engine_with_overlap_renders_the_in_line_bytes(tiny_bundle, take, monkeypatch):
+    """A scene in batches of 2, over two calls: with the decode of each batch overlapping the next
+    one's denoising, every frame (colour anchoring, detail) and the scene state later pieces start
+    from are byte-identical to decoding in line; the decodes ran on the decode thread, a batch
+    each, in order."""
+    inline = engine(tiny_bundle, False)
+    off = np.concatenate([inline.render(take[:5], 2), inline.render(take[5:], 2)])
+    eng = engine(tiny_bundle, True)
+    decoded, real = [], eng.pipe.decode_latents
+    monkeypatch.setattr(eng.pipe, "decode_latents", lambda x: decoded.append(
+        (threading.current_thread().name, len(x))) or real(x))
+    on = np.concatenate([eng.render(take[:5], 2), eng.render(take[5:], 2)])
+    assert on.shape == take.shape and np.array_equal(on, off)
+    assert [n for _, n in decoded] == [2, 2, 1, 2, 2] and all(t.startswith("cinefx-decode") for t, _ in decoded)
+    a, b = eng.scene_state(), inline.scene_state()
+    assert torch.equal(a.first.latents, b.first.latents) and a.extractors == b.extractors
+    assert all(np.array_equal(x, y) for x, y in zip(a.colour_ref, b.colour_ref))
+    assert not decode_threads()  # each call closes its decoder
+
+
+def test_engine_stopped_between_batches_leaves_no_decode_thread(tiny_bundle, take, monkeypatch):
+    """Ctrl-C seen between batches (a decode in flight) unwinds through the decoder: its thread
+    ends with the call, and the engine renders on afterwards."""
+    from cinefx import interrupt
+
+    eng = engine(tiny_bundle, True)
+    checks = iter([None, None, KeyboardInterrupt])
+
+    def check():
+        if (stop := next(checks, None)) is not None:
+            raise stop
+
+    monkeypatch.setattr(interrupt, "check", check)
+    with pytest.raises(KeyboardInterrupt):
+        eng.render(take, 0)
+    assert not decode_threads()
+    assert eng.render(take[:3], 1).shape == (3, 64, 96, 3)
 
 
 @pytest.mark.gpu
@@ -185,7 +263,7 @@ def test_side_stream_decode_is_identical_on_a_gpu(tiny_bundle):
     x = latents(5).cuda()
     with torch.inference_mode():
         inline = gpu.decode_latents(x)
-    with OverlappedDecoder(gpu) as decoder:
+    with BatchDecoder(gpu) as decoder:
         busy = torch.randn(2048, 2048, device="cuda")
         y = x.clone()
         job = decoder.submit(y)

@@ -28,7 +28,7 @@ from cinefx import interrupt
 from cinefx.controls import EXTRACTORS
 from cinefx.diffusion.adapters import apply_adapters
 from cinefx.diffusion.noise import NoiseCarry, initial_noise
-from cinefx.diffusion.pipeline import NOISY_SCHEDULERS, Anchors, TemporalControlPipeline
+from cinefx.diffusion.pipeline import NOISY_SCHEDULERS, Anchors, BatchDecoder, TemporalControlPipeline
 from cinefx.diffusion.turbo import TURBO_GUIDANCE, StepNoise, TurboLoRA, apply_turbo
 from cinefx.renderers import EngineSettings, part_frames
 from cinefx.presets import Preset, prompt_text
@@ -127,7 +127,8 @@ class DiffusionEngine:
 
     def _fit(self, rw: int, rh: int) -> None:
         """Size choices that depend on the render size: VAE tiling for large frames, and on a GPU
-        with `batch` left automatic, the largest batch (≤ chunk) that fits in free memory."""
+        with `batch` left automatic, the largest batch (≤ chunk) that fits in free memory beside
+        the previous batch's decode, when decodes overlap the denoising."""
         self._fitted = (rw, rh)
         if rw * rh > 1024 * 1024:
             self.pipe.vae.enable_tiling()  # the VAE decoder's memory grows with the square of the side
@@ -135,6 +136,7 @@ class DiffusionEngine:
             return
         per_frame = self.pipe.frame_memory(rw, rh, self.guidance > 1.0, self.cfg.temporal)
         free, _ = torch.cuda.mem_get_info(self.pipe.device)
+        free -= self.pipe.decode_memory(rw, rh, self.cfg.chunk)
         anchors = 0 if self.temporal_off else 2
         fits = int(0.85 * free // max(per_frame, 1)) - anchors
         self.batch = max(1, min(self.cfg.chunk, fits))
@@ -144,6 +146,7 @@ class DiffusionEngine:
     def start_scene(self, scene: int) -> None:
         self._scene, self._at, self._lead, self._state = scene, 0, None, None
         self.first: Anchors | None = None  # the scene's first rendered frame
+        self._opening: dict | None = None  # the extractors' state after the scene's first batch
         self.colour_ref: tuple[np.ndarray, np.ndarray] | None = None
         self._start_piece(0)
         for ex in self.extractors.values():
@@ -218,16 +221,23 @@ class DiffusionEngine:
         return np.stack([cv2.resize(f, (rw, rh), interpolation=cv2.INTER_AREA) for f in frames])
 
     def _render_piece(self, frames: np.ndarray) -> np.ndarray:
-        """Frames within one piece of the current scene → stylized."""
+        """Frames within one piece of the current scene → stylized, batch by batch; with the speed
+        option `overlap_decode` each batch decodes while the next one denoises (`BatchDecoder`)."""
         h, w = frames.shape[1:3]
         small = self._small(frames)
         rh, rw = small.shape[1:3]
         keys = self._keyframe_positions(len(frames))
         out_small = np.empty_like(small)
-        for start in range(0, len(keys), self.batch):
-            interrupt.check()  # a batch can take minutes: stop between batches if Ctrl-C was lost
-            idx = keys[start:start + self.batch]
-            out_small[idx] = self._render_batch(small[idx])
+        with BatchDecoder(self.pipe) as decoder:  # closed on errors too: no decode thread outlives the call
+            decoding = None  # (positions, decode job) of the batch decoding while the next one denoises
+            for start in range(0, len(keys), self.batch):
+                interrupt.check()  # a batch can take minutes: stop between batches if Ctrl-C was lost
+                idx = keys[start:start + self.batch]
+                latents = self._denoise(small[idx])  # while the batch before decodes
+                if decoding is not None:
+                    self._collect(out_small, small, *decoding)
+                decoding = idx, decoder.submit(latents)
+            self._collect(out_small, small, *decoding)
         if len(keys) < len(frames):
             from cinefx.diffusion.keyframes import propagate
 
@@ -245,19 +255,25 @@ class DiffusionEngine:
         # rendered frame on each side within the chunk.
         return sorted(set(range(0, n, k)) | {n - 1})
 
-    def _render_batch(self, small: np.ndarray) -> np.ndarray:
-        """(B, h, w, 3) uint8 at render size → stylized, same shape; keeps the anchors it yields."""
-        out, head, self.last = self._diffuse(small)
-        if self.first is None:
-            self.first = head
-        out = self._anchor_colour(out, small)
-        if self._state is None:  # the scene's first batch: what its later pieces start from
-            self._state = SceneState(self.first, self.colour_ref, {k: ex.state() for k, ex in self.extractors.items()})
-        return out
+    def _denoise(self, small: np.ndarray) -> torch.Tensor:
+        """(B, h, w, 3) uint8 at render size → clean latents (B, 4, h/8, w/8) to decode; keeps the
+        anchors they yield, which is all the next batch needs of them."""
+        latents, head, self.last = self._diffuse(small)
+        if self.first is None:  # the scene's first batch: its extractors' state goes in the scene state
+            self.first, self._opening = head, {k: ex.state() for k, ex in self.extractors.items()}
+        return latents
 
-    def _diffuse(self, small: np.ndarray) -> tuple[np.ndarray, Anchors, Anchors]:
-        """(B, h, w, 3) uint8 at render size → the diffused frames (same shape, before colour
-        anchoring), and the first and last of them as anchors."""
+    def _collect(self, out_small: np.ndarray, small: np.ndarray, idx: list[int], job) -> None:
+        """Put a batch's decoded frames (`job`, of the frames `small[idx]`) at `idx` of `out_small`,
+        colour-anchored, in batch order (the scene's first batch sets the colour reference)."""
+        out = (job.result().permute(0, 2, 3, 1).float().cpu().numpy() * 255 + 0.5).astype(np.uint8)
+        out_small[idx] = self._anchor_colour(out, small[idx])
+        if self._state is None:  # the scene's first batch: what its later pieces start from
+            self._state = SceneState(self.first, self.colour_ref, self._opening)
+
+    def _diffuse(self, small: np.ndarray) -> tuple[torch.Tensor, Anchors, Anchors]:
+        """(B, h, w, 3) uint8 at render size → the clean latents (B, 4, h/8, w/8), not decoded,
+        and the first and last frames as anchors."""
         pipe = self.pipe
         scale = pipe.vae_scale
         shape = (4, small.shape[1] // scale, small.shape[2] // scale)
@@ -267,15 +283,15 @@ class DiffusionEngine:
         res = pipe(images, controls, noise, prompt=self.prompt, negative=self.preset.prompt.negative,
                    scales=self.scales, strength=self.cfg.strength, steps=self.steps, guidance=self.guidance,
                    temporal=self.cfg.temporal, anchors=self._anchors(),
-                   step_noise=self.step_noise.draw(small, shape) if self.step_noise else None)
+                   step_noise=self.step_noise.draw(small, shape) if self.step_noise else None,
+                   decode=False)  # the caller's `BatchDecoder` decodes
         noise = noise.to(res.latents.device)
 
         def anchor(i: int) -> Anchors:
             return Anchors(res.latents[i:i + 1], noise[i:i + 1], {k: c[i:i + 1] for k, c in controls.items()})
 
-        out = (res.images.permute(0, 2, 3, 1).float().cpu().numpy() * 255 + 0.5).astype(np.uint8)
         last = anchor(len(small) - 1)
-        return out, anchor(0) if len(small) > 1 else last, last  # one frame: one anchor, not two alike
+        return res.latents, anchor(0) if len(small) > 1 else last, last  # one frame: one anchor, not two alike
 
     def _anchors(self) -> Anchors | None:
         if self.temporal_off:

@@ -354,7 +354,7 @@ class SpeedOptions:
     # through diffusers' Attention.fuse_projections; layers a LoRA wraps keep their own.
     fuse_qkv: bool = True
     # Decode a batch with the VAE (on a thread and, on a GPU, a CUDA stream of its own) while the
-    # next batch denoises (`pipeline.OverlappedDecoder`); the bytes are those of decoding in line.
+    # next batch denoises (`pipeline.BatchDecoder`); the bytes are those of decoding in line.
     # Costs one batch's decode of GPU memory beside the denoising, which the automatic batch size
     # leaves free (`TemporalControlPipeline.decode_memory`).
     overlap_decode: bool = True

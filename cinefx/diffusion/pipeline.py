@@ -10,7 +10,7 @@ One call renders F frames of one scene (Control-A-Video, Chen et al. 2023):
      re-imposed at every step from their already-rendered clean latents, so the batch is drawn
      towards frames the viewer has already seen (no seam between chunks). Classifier-free
      guidance runs the unconditional batch only when guidance > 1.
-  7. decode the new frames (VAE, in slices), or leave that to an `OverlappedDecoder`, which decodes
+  7. decode the new frames (VAE, in slices), or leave that to a `BatchDecoder`, which decodes
      a batch while the caller denoises the next (that needs only this batch's latents, as anchors)
 
 Few-step samplers for distilled LoRAs (`cinefx.diffusion.turbo`): LCM and TCD put fresh noise
@@ -142,7 +142,7 @@ class TemporalControlPipeline:
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.state = TemporalState()
         self.compiled = bool(speed and speed.compile)  # see `models.apply_speed`
-        # whether the engine decodes batch k on an `OverlappedDecoder` while it denoises batch k+1
+        # whether the engine decodes batch k (`BatchDecoder`) while it denoises batch k+1
         self.overlap_decode = bool(speed and speed.overlap_decode)
         self._side_stream = None  # the CUDA stream decodes overlap on: one per pipeline, see `side_stream`
         self._prompt_cache: dict[tuple[str, str], torch.Tensor] = {}
@@ -254,7 +254,7 @@ class TemporalControlPipeline:
         return max(peaks[1] - peaks[0], peaks[0] // 2)
 
     def decode_memory(self, width: int, height: int, frames: int) -> int:
-        """Peak CUDA bytes a decode of up to `frames` frames in flight (`OverlappedDecoder`) holds
+        """Peak CUDA bytes a decode of up to `frames` frames in flight (`BatchDecoder`) holds
         beside the denoising; 0 without `overlap_decode`, where the decode runs after the denoising
         has freed its memory. Measured: the VAE decoding one slice (≤ `vae_batch` frames), plus the
         float32 images of the other frames twice (the slices' and their concatenation)."""
@@ -289,7 +289,7 @@ class TemporalControlPipeline:
         noise (F, 4, H/8, W/8); see the module docstring for the steps. `step_noise(i)` gives the
         noise (F, 4, H/8, W/8) the LCM and TCD samplers add after step i (0-based, all but the last
         step of the run); other samplers add none. With `decode` False the images are left to the
-        caller (`OverlappedDecoder`) and `images` is None."""
+        caller (`BatchDecoder`) and `images` is None."""
         # 1. check inputs
         n, _, h, w = frames.shape
         m = self.size_multiple
@@ -362,7 +362,7 @@ class TemporalControlPipeline:
 
 
 class DecodeJob:
-    """One decode submitted to an `OverlappedDecoder`; `result()` waits for it."""
+    """One decode submitted to a `BatchDecoder`; `result()` waits for it."""
 
     def __init__(self, future: Future, device: torch.device):
         self._future, self._device = future, device
@@ -380,33 +380,41 @@ class DecodeJob:
         return images
 
 
-class OverlappedDecoder:
-    """Decodes batches with the pipeline's VAE on a thread of its own while the caller denoises the
-    next batch, which needs only this one's latents: on a GPU the decode's kernels run on a side
-    stream beside the denoising's, and the host keeps launching the denoising's meanwhile.
+class BatchDecoder:
+    """Decodes the batches a caller denoises, with the pipeline's VAE. With `pipe.overlap_decode` a
+    batch decodes on a thread of its own while the caller denoises the next, which needs only this
+    one's latents: on a GPU the decode's kernels run on a side stream beside the denoising's, and
+    the host keeps launching the denoising's meanwhile. On a CPU the same thread runs, without a
+    stream. Either way the images are the bytes `decode_latents` gives in line; without
+    `overlap_decode`, `submit` decodes in line, so the caller's loop is the same both ways.
 
-    The same thread runs on a CPU, without a stream, and decodes exactly what `decode_latents`
-    does in line. Memory: at most one decode is in flight (`submit` refuses a second before the
-    first's `result()` is taken), so the GPU holds one batch's decode beside the denoising:
-    `TemporalControlPipeline.decode_memory`, which the engine reserves when it sizes batches.
+    Memory: at most one decode is in flight (`submit` refuses a second before the first's
+    `result()` is taken), so the GPU holds one batch's decode beside the denoising:
+    `TemporalControlPipeline.decode_memory`, which the engine leaves free when it sizes batches.
     `close()` (or leaving a `with` block) waits for a decode that is running, drops one not yet
     started, and ends the thread."""
 
     def __init__(self, pipe: TemporalControlPipeline):
         self.pipe = pipe
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cinefx-decode")
-        self._stream = pipe.side_stream() if pipe.device.type == "cuda" else None
+        overlap = pipe.overlap_decode
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cinefx-decode") if overlap else None
+        self._stream = pipe.side_stream() if overlap and pipe.device.type == "cuda" else None
         self._job: DecodeJob | None = None
 
     def submit(self, latents: torch.Tensor) -> DecodeJob:
-        """Start decoding `latents` (F, 4, h, w), which the caller's current stream produced."""
+        """Decode `latents` (F, 4, h, w), which the caller's current stream produced."""
         if self._job is not None and not self._job.collected:
             raise RuntimeError("a decode is already in flight: take its result() before submitting another")
-        ready = None
-        if self._stream is not None:
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.pipe.device))  # now, not when the thread starts
-        self._job = DecodeJob(self._pool.submit(self._decode, latents, ready), self.pipe.device)
+        if self._pool is None:
+            future = Future()
+            future.set_result(self._decode(latents, None))
+        else:
+            ready = None
+            if self._stream is not None:
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self.pipe.device))  # now, not when the thread starts
+            future = self._pool.submit(self._decode, latents, ready)
+        self._job = DecodeJob(future, self.pipe.device)
         return self._job
 
     def _decode(self, latents: torch.Tensor, ready) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -423,9 +431,10 @@ class OverlappedDecoder:
             return images, done
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> OverlappedDecoder:
+    def __enter__(self) -> BatchDecoder:
         return self
 
     def __exit__(self, *exc) -> None:

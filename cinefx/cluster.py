@@ -203,6 +203,7 @@ class _Output:
     lock: OutputLock
     work: WorkFolder
     scenes: list[Scene]
+    pts: list[int]  # of every frame
     pieces: dict[int, int]  # scene → how many pieces it renders as
     left: set[tuple[int, int]]  # (scene, piece) not yet in the work folder
     failed: str = ""
@@ -215,19 +216,27 @@ def _pieces(scene: Scene, piece: int) -> list[int]:
     return [min(piece, scene.frames - k) for k in range(0, scene.frames, piece)]
 
 
-def _scenes(src: Path, options: StylizeOptions) -> tuple[list[Scene], object]:
-    """The input's scenes, found as `stylize_file` finds them (the same frames, the same detector)."""
+def _scenes(src: Path, options: StylizeOptions) -> tuple[list[Scene], object, list[int]]:
+    """The input's scenes, found as `stylize_file` finds them (the same frames, the same detector),
+    and every frame's pts (where workers seek to)."""
     from cinefx.video.probe import probe
 
     info = probe(src)
-    stream = SceneStream(decode(info, options), 48, options.detector)
+    pts: list[int] = []
+
+    def noted(frames):
+        for f in frames:
+            pts.append(f.pts)
+            yield f
+
+    stream = SceneStream(noted(decode(info, options)), 48, options.detector)
     for _ in stream:
         pass
     if not stream.count:
         from cinefx.errors import InputFileError
 
         raise InputFileError(f"{src}: contains no decodable video frames")
-    return stream.scenes, info
+    return stream.scenes, info, pts
 
 
 def _open_output(src: Path, dst: Path, preset, options: StylizeOptions, choice, work_dir: Path | None,
@@ -242,7 +251,7 @@ def _open_output(src: Path, dst: Path, preset, options: StylizeOptions, choice, 
     try:
         if dst.exists() and dst.resolve() == src.resolve():
             raise OutputError(f"{dst}: output would overwrite the input")
-        scenes, info = _scenes(src, options)
+        scenes, info, pts = _scenes(src, options)
         colour = (ocio.choose_input(options.input_colorspace, info.colour).space,
                   ocio.resolve(options.output_colorspace, "--output-colorspace"))
         at = (work_dir or dst.parent) / dst.name
@@ -256,7 +265,7 @@ def _open_output(src: Path, dst: Path, preset, options: StylizeOptions, choice, 
         lock.release()
         raise
     pieces = {s.index: len(_pieces(s, piece)) for s in scenes}
-    return _Output(src, dst, lock, work, scenes, pieces,
+    return _Output(src, dst, lock, work, scenes, pts, pieces,
                    {(s.index, k) for s in scenes for k in range(pieces[s.index]) if not work.has(s.index, k)})
 
 
@@ -403,7 +412,8 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
             if opened[i].failed:
                 continue
             o = opened[i]
-            task = SceneTask(o.src, scene, preset, options, choice.name, part)
+            first = scene.start + part * piece - (1 if part else 0)  # a later piece decodes its lead-in too
+            task = SceneTask(o.src, scene, preset, options, choice.name, part, o.pts[first])
             flight[worker.render.remote(task, str(o.work.path), o.work.key)] = (worker, i, scene, part)
 
     def finish(i: int) -> None:

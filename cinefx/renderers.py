@@ -34,6 +34,15 @@ def run_frames(batch: int) -> int:
     return batch * max(1, RUN_FRAMES // batch)
 
 
+def lengths(name: str, preset: Preset, settings: EngineSettings) -> tuple[int, int]:
+    """(run_length, part) of the renderer `name` would build for `preset` and `settings`, without
+    building it (which, for diffusion, loads the models)."""
+    if name != "diffusion":
+        return RUN_FRAMES, 0
+    batch = settings.batch or preset.diffusion.chunk  # the engine's nominal batch
+    return run_frames(batch), part_frames(preset.diffusion.part, batch)
+
+
 def part_frames(part: int, batch: int) -> int:
     """Frames per piece of a long scene (a preset's `part`, 0 = a scene is one piece), rounded up
     to whole runs so that pieces begin where runs do."""
@@ -115,8 +124,7 @@ class DiffusionRenderer(GradeRenderer):
     def __init__(self, preset: Preset, size: tuple[int, int], seed: int, engine=None):
         super().__init__(preset, size, seed)
         self.engine = engine
-        batch = engine.settings.batch or preset.diffusion.chunk  # as the engine's own nominal batch
-        self.run_length, self.part = run_frames(batch), part_frames(preset.diffusion.part, batch)
+        self.run_length, self.part = lengths(self.name, preset, engine.settings)
 
     def scene_state(self) -> bytes | None:
         """What the current scene's later pieces start from (`SceneState`, as bytes), once its first

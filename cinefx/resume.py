@@ -310,9 +310,13 @@ class ResumingRenderer:
     be rendered after pieces that were read back, the renderer is primed with the scene's kept state
     and the frame before the piece, as a cluster's worker is."""
 
-    def __init__(self, renderer, work: WorkFolder):
-        self.renderer, self.work = renderer, work
-        self.name, self.run_length, self.part = renderer.name, renderer.run_length, renderer.part
+    def __init__(self, make, work: WorkFolder, name: str, run_length: int, part: int):
+        """`make()` builds the renderer (named `name`, with that `run_length` and `part`) the first
+        time a scene must be rendered: a run that reads every scene back (a cluster's assembly, a
+        finished resume) never loads the models."""
+        self.make, self.work = make, work
+        self.name, self.run_length, self.part = name, run_length, part
+        self._renderer = None
         self._scene: int | None = None
         self._at = 0  # frames of the scene so far
         self._lead: np.ndarray | None = None  # its last frame
@@ -342,8 +346,15 @@ class ResumingRenderer:
         self._at, self._lead, self._rendered = at + len(frames), frames[-1], rendered
         return out
 
+    @property
+    def renderer(self):
+        if self._renderer is None:
+            self._renderer = self.make()
+        return self._renderer
+
     def close(self) -> None:
-        self.renderer.close()
+        if self._renderer is not None:
+            self._renderer.close()
 
 
 # -- one run per output ------------------------------------------------------------------------

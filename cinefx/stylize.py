@@ -10,6 +10,7 @@ input, the scene's frames, the preset and the options, so a resumed run writes t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import time
@@ -25,6 +26,7 @@ import numpy as np
 from cinefx import __version__, interrupt, resume
 from cinefx.diffusion.models import ModelSpec, with_user_defaults
 from cinefx.engines import EngineChoice, EngineSettings, build_renderer, choose_engine, speed_key
+from cinefx.renderers import lengths
 from cinefx.errors import (CinefxError, InputFileError, MissingFileError, OptionError, OutputBusyError, OutputError,
                            PresetError, unforeseen)
 from cinefx.grade import ocio
@@ -129,17 +131,24 @@ class SceneTask:
     options: StylizeOptions
     engine: str = "diffusion"
     part: int = 0
+    # the pts of the first frame the task decodes (a later piece's: the frame before it), where the
+    # caller knows it: the worker then seeks to the keyframe before it instead of decoding the input
+    # from its start. The frames, and so the result, are the same either way.
+    pts: int | None = None
 
 
-def decode(info: VideoInfo, options: StylizeOptions, notes: list[str] | None = None) -> Iterator[Frame]:
+def decode(info: VideoInfo, options: StylizeOptions, notes: list[str] | None = None, start: int = 0,
+           start_pts: int | None = None) -> Iterator[Frame]:
     """`read_frames(info)` in the grade's working space, Rec.709: frames in another colour space
     (`options.input_colorspace`, or the stream's tags) are converted in float before the one
-    rounding to 8 bits, from 16-bit RGB for sources over 8 bits. Rec.709 frames pass as decoded."""
+    rounding to 8 bits, from 16-bit RGB for sources over 8 bits. Rec.709 frames pass as decoded.
+    From frame `start` on, seeking to the keyframe before it where its pts `start_pts` is known."""
     conv = ocio.input_conversion(ocio.choose_input(options.input_colorspace, info.colour).space)
     if conv is None:
-        return read_frames(info, notes=notes)
+        return read_frames(info, notes=notes, start=start, start_pts=start_pts)
     return (dataclasses.replace(f, rgb=conv(f.rgb))
-            for f in read_frames(info, notes=notes, depth=16 if info.bit_depth > 8 else 8))
+            for f in read_frames(info, notes=notes, depth=16 if info.bit_depth > 8 else 8, start=start,
+                                 start_pts=start_pts))
 
 
 def run_scene_task(task: SceneTask, renderer=None, state: bytes | None = None) -> Iterator[np.ndarray]:
@@ -154,7 +163,8 @@ def run_scene_task(task: SceneTask, renderer=None, state: bytes | None = None) -
     at = task.part * renderer.part
     start = task.scene.start + at
     end = min(task.scene.end, start + renderer.part) if renderer.part else task.scene.end
-    frames = islice((f.rgb for f in decode(info, task.options)), start - (1 if at else 0), end)
+    first = start - (1 if at else 0)
+    frames = islice((f.rgb for f in decode(info, task.options, start=first, start_pts=task.pts)), end - first)
     renderer.prime(task.scene.index, at, state, next(frames) if at else None)
     for run in iter(lambda: list(islice(frames, renderer.run_length)), []):
         yield np.stack(list(renderer.render(np.stack(run), task.scene.index, start)))
@@ -215,12 +225,13 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
         # 2. resolve options once, choose the renderer, keep finished scenes where it pays
         options, choice = resolve_options(preset, options)
         notes = _notes(info, choice, colour)
-        renderer = renderer_for(preset, options, choice, info.display_size)
         work = work_folder(src, dst, info, preset, options, choice, notes, (colour.space, out_space))
-        if work is not None:
-            renderer = ResumingRenderer(renderer, work)
-        else:
+        make = functools.partial(renderer_for, preset, options, choice, info.display_size)
+        if work is None:
             resume.WorkFolder.remove_if_empty(dst)  # a killed diffusion run's, which nothing will resume
+            renderer = make()
+        else:  # the models load once a scene is left to render: not in a cluster's assembly
+            renderer = ResumingRenderer(make, work, choice.name, *lengths(choice.name, preset, options.diffusion))
         seen = _Measures(options, choice, info, colour)
         stream = SceneStream(decode(info, options, notes), renderer.run_length, options.detector)
         back = ocio.output_conversion(out_space)

@@ -101,3 +101,44 @@ def test_a_long_take_resumes_piece_by_piece_to_the_same_bytes(tiny_bundle, tmp_p
     assert any("resumed: 2" in n for n in res.notes)
     digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "whole.mp4", tmp_path / "resumed.mp4")]
     assert digest[0] == digest[1]
+
+
+def test_a_later_piece_seeks_to_the_keyframe_before_its_lead_in(tiny_bundle, tmp_path, monkeypatch):
+    """A worker given the pts of the frame before its piece decodes from the keyframe before that
+    frame, not from the file's start, and renders the same frames."""
+    import av
+
+    from cinefx.engines import build_renderer
+    from cinefx.scenes import Scene
+    from cinefx.stylize import SceneTask, StylizeOptions, resolve_options, run_scene_task
+    from cinefx.testing.clips import write_clip
+    from cinefx.video.probe import probe
+    from cinefx.video.reader import read_frames
+
+    src = write_clip(tmp_path / "take.mp4", render_move(Move("coffee", 110, (0.45, 0.4, 0.9), (0.55, 0.5, 0.6)),
+                                                        (96, 64)), fps=24, audio=None, options={"g": "12"})
+    preset = override(load_preset("epic"), "diffusion", chunk=4, steps=1, part=RUN)
+    opts, _ = resolve_options(preset, StylizeOptions(engine="diffusion", models=ModelSpec(base=str(tiny_bundle)),
+                                                     metrics=False))
+    info = probe(src)
+    pts = [f.pts for f in read_frames(info)]
+    scene = Scene(0, 0, 110, "start")
+
+    def renderer():
+        return build_renderer("diffusion", preset, info.display_size, opts.seed, opts.models, opts.diffusion)
+
+    first = renderer()
+    list(run_scene_task(SceneTask(src, scene, preset, opts), first))
+    state = first.scene_state()
+    real, decoded = av.packet.Packet.decode, []
+    monkeypatch.setattr(av.packet.Packet, "decode", lambda p: decoded.append(p.pts) or real(p))
+    plain = np.concatenate(list(run_scene_task(SceneTask(src, scene, preset, opts, part=2), renderer(), state)))
+    from_start = len(decoded)
+    decoded.clear()
+    sought = np.concatenate(list(run_scene_task(SceneTask(src, scene, preset, opts, part=2, pts=pts[95]),
+                                                renderer(), state)))
+    assert plain.shape == (14, 64, 96, 3) and np.array_equal(sought, plain)
+    # keyframes every 12 frames: the piece's lead-in is frame 95, so decoding starts at frame 84 (the
+    # probe looks at the first few frames either way)
+    skipped = [p for p in decoded if p is not None and pts[8] < p < pts[84]]
+    assert from_start >= 110 and not skipped and pts[84] in decoded

@@ -70,9 +70,13 @@ def test_same_bytes_as_one_machine_and_a_killed_worker_is_retried(local_ray, tin
     assert not list((tmp_path / "ray").glob(".*cinefx-*"))  # no work folder or lock left
 
 
-def test_a_long_take_spreads_over_workers_in_pieces_with_the_same_bytes(local_ray, tiny_bundle, tmp_path):
+def test_a_long_take_spreads_over_workers_in_pieces_with_the_same_bytes(local_ray, tiny_bundle, tmp_path,
+                                                                         monkeypatch):
     """One take of 110 frames in pieces of 48: the first piece, then the other two side by side on
-    both workers, each from the state the first left in the work folder."""
+    both workers, each from the state the first left in the work folder. The driver, which reads
+    every piece back to assemble the file, never loads the models."""
+    from cinefx import engines
+
     from cinefx.testing.clips import render_move
 
     src = write_clip(tmp_path / "take.mp4", render_move(Move("astronaut", 110, (0.45, 0.4, 0.9), (0.55, 0.5, 0.6)),
@@ -81,6 +85,11 @@ def test_a_long_take_spreads_over_workers_in_pieces_with_the_same_bytes(local_ra
     preset = override(preset, "diffusion", part=48)
     local = stylize_file(src, tmp_path / "local.mp4", preset, opts)
     assert len(local.scenes) == 1
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("the driver loaded the models")
+
+    monkeypatch.setattr(engines, "build_diffusion_engine", no_models)
     (tmp_path / "ray").mkdir()
     seen = []
     items = cluster.stylize_on_ray([src], [tmp_path / "ray" / "local.mp4"], preset, opts, workers=2,

@@ -215,10 +215,14 @@ def engine(bundle, overlap, **diffusion):
 def test_engine_with_overlap_renders_the_in_line_bytes(tiny_bundle, take, monkeypatch):
     """A scene in batches of 2, over two calls: with the decode of each batch overlapping the next
     one's denoising, every frame (colour anchoring, detail) and the scene state later pieces start
-    from are byte-identical to decoding in line; the decodes ran on the decode thread, a batch
-    each, in order."""
+    from are byte-identical to decoding in line, and to the same batches rendered one call each
+    (where no batch has another to overlap, so none can be reordered or mixed with another); the
+    decodes ran on the decode thread, a batch each, in order."""
+    single = engine(tiny_bundle, False)
+    apart = np.concatenate([single.render(take[i:j], 2) for i, j in ((0, 2), (2, 4), (4, 5), (5, 7), (7, 9))])
     inline = engine(tiny_bundle, False)
     off = np.concatenate([inline.render(take[:5], 2), inline.render(take[5:], 2)])
+    assert np.array_equal(off, apart)
     eng = engine(tiny_bundle, True)
     decoded, real = [], eng.pipe.decode_latents
     monkeypatch.setattr(eng.pipe, "decode_latents", lambda x: decoded.append(

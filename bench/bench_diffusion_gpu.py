@@ -13,6 +13,10 @@ the batch as users get it (the engine's: the preset's chunk, capped by free memo
 - peak GPU memory of the timed render, and time to first frame: a fresh engine's first batch
   (its memory probe and, compiled, the compilation; `compile_s` is that minus the eager row's).
 
+Every cinefx row decodes each batch while the next one denoises (`SpeedOptions.overlap_decode`,
+the default) but one, `--temporal full` eager with the decode in line after each batch's
+denoising: the two `full` eager rows show what the overlap buys, in frames/s and in memory.
+
 Each row is appended to diffusion_rows.jsonl under --out ($OUT when set) as soon as it is
 measured; a row that would not end within --budget seconds of the start is written as skipped.
 
@@ -52,20 +56,22 @@ class Row:
     temporal: str
     compiled: bool = False
     turbo: bool = False
+    overlap: bool = True  # decode a batch while the next denoises
 
     @property
     def name(self) -> str:
         return (f"cinefx --temporal {self.temporal}" + (" --turbo" if self.turbo else "")
-                + (" --compile" if self.compiled else ""))
+                + (" --compile" if self.compiled else "") + ("" if self.overlap else ", decode in line"))
 
     @property
     def key(self) -> str:  # for --rows
-        return self.temporal + ("+turbo" if self.turbo else "") + ("+compile" if self.compiled else "")
+        return (self.temporal + ("+turbo" if self.turbo else "") + ("+compile" if self.compiled else "")
+                + ("" if self.overlap else "+inline"))
 
 
 # In the order they run: the per-frame baseline first (on the modules as loaded), every eager row
 # before the compiled ones, which take minutes to compile and are the ones a budget cuts.
-ROWS = (Row("none"), Row("anchor"), Row("full"), Row("full", turbo=True),
+ROWS = (Row("none"), Row("anchor"), Row("full"), Row("full", overlap=False), Row("full", turbo=True),
         Row("none", True), Row("anchor", True), Row("full", True), Row("full", True, True))
 BASELINE = "diffusers StableDiffusionControlNetImg2ImgPipeline, per frame"
 
@@ -259,6 +265,7 @@ class Bench:
             comps, TURBO_KINDS[lora.kind].sampler if row.turbo else "dpm++")
         span = Span(self.device)
         pipe.predict_noise = span.wrap(pipe.predict_noise)
+        pipe.overlap_decode = row.overlap
         engine = DiffusionEngine(pipe, preset, EngineSettings(size=self.size))
         t = time.perf_counter()
         engine.render(frames[:engine.batch], 0)  # sizes the batch to free memory, compiles
@@ -267,8 +274,10 @@ class Bench:
         key = (row.temporal, row.turbo)
         if row.compiled or key in self.flops:
             engine.render(frames, 1)  # the shapes the first batch did not meet (anchors)
-        else:
+        else:  # decoding in line: FlopCounterMode counts the calling thread's work only
+            pipe.overlap_decode = False
             self.flops[key] = count_flops(lambda: engine.render(frames, 1))
+            pipe.overlap_decode = row.overlap
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         span.reset()
@@ -278,11 +287,11 @@ class Bench:
         self.sync()
         e2e = time.perf_counter() - t
         extra = dict(batch=engine.batch, steps=steps, guidance=guidance, temporal=row.temporal, compiled=row.compiled,
-                     turbo=row.turbo)
+                     turbo=row.turbo, overlap_decode=row.overlap)
         if row.compiled and key in self.first:
             extra["compile_s"] = first - self.first[key]
         elif not row.compiled:
-            self.first[key] = first
+            self.first.setdefault(key, first)
         return self.result(row.name, len(frames), e2e, span.seconds(), self.flops[key], first, **extra)
 
 

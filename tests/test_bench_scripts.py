@@ -21,19 +21,20 @@ def run(script, *args, out=None):
 
 
 def test_diffusion_bench_smoke(tmp_path):
-    """Every kind of row (baseline, temporal modes, turbo, compiled turbo) measures and lands in
-    diffusion_rows.jsonl; a row the budget cannot fit is written as skipped, not dropped."""
-    rows = "none,anchor,full,full+turbo,full+turbo+compile"
+    """Every kind of row (baseline, temporal modes, decode in line, turbo, compiled turbo) measures
+    and lands in diffusion_rows.jsonl; a row the budget cannot fit is written as skipped, not dropped."""
+    rows = "none,anchor,full,full+inline,full+turbo,full+turbo+compile"
     run("bench_diffusion_gpu.py", "--tiny", "--device", "cpu", "--frames", "2", "--steps", "1",
         "--compile-backend", "eager", "--rows", rows, out=tmp_path)
     found = [json.loads(line) for line in (tmp_path / "diffusion_rows.jsonl").read_text().splitlines()]
     assert [r["name"] for r in found] == [
         "diffusers StableDiffusionControlNetImg2ImgPipeline, per frame", "cinefx --temporal none",
-        "cinefx --temporal anchor", "cinefx --temporal full", "cinefx --temporal full --turbo",
-        "cinefx --temporal full --turbo --compile"]
+        "cinefx --temporal anchor", "cinefx --temporal full", "cinefx --temporal full, decode in line",
+        "cinefx --temporal full --turbo", "cinefx --temporal full --turbo --compile"]
     for r in found:
         assert r["fps"] > 0 and r["fps_denoise"] > r["fps"] and r["tflop"] > 0 and r["first_frame_s"] > 0, r
-    turbo, compiled = found[4], found[5]
+    assert [r["overlap_decode"] for r in found[1:]] == [True, True, True, False, True, True]
+    turbo, compiled = found[5], found[6]
     assert turbo["steps"] == 4 and turbo["guidance"] == 1.0 and turbo["tflop"] == compiled["tflop"]
     assert compiled["compiled"] and "compile_s" in compiled
     run("bench_diffusion_gpu.py", "--tiny", "--device", "cpu", "--frames", "2", "--steps", "1", "--rows", "none",

@@ -329,10 +329,14 @@ def stylize_on_ray(inputs: Sequence[Path], outputs: Path | Sequence[Path], prese
     outputs = [Path(p) for p in outputs]
     if not inputs:
         return list(clashes.values())
-    options, choice = resolve_options(preset, options)
-    options = pinned(preset, options) if choice.name == "diffusion" else options
     ray, started = connect(cluster)
     try:
+        # --engine auto counts the cluster's GPUs, not this machine's; the workers and the assembly
+        # then run the engine chosen here
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        options, choice = resolve_options(preset, options, f"{gpus} GPU(s) in the cluster" if gpus else "")
+        options = dataclasses.replace(options, engine=choice.name)
+        options = pinned(preset, options) if choice.name == "diffusion" else options
         folders = sorted({work_dir} if work_dir else {d.parent for d in outputs})
         nodes, _ = preflight(ray, inputs, folders, options, tuple(k for k, _ in preset.diffusion.controls),
                              choice.name, preflight_mode)

@@ -30,9 +30,12 @@ def _missing_packages() -> list[str]:
             for p in ("torch", "diffusers", "transformers") if importlib.util.find_spec(p) is None]
 
 
-def choose_engine(requested: str, models=None, controls: tuple[str, ...] = ("canny",)) -> EngineChoice:
+def choose_engine(requested: str, models=None, controls: tuple[str, ...] = ("canny",),
+                  gpus: str | None = None) -> EngineChoice:
     """Decide the engine; raises `EngineUnavailableError` / `ModelError` for an explicit diffusion
-    request that cannot run, with what is missing and how to get it."""
+    request that cannot run, with what is missing and how to get it. `gpus` says where the GPUs
+    that count are, when not on this machine (a cluster's: "the cluster has 4 GPUs"); None asks
+    torch here."""
     from cinefx.diffusion.models import ModelSpec, check_resolved, resolve_models
 
     if requested not in ENGINES:
@@ -56,14 +59,15 @@ def choose_engine(requested: str, models=None, controls: tuple[str, ...] = ("can
         if absent:
             why.append(f"model weights not downloaded ({', '.join(absent)}; see `cinefx models`)")
         why += [f"{r.role} {r.spec!r}: {r.detail}" for r in found if r.how == "missing"]
-    if not why:  # only now import torch (hundreds of MB): a grade run without weights never needs it
+    if not why and gpus is None:  # only now import torch (hundreds of MB): a grade run without weights never needs it
         import torch
 
-        if not torch.cuda.is_available():
-            why.append("no CUDA GPU (diffusion on a CPU is very slow; force it with --engine diffusion)")
+        gpus = "GPU" if torch.cuda.is_available() else ""
+    if not why and not gpus:
+        why.append("no CUDA GPU (diffusion on a CPU is very slow; force it with --engine diffusion)")
     if why:
         return EngineChoice("grade", "diffusion not usable: " + "; ".join(why))
-    return EngineChoice("diffusion", "GPU and model weights found")
+    return EngineChoice("diffusion", f"{gpus} and model weights found")
 
 
 class ModelCache:

@@ -101,15 +101,15 @@ class StylizeResult:
     thumbs: dict | None = None  # scene index → `cinefx.htmlreport.SceneThumb`, with `thumbnails`
 
 
-def resolve_options(preset: Preset, options: StylizeOptions) -> tuple[StylizeOptions, EngineChoice]:
+def resolve_options(preset: Preset, options: StylizeOptions, gpus: str | None = None) -> tuple[StylizeOptions, EngineChoice]:
     """Options with every default filled in once (the base model a preset was trained on unless
     --model names one; the config file's models unless the grade engine is asked for, which reads
-    no weights), and the engine chosen for them."""
+    no weights), and the engine chosen for them (`gpus`: see `choose_engine`)."""
     if preset.diffusion.base_model and not options.models.base:
         options = dataclasses.replace(options, models=dataclasses.replace(options.models, base=preset.diffusion.base_model))
     if options.engine != "grade":
         options = dataclasses.replace(options, models=with_user_defaults(options.models))
-    return options, choose_engine(options.engine, options.models, tuple(k for k, _ in preset.diffusion.controls))
+    return options, choose_engine(options.engine, options.models, tuple(k for k, _ in preset.diffusion.controls), gpus)
 
 
 def renderer_for(preset: Preset, options: StylizeOptions, choice: EngineChoice, size: tuple[int, int]):

@@ -4,6 +4,7 @@ resuming, a bad input in a batch, the grade engine over a folder, and preflight.
 
 import hashlib
 import os
+from dataclasses import replace
 import signal
 import subprocess
 import sys
@@ -74,7 +75,8 @@ def test_a_long_take_spreads_over_workers_in_pieces_with_the_same_bytes(local_ra
                                                                          monkeypatch):
     """One take of 110 frames in pieces of 48: the first piece, then the other two side by side on
     both workers, each from the state the first left in the work folder. The driver, which reads
-    every piece back to assemble the file, never loads the models."""
+    every piece back to assemble the file, never loads the models. `--engine auto` looks at the
+    cluster's GPUs, not the driver's."""
     from cinefx import engines
 
     from cinefx.testing.clips import render_move
@@ -92,9 +94,11 @@ def test_a_long_take_spreads_over_workers_in_pieces_with_the_same_bytes(local_ra
     monkeypatch.setattr(engines, "build_diffusion_engine", no_models)
     (tmp_path / "ray").mkdir()
     seen = []
-    items = cluster.stylize_on_ray([src], [tmp_path / "ray" / "local.mp4"], preset, opts, workers=2,
-                                   on_scene=seen.append)
+    # --engine auto: this machine has no CUDA GPU, the cluster has two (logical) ones, which count
+    items = cluster.stylize_on_ray([src], [tmp_path / "ray" / "local.mp4"], preset, replace(opts, engine="auto"),
+                                   workers=2, on_scene=seen.append)
     assert [i.status for i in items] == ["done"], items
+    assert items[0].result.engine == "diffusion"
     assert sha(tmp_path / "ray" / "local.mp4") == sha(tmp_path / "local.mp4")
     assert [(d.scene, d.part, d.frames) for d in seen][:1] == [(0, 0, 48)]
     assert sorted((d.part, d.frames) for d in seen[1:]) == [(1, 48), (2, 14)]

@@ -105,28 +105,34 @@ def test_submit_returns_while_the_decode_runs(pipe, monkeypatch):
         assert job.result().shape == (2, 3, SIZE, SIZE)
 
 
-def test_one_decode_in_flight_and_errors_surface_at_result(pipe, monkeypatch):
-    """A second submit before the first's result is refused (the memory bound); an exception in
-    the decode thread is raised at `result()` as the very exception, and the decoder goes on."""
+def test_one_decode_at_a_time_in_order_and_errors_surface_at_result(pipe, monkeypatch):
+    """Batches submitted together decode one at a time (the memory bound), in order; an exception
+    in the decode thread is raised at that batch's `result()` as the very exception, and the
+    batches after it decode as usual."""
     boom = MemoryError("decode ran out")
-    real, calls = pipe.decode_latents, []
+    real, calls, running = pipe.decode_latents, [], []
 
     def decode(x):
-        calls.append(len(x))
-        if len(calls) == 1:
+        running.append(1)
+        calls.append((len(x), len(running)))
+        threading.Event().wait(0.05)  # long enough for a second thread to start, were there one
+        running.pop()
+        if len(calls) == 2:
             raise boom
         return real(x)
 
     monkeypatch.setattr(pipe, "decode_latents", decode)
+    batches = [latents(n, seed=n) for n in (2, 1, 3)]
     with BatchDecoder(pipe) as decoder:
-        job = decoder.submit(latents(1))
-        with pytest.raises(RuntimeError, match="in flight"):
-            decoder.submit(latents(1))
+        jobs = [decoder.submit(x) for x in batches]
+        first = jobs[0].result()
         with pytest.raises(MemoryError) as err:
-            job.result()
+            jobs[1].result()
         assert err.value is boom
-        assert decoder.submit(latents(3)).result().shape == (3, 3, SIZE, SIZE)
-    assert calls == [1, 3]
+        last = jobs[2].result()
+    assert calls == [(2, 1), (1, 1), (3, 1)]
+    with torch.inference_mode():
+        assert torch.equal(first, real(batches[0])) and torch.equal(last, real(batches[2]))
 
 
 def test_close_and_interrupts_leave_no_thread(pipe, monkeypatch):
@@ -258,22 +264,24 @@ def test_engine_stopped_between_batches_leaves_no_decode_thread(tiny_bundle, tak
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_side_stream_decode_is_identical_on_a_gpu(tiny_bundle):
-    """On a GPU the decode runs on the side stream while the caller's stream is busy, and the
-    caller reads the same bytes as an in-line decode, even when the caller frees the latents and
-    reallocates at once (the stream discipline keeps either from being reused early)."""
+    """On a GPU the decode runs on the side stream while the caller's stream is busy, and gives
+    the in-line decode's bytes, in host memory, even when the caller frees the latents and
+    allocates at once (the event and record_stream keep them from being read early or reused)."""
     comps = load_components(ModelSpec(base=str(tiny_bundle)), ("canny",), "cuda", torch.float32)
     apply_speed(comps, SpeedOptions())
     gpu = TemporalControlPipeline.from_components(comps, "ddim")
     x = latents(5).cuda()
     with torch.inference_mode():
         inline = gpu.decode_latents(x)
+    streams, real = [], gpu.decode_latents
+    gpu.decode_latents = lambda z: streams.append(torch.cuda.current_stream()) or real(z)
     with BatchDecoder(gpu) as decoder:
         busy = torch.randn(2048, 2048, device="cuda")
-        y = x.clone()
+        y = x * 1  # made on the caller's stream just before
         job = decoder.submit(y)
         del y
         for _ in range(20):  # the caller's stream is busy and allocating while the decode runs
             busy = busy @ busy / 2048 + torch.zeros_like(busy)
         images = job.result()
-        assert torch.equal(images, inline)
-    assert decoder._stream is gpu.side_stream()
+    assert images.device.type == "cpu" and torch.equal(images, inline.cpu())
+    assert streams == [gpu.side_stream()]

@@ -18,6 +18,7 @@ where the noise restarts; the lead-in frame keeps the content on both sides of i
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import cv2
@@ -229,7 +230,7 @@ class DiffusionEngine:
         keys = self._keyframe_positions(len(frames))
         out_small = np.empty_like(small)
         with BatchDecoder(self.pipe) as decoder:  # closed on errors too: no decode thread outlives the call
-            decoding = None  # (positions, decode job) of the batch decoding while the next one denoises
+            decoding = None  # (positions, decode) of the batch decoding while the next one denoises
             for start in range(0, len(keys), self.batch):
                 interrupt.check()  # a batch can take minutes: stop between batches if Ctrl-C was lost
                 idx = keys[start:start + self.batch]
@@ -263,10 +264,10 @@ class DiffusionEngine:
             self.first, self._opening = head, {k: ex.state() for k, ex in self.extractors.items()}
         return latents
 
-    def _collect(self, out_small: np.ndarray, small: np.ndarray, idx: list[int], job) -> None:
-        """Put a batch's decoded frames (`job`, of the frames `small[idx]`) at `idx` of `out_small`,
-        colour-anchored, in batch order (the scene's first batch sets the colour reference)."""
-        out = (job.result().permute(0, 2, 3, 1).float().cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    def _collect(self, out_small: np.ndarray, small: np.ndarray, idx: list[int], decoded: Future) -> None:
+        """Put a batch's decoded frames (`decoded`, of the frames `small[idx]`) at `idx` of
+        `out_small`, colour-anchored, in batch order (the scene's first batch sets the colour reference)."""
+        out = (decoded.result().permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
         out_small[idx] = self._anchor_colour(out, small[idx])
         if self._state is None:  # the scene's first batch: what its later pieces start from
             self._state = SceneState(self.first, self.colour_ref, self._opening)

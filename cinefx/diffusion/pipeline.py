@@ -361,74 +361,50 @@ class TemporalControlPipeline:
         return torch.cat([noise.new_zeros((a, *want[1:])), noise]) if a else noise
 
 
-class DecodeJob:
-    """One decode submitted to a `BatchDecoder`; `result()` waits for it."""
-
-    def __init__(self, future: Future, device: torch.device):
-        self._future, self._device = future, device
-        self.collected = False
-
-    def result(self) -> torch.Tensor:
-        """The images (F, 3, H, W) float32 in [0, 1], as `decode_latents` returns them, readable on
-        the caller's current stream. An exception raised while decoding is raised here."""
-        self.collected = True
-        images, done = self._future.result()
-        if done is not None:
-            stream = torch.cuda.current_stream(self._device)
-            stream.wait_event(done)  # the caller's kernels read the images only once written
-            images.record_stream(stream)  # and the side stream reuses their memory only once read
-        return images
-
-
 class BatchDecoder:
     """Decodes the batches a caller denoises, with the pipeline's VAE. With `pipe.overlap_decode` a
     batch decodes on a thread of its own while the caller denoises the next, which needs only this
     one's latents: on a GPU the decode's kernels run on a side stream beside the denoising's, and
-    the host keeps launching the denoising's meanwhile. On a CPU the same thread runs, without a
-    stream. Either way the images are the bytes `decode_latents` gives in line; without
-    `overlap_decode`, `submit` decodes in line, so the caller's loop is the same both ways.
+    the host keeps launching the denoising's meanwhile. The images are copied to host memory on
+    that thread too, so the caller never waits for its own stream to collect them. On a CPU the
+    same thread runs, without a stream. Without `overlap_decode`, `submit` decodes in line, so the
+    caller's loop is the same both ways, and the values are those of `decode_latents` either way.
 
-    Memory: at most one decode is in flight (`submit` refuses a second before the first's
-    `result()` is taken), so the GPU holds one batch's decode beside the denoising:
-    `TemporalControlPipeline.decode_memory`, which the engine leaves free when it sizes batches.
-    `close()` (or leaving a `with` block) waits for a decode that is running, drops one not yet
-    started, and ends the thread."""
+    Memory: the one thread decodes one batch at a time, and a decoded batch leaves the GPU, so
+    beside the denoising the GPU holds one batch's decode at most (and the latents of batches
+    waiting their turn): `TemporalControlPipeline.decode_memory`, which the engine leaves free when
+    it sizes batches. `close()` (or leaving a `with` block) waits for a decode that is running,
+    drops those not yet started, and ends the thread."""
 
     def __init__(self, pipe: TemporalControlPipeline):
         self.pipe = pipe
         overlap = pipe.overlap_decode
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cinefx-decode") if overlap else None
         self._stream = pipe.side_stream() if overlap and pipe.device.type == "cuda" else None
-        self._job: DecodeJob | None = None
 
-    def submit(self, latents: torch.Tensor) -> DecodeJob:
-        """Decode `latents` (F, 4, h, w), which the caller's current stream produced."""
-        if self._job is not None and not self._job.collected:
-            raise RuntimeError("a decode is already in flight: take its result() before submitting another")
+    def submit(self, latents: torch.Tensor) -> Future:
+        """Decode `latents` (F, 4, h, w), which the caller's current stream produced. The future's
+        result is the images (F, 3, H, W) float32 in [0, 1] in host memory; an exception raised
+        while decoding is raised by its `result()`."""
         if self._pool is None:
-            future = Future()
-            future.set_result(self._decode(latents, None))
-        else:
-            ready = None
-            if self._stream is not None:
-                ready = torch.cuda.Event()
-                ready.record(torch.cuda.current_stream(self.pipe.device))  # now, not when the thread starts
-            future = self._pool.submit(self._decode, latents, ready)
-        self._job = DecodeJob(future, self.pipe.device)
-        return self._job
+            done = Future()
+            done.set_result(self._decode(latents, None))
+            return done
+        ready = None
+        if self._stream is not None:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.pipe.device))  # now, not when the thread starts
+        return self._pool.submit(self._decode, latents, ready)
 
-    def _decode(self, latents: torch.Tensor, ready) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    def _decode(self, latents: torch.Tensor, ready: torch.cuda.Event | None) -> torch.Tensor:
         with torch.inference_mode():  # grad mode is per thread: the caller's does not reach here
             if self._stream is None:
-                return self.pipe.decode_latents(latents), None
+                return self.pipe.decode_latents(latents).cpu()
             with torch.cuda.stream(self._stream):
                 self._stream.wait_event(ready)
                 # made on the caller's stream: keep its memory from reuse there until this decode has read it
                 latents.record_stream(self._stream)
-                images = self.pipe.decode_latents(latents)
-                done = torch.cuda.Event()
-                done.record(self._stream)
-            return images, done
+                return self.pipe.decode_latents(latents).cpu()  # waits for this stream only
 
     def close(self) -> None:
         if self._pool is not None:

@@ -26,6 +26,7 @@ the cluster's work and leaves no output half written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import os
 import shutil
@@ -112,17 +113,20 @@ def check_node(inputs: Sequence[str], folders: Sequence[str], options: StylizeOp
 
 
 def preflight(ray, inputs: Sequence[Path], folders: Sequence[Path], options: StylizeOptions, controls, engine: str,
-              mode: str) -> tuple[list[str], list[str]]:
-    """Check every alive node (`check_node`, and the driver's versions). Returns (good node ids,
-    one line per bad node). `mode` "strict" raises on the first bad node; "skip-bad" leaves it out,
-    and raises only when none is left."""
+              mode: str, workers: dict | None = None) -> tuple[list[str], list[str]]:
+    """Check every alive node (`check_node`, and the driver's versions): in a worker already there
+    (`workers`: node id → `SceneWorker` actor), or else in a task. Returns (good node ids, one line
+    per bad node). `mode` "strict" raises on the first bad node; "skip-bad" leaves it out, and
+    raises only when none is left."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     check = ray.remote(check_node)
     want = versions()
-    refs = [check.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote([str(p) for p in inputs], [str(f) for f in folders], options, controls, engine) for n in nodes]
+    args = ([str(p) for p in inputs], [str(f) for f in folders], options, controls, engine)
+    refs = [workers[n["NodeID"]].check.remote(*args) if workers and n["NodeID"] in workers else
+            check.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(*args) for n in nodes]
     good, bad = [], []
     for node, ref in zip(nodes, refs):
         try:
@@ -156,6 +160,10 @@ class SceneWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def check(self, *args) -> dict:
+        """`check_node` in this worker's process (the preflight, at no extra process start)."""
+        return check_node(*args)
 
     def render(self, task: SceneTask, folder: str, key: str) -> tuple[SceneDone, dict]:
         """Render `task` into the work folder `folder` (keyed `key`), a later piece from the state its
@@ -338,15 +346,35 @@ def stylize_on_ray(inputs: Sequence[Path], outputs: Path | Sequence[Path], prese
         options = dataclasses.replace(options, engine=choice.name)
         options = pinned(preset, options) if choice.name == "diffusion" else options
         folders = sorted({work_dir} if work_dir else {d.parent for d in outputs})
-        nodes, _ = preflight(ray, inputs, folders, options, tuple(k for k, _ in preset.diffusion.controls),
-                             choice.name, preflight_mode)
-        run = _grade_files if choice.name == "grade" else _render_scenes
-        items = iter(run(ray, nodes, inputs, outputs, preset, options, choice, workers, work_dir and Path(work_dir),
-                         skip_existing, on_item or (lambda item: None), progress, on_scene))
+        # diffusion workers start first (a process and torch each), so that the preflight runs in
+        # them rather than in processes of its own
+        slots = _start_workers(ray, workers) if choice.name == "diffusion" else []
+        try:
+            nodes, _ = preflight(ray, inputs, folders, options, tuple(k for k, _ in preset.diffusion.controls),
+                                 choice.name, preflight_mode, {n: w for n, w in reversed(slots)})
+            pool = [w for node, w in slots if node in nodes]
+            run = _grade_files if choice.name == "grade" else functools.partial(_render_scenes, pool=pool)
+            items = iter(run(ray, nodes, inputs, outputs, preset, options, choice, workers,
+                             work_dir and Path(work_dir), skip_existing, on_item or (lambda item: None), progress,
+                             on_scene))
+        finally:
+            for _, w in slots:
+                ray.kill(w, no_restart=True)
         return [clashes[i] if i in clashes else next(items) for i in range(len(inputs) + len(clashes))]
     finally:
         if started:
             ray.shutdown()
+
+
+def _start_workers(ray, workers: int | None) -> list[tuple[str, object]]:
+    """(node id, `SceneWorker` actor) for every worker slot of the alive nodes (`_placements`)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    actor = ray.remote(SceneWorker)
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    return [(node, actor.options(**res, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,
+                                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(1))
+            for node, res in _placements(ray, nodes, workers)]
 
 
 def _placements(ray, nodes: list[str], workers: int | None) -> list[tuple[str, dict]]:
@@ -362,9 +390,8 @@ def _placements(ray, nodes: list[str], workers: int | None) -> list[tuple[str, d
 
 
 def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers, work_dir, skip_existing, on_item,
-                   progress, on_scene) -> list[BatchItem]:
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+                   progress, on_scene, pool: list) -> list[BatchItem]:
+    """Every input's scenes (and pieces) on the workers of `pool`, which the caller kills after."""
     from cinefx.renderers import part_frames
 
     items: dict[int, BatchItem] = {}
@@ -398,11 +425,7 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
     total = sum(s.frames for o in opened.values() for s in o.scenes)
     finished = total - sum(frames(s, k) for o in opened.values() for s in o.scenes for k in range(o.pieces[s.index])
                            if (s.index, k) in o.left)
-    actor = ray.remote(SceneWorker)
-    pool = [actor.options(**res, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,
-                          scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(1)
-            for node, res in _placements(ray, nodes, workers)[:max(1, sum(len(o.left) for o in opened.values()))]] \
-        if queue else []
+    pool = list(pool)
     flight: dict = {}  # ref → (worker, input, scene, piece)
     rates: dict[str, list[float]] = {}  # "host:pid" → [frames, seconds]
 
@@ -471,13 +494,9 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
             if not o.left and not any(j == i for _, j, _, _ in flight.values()):
                 finish(i)
     except BaseException:
-        for w in pool:
-            ray.kill(w, no_restart=True)
         for o in opened.values():
             o.lock.release()  # finished scenes stay in the work folder for the next run
         raise
-    for w in pool:
-        ray.kill(w, no_restart=True)
     return [items[i] for i in range(len(inputs))]
 
 

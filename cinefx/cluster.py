@@ -289,10 +289,9 @@ def _assemble(out: _Output, preset, options: StylizeOptions, progress: Progress 
 
 def pinned(preset, options: StylizeOptions) -> StylizeOptions:
     """Options every worker renders alike with: the batch fixed at the preset's chunk where it was
-    left to each GPU's free memory."""
-    if options.diffusion.batch:
-        return options
-    return dataclasses.replace(options, diffusion=dataclasses.replace(options.diffusion, batch=preset.diffusion.chunk))
+    left to each GPU's free memory, and one torch thread (which matters on the CPU)."""
+    return dataclasses.replace(options, diffusion=dataclasses.replace(
+        options.diffusion, batch=options.diffusion.batch or preset.diffusion.chunk, threads=1))
 
 
 def _failure(ex: BaseException, out: _Output | None = None, scene: int | None = None, part: int = 0) -> str:

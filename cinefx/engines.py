@@ -118,16 +118,22 @@ def turbo_for(preset, settings: EngineSettings, allow_pickle: bool = False):
 
 
 def speed_key(preset, settings: EngineSettings, allow_pickle: bool = False) -> dict:
-    """What the turbo LoRA and the speed options add to a resume key (`resume.run_key`): the kind,
-    its steps, where it loads from and the local file's identity (a replaced file renders anew),
-    and every `SpeedOptions` field (compiled kernels round differently)."""
-    from cinefx.diffusion.models import SpeedOptions
+    """What the turbo LoRA and the way the engine runs add to a resume key (`resume.run_key`): the
+    kind, its steps, where it loads from and the local file's identity (a replaced file renders
+    anew); every `SpeedOptions` field (compiled kernels round differently); the device kind and
+    precision; and on the CPU, the torch thread count."""
+    import torch
+
+    from cinefx.diffusion.models import SpeedOptions, pick_device_dtype
     from cinefx.resume import file_identity
 
     lora = turbo_for(preset, settings, allow_pickle)
     turbo = lora and {"kind": lora.kind, "steps": lora.steps, "source": lora.source.spec, "weight": lora.weight,
                       "file": file_identity(lora.file) if lora.file else None}
-    return {"turbo": turbo, "speed": SpeedOptions(compile=settings.compile)}
+    device, dtype = pick_device_dtype(settings.precision)
+    threads = (settings.threads or torch.get_num_threads()) if device == "cpu" else None
+    return {"turbo": turbo, "speed": SpeedOptions(compile=settings.compile), "device": device, "dtype": str(dtype),
+            "threads": threads}
 
 
 def build_diffusion_engine(preset, models, settings: EngineSettings, cache: ModelCache | None = None):
@@ -144,6 +150,10 @@ def build_diffusion_engine(preset, models, settings: EngineSettings, cache: Mode
         raise OptionError(f"--scheduler {settings.scheduler!r}: must be one of {', '.join(SCHEDULERS)}")
     lora = turbo_for(preset, settings, models.allow_pickle)  # before loading: a missing LoRA fails at once
     device, dtype = pick_device_dtype(settings.precision)
+    if settings.threads and device == "cpu":
+        import torch
+
+        torch.set_num_threads(settings.threads)
     comps = (cache or MODELS).get(models, tuple(k for k, _ in preset.diffusion.controls), device, dtype,
                                   SpeedOptions(compile=settings.compile))
     apply_adapters(comps.host, preset.diffusion.adapters, models.allow_pickle)

@@ -61,6 +61,9 @@ class EngineSettings:
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     turbo_lora: str | None = None  # the preset's turbo LoRA: file, folder or hub id (None = config file, else hub)
     compile: bool = False  # torch.compile the UNet, ControlNets and VAE decoder (models.SpeedOptions.compile)
+    # torch threads for a render on the CPU (0 = torch's default): float sums on the CPU can round
+    # differently with another count, so it is part of the resume key; a cluster pins it to 1
+    threads: int = 0
 
     def __post_init__(self):
         if not 0 <= self.size <= MAX_SIZE:

@@ -208,3 +208,18 @@ def test_cli_help_imports_no_torch():
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_resume_key_holds_how_the_engine_runs_on_the_cpu():
+    """What a render depends on beyond the look is fixed for the run and keyed: on the CPU the torch
+    thread count (float sums round by it) and the precision; a cluster pins one thread a worker."""
+    from cinefx.cluster import pinned
+    from cinefx.engines import speed_key
+    from cinefx.renderers import EngineSettings
+    from cinefx.stylize import StylizeOptions
+
+    preset = load_preset("epic")
+    one, two = (speed_key(preset, EngineSettings(threads=n)) for n in (1, 2))
+    assert one != two and (one["device"], one["dtype"], one["threads"], two["threads"]) == ("cpu", "torch.float32", 1, 2)
+    assert speed_key(preset, EngineSettings())["threads"] >= 1  # torch's default, whatever it is here
+    assert pinned(preset, StylizeOptions()).diffusion.threads == 1

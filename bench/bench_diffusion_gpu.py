@@ -247,7 +247,8 @@ class Bench:
         return self.result(BASELINE, n, e2e, span.seconds(), (total * n, den * n), first, batch=1,
                            steps=a.steps, guidance=a.guidance)
 
-    def cinefx(self, row: Row, comps, frames: np.ndarray, lora) -> dict:
+    def engine(self, row: Row, comps, lora):
+        """The `DiffusionEngine` a row renders with, on `comps`."""
         from cinefx.diffusion.engine import DiffusionEngine
         from cinefx.diffusion.pipeline import TemporalControlPipeline
         from cinefx.diffusion.turbo import TURBO_GUIDANCE, TURBO_KINDS, apply_turbo
@@ -263,10 +264,29 @@ class Bench:
         apply_turbo(comps.host, lora if row.turbo else None)
         pipe = TemporalControlPipeline.from_components(
             comps, TURBO_KINDS[lora.kind].sampler if row.turbo else "dpm++")
+        pipe.overlap_decode = row.overlap
+        return DiffusionEngine(pipe, preset, EngineSettings(size=self.size))
+
+    def precision(self, row: Row, comps, lora, frames: np.ndarray) -> dict:
+        """Mean absolute difference, in levels of 255, between a render on `comps` (the bench's
+        precision, compiled for a compiled row) and eager fp32 on the same weights and inputs; the
+        issue's goal is at most 2. Random weights amplify rounding more than trained ones may."""
+        from cinefx.diffusion.models import SpeedOptions, apply_speed
+
+        ref = sd15_components(self.device, torch.float32, self.args.tiny)
+        apply_speed(ref, SpeedOptions())
+        fast = self.engine(row, comps, lora).render(frames, 0)
+        exact = self.engine(row, ref, lora).render(frames, 0)
+        del ref
+        return dict(name=f"precision: {row.name}, {self.dtype} against eager fp32", frames=len(frames),
+                    levels=float(np.abs(fast.astype(np.int16) - exact).mean()), goal_levels=2.0)
+
+    def cinefx(self, row: Row, comps, frames: np.ndarray, lora) -> dict:
+        engine = self.engine(row, comps, lora)
+        steps, guidance = engine.steps, engine.guidance
+        pipe = engine.pipe
         span = Span(self.device)
         pipe.predict_noise = span.wrap(pipe.predict_noise)
-        pipe.overlap_decode = row.overlap
-        engine = DiffusionEngine(pipe, preset, EngineSettings(size=self.size))
         t = time.perf_counter()
         engine.render(frames[:engine.batch], 0)  # sizes the batch to free memory, compiles
         self.sync()
@@ -365,12 +385,21 @@ def main() -> None:
         bench.write(bench.cinefx(row, compiled if row.compiled else eager, frames, lora))
         bench.took[row.compiled] = time.monotonic() - t
 
+    checks = [check]
+    for row in (Row("full", compiled is not None), Row("full", compiled is not None, True)):
+        if bench.left() < bench.took[False]:
+            bench.write(dict(name=f"precision: {row.name}", skipped=f"--budget {args.budget:.0f} s"))
+            continue
+        checks.append(bench.precision(row, compiled or eager, lora, frames[:4]))
+        bench.write(checks[-1])
     base = bench.rows[0]["fps"]
+    for c in checks[1:]:
+        print(f"\n{c['name']}: {c['levels']:.2f} levels mean absolute (goal <= {c['goal_levels']:.0f})", end="")
     print(f"\n{check['name']}: {'yes' if check['identical'] else 'NO: the overlap is unsafe on this device'}")
     print(f"\n{'run':<62} {'frames/s':>8} {'denoise':>8} {'× base':>7} {'TFLOP/s':>8} {'% peak':>7} "
           f"{'GiB':>6} {'1st s':>6}")
     for r in bench.rows:
-        if "identical" in r:
+        if "identical" in r or "levels" in r or r["name"].startswith("precision"):
             continue
         if "skipped" in r:
             print(f"{r['name']:<62} skipped ({r['skipped']})")

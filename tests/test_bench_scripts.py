@@ -29,6 +29,11 @@ def test_diffusion_bench_smoke(tmp_path):
     found = [json.loads(line) for line in (tmp_path / "diffusion_rows.jsonl").read_text().splitlines()]
     check = found.pop(1)  # the overlap's bytes against the in-line decode, before the rows
     assert check["identical"] is True, check
+    precision = found[-2:]  # after the rows: quality and turbo against eager fp32 (fp32 on the CPU too)
+    del found[-2:]
+    assert [p["name"].split(",")[0] for p in precision] == ["precision: cinefx --temporal full --compile",
+                                                           "precision: cinefx --temporal full --turbo --compile"]
+    assert all(p["levels"] < 2 for p in precision), precision
     assert [r["name"] for r in found] == [
         "diffusers StableDiffusionControlNetImg2ImgPipeline, per frame", "cinefx --temporal none",
         "cinefx --temporal anchor", "cinefx --temporal full", "cinefx --temporal full, decode in line",
@@ -42,7 +47,7 @@ def test_diffusion_bench_smoke(tmp_path):
     run("bench_diffusion_gpu.py", "--tiny", "--device", "cpu", "--frames", "2", "--steps", "1", "--rows", "none",
         "--budget", "0", out=tmp_path / "cut")
     cut = [json.loads(line) for line in (tmp_path / "cut" / "diffusion_rows.jsonl").read_text().splitlines()]
-    assert "skipped" in cut[2] and "fps" in cut[0]
+    assert "skipped" in cut[2] and "fps" in cut[0] and all("skipped" in r for r in cut[3:]) and len(cut) == 5
 
 
 def test_train_bench_smoke(tmp_path):

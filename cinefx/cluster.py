@@ -42,7 +42,7 @@ from cinefx.errors import CinefxError, ClusterError, MissingFileError, OptionErr
 from cinefx.fsutil import host_name, remove_quietly, temp_path_for
 from cinefx.resume import OutputLock, WorkFolder
 from cinefx.scenes import Scene, SceneStream
-from cinefx.stylize import (BatchItem, Progress, SceneTask, StylizeOptions, work_folder, plan_outputs,
+from cinefx.stylize import (BatchItem, PieceMeasures, Progress, SceneTask, StylizeOptions, work_folder, plan_outputs,
                             decode, resolve_options, run_scene_task, stylize_file)
 
 PREFLIGHT = ("strict", "skip-bad")
@@ -184,12 +184,16 @@ class SceneWorker:
             self._for = (task.input, size)
         files = WorkFolder.at(Path(folder), key, manifest=False)
         scene, part, frames = task.scene.index, task.part, 0
+        # the report's measures of this piece, so that the driver does not measure every frame again
+        measures = PieceMeasures(task.options, task.engine) if task.options.metrics else None
         try:
-            for out in run_scene_task(task, self._renderer, files.state(scene) if part else None):
+            for out in run_scene_task(task, self._renderer, files.extra(scene, "state") if part else None, measures):
                 files.record(scene, out, part)
                 frames += len(out)
             if part == 0 and task.scene.frames > frames:  # the later pieces start from this
-                files.keep_state(scene, self._renderer.scene_state())
+                files.keep("state", self._renderer.scene_state())
+            if measures is not None:
+                files.keep("measures", measures.to_bytes())
             files.finish()
         finally:
             files.abandon()

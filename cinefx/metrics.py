@@ -119,14 +119,31 @@ class TemporalMeter(Meter):
         self.size = size
         return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
 
-    def add(self, scene: int, src: np.ndarray, out: np.ndarray) -> None:
-        """src, out: (H, W, 3) uint8, the same frame before and after cinefx."""
+    def add(self, scene: int, src: np.ndarray, out: np.ndarray, pair: bool = True) -> None:
+        """src, out: (H, W, 3) uint8, the same frame before and after cinefx. `pair` False: the pair
+        this frame ends is not measured (its values are spliced in, see `splice`)."""
         s, o = self._small(src), self._small(out)
-        self._submit(scene, s, o)
+        self._submit(scene, s, o, pair)
 
-    def _measure(self, scene: int, s: np.ndarray, o: np.ndarray) -> None:
+    def export(self, scene: int) -> dict:
+        """The scene's values so far, as `splice` takes them (after `finish()`)."""
+        si, so = self.series.get(scene, (Series(), Series()))
+        return {"in_psnr": si.psnr, "in_tssim": si.tssim, "out_psnr": so.psnr, "out_tssim": so.tssim}
+
+    def splice(self, scene: int, values: dict) -> None:
+        """Append pairs measured elsewhere (`export` of another meter over the frames that follow)."""
+        self._in_order(self._splice, scene, values)
+
+    def _splice(self, scene: int, values: dict) -> None:
+        si, so = self.series.setdefault(scene, (Series(), Series()))
+        si.psnr += values["in_psnr"]
+        si.tssim += values["in_tssim"]
+        so.psnr += values["out_psnr"]
+        so.tssim += values["out_tssim"]
+
+    def _measure(self, scene: int, s: np.ndarray, o: np.ndarray, pair: bool) -> None:
         ss, so_ = FrameStats(s), FrameStats(o)
-        if self._prev is not None and self._prev[0] == scene:
+        if pair and self._prev is not None and self._prev[0] == scene:
             si, so = self.series.setdefault(scene, (Series(), Series()))
             _, ps, po, pss, pso = self._prev
             for series, a, b, sa, sb in ((si, ps, s, pss, ss), (so, po, o, pso, so_)):

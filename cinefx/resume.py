@@ -5,7 +5,8 @@ Finished scenes are kept in a work folder beside the output: ``.<output name>.ci
 prompt and diffusion sections, seed, models, engine settings, scene detection; and the size and
 SHA-256 of every finished scene) and one lossless FFV1 file per finished scene (per piece of a long
 take: ``scene-00003.p001.mkv``, and beside the first piece what the later ones start from,
-``scene-00003.state.pt``; see `cinefx.diffusion.engine`). A re-run with the
+``scene-00003.state.pt``, see `cinefx.diffusion.engine`; a cluster's worker also keeps the report's
+measures of its frames, ``scene-00003.p001.measures.json``). A re-run with the
 same key reads finished scenes back instead of rendering them, and renders the rest; because every
 scene is rendered from its own seed (see `cinefx.diffusion.engine.scene_seed`), the result is the
 same as an uninterrupted run. A kept scene whose size or checksum no longer matches (a truncated
@@ -96,6 +97,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# files kept with a piece, by kind (see `WorkFolder.keep`): their suffix
+EXTRAS = {"state": ".state.pt", "measures": ".measures.json"}
+
+
 def _piece(scene: int, part: int) -> str:
     """A kept unit's name in the manifest: "3" for scene 3 (or its first piece), "3.1" for its second."""
     return f"{scene}.{part}" if part else str(scene)
@@ -124,10 +129,10 @@ class WorkFolder:
         self._recording: tuple[str, av.container.OutputContainer, av.video.stream.VideoStream, Path] | None = None
         self._reading: tuple[str, Iterator[np.ndarray]] | None = None
         # piece ("3", or "3.1" for a long take's second piece) → {"size", "sha256"} as recorded when
-        # it was kept, and for a first piece with later ones, "state": the same for its state file
+        # it was kept, and the same for each file kept with it (`EXTRAS`) under the file's kind
         self._kept: dict[str, dict] = {}
         self._intact: dict[str, bool] = {}
-        self._state: tuple[str, bytes] | None = None  # to keep with the piece being recorded
+        self._extras: dict[str, bytes] = {}  # kind → data, to keep with the piece being recorded
         self.reused: list[str] = []
         self.damaged: list[str] = []  # kept pieces that failed their check and were rendered again
 
@@ -191,8 +196,8 @@ class WorkFolder:
         scene, _, part = piece.partition(".")
         return self.path / f"scene-{int(scene):05d}{f'.p{int(part):03d}' if part else ''}.mkv"
 
-    def _state_file(self, scene: int) -> Path:
-        return self.path / f"scene-{scene:05d}.state.pt"
+    def _extra_file(self, piece: str, kind: str) -> Path:
+        return self._file(piece).with_suffix(EXTRAS[kind])
 
     def has(self, scene: int, part: int = 0) -> bool:
         """Whether the scene (or its piece `part`) is kept intact: its file, and its state file if
@@ -201,7 +206,8 @@ class WorkFolder:
         piece = _piece(scene, part)
         if piece not in self._intact:
             rec, f = self._kept.get(piece), self._file(piece)
-            ok = rec is not None and _intact(f, rec) and ("state" not in rec or _intact(self._state_file(scene), rec["state"]))
+            ok = rec is not None and _intact(f, rec) and all(
+                _intact(self._extra_file(piece, kind), rec[kind]) for kind in EXTRAS if kind in rec)
             if not ok and rec is not None:
                 self.damaged.append(piece)
                 del self._kept[piece]
@@ -209,9 +215,14 @@ class WorkFolder:
             self._intact[piece] = ok
         return self._intact[piece]
 
-    def state(self, scene: int) -> bytes:
-        """The state kept with the scene's first piece (see `keep_state`)."""
-        return self._state_file(scene).read_bytes()
+    def extra(self, scene: int, kind: str, part: int = 0) -> bytes | None:
+        """What was kept with a kept piece under `kind` (see `keep`), or None. A worker's view (no
+        manifest) reads what is there: its driver hands out only work whose inputs it adopted."""
+        piece = _piece(scene, part)
+        f = self._extra_file(piece, kind)
+        if self.manifest and kind not in self._kept.get(piece, {}) or not f.is_file():
+            return None
+        return f.read_bytes()
 
     def read(self, scene: int, count: int, part: int = 0) -> np.ndarray:
         """The next `count` stored frames of the scene (or piece), (count, H, W, 3) uint8."""
@@ -233,10 +244,11 @@ class WorkFolder:
         if self._recording is not None and self._recording[0] != _piece(scene, part):
             self.finish()
 
-    def keep_state(self, scene: int, state: bytes) -> None:
-        """Keep `state` (a renderer's `scene_state()`) with the scene's first piece, being recorded:
-        what its later pieces start from, wherever they are rendered."""
-        self._state = (_piece(scene, 0), state)
+    def keep(self, kind: str, data: bytes) -> None:
+        """Keep `data` with the piece being recorded, as a file of its own checked with it (`EXTRAS`):
+        a first piece's "state" (a renderer's `scene_state()`: what the later pieces start from,
+        wherever they render), a piece's "measures" (`stylize.PieceMeasures`)."""
+        self._extras[kind] = data
 
     def record(self, scene: int, frames: np.ndarray, part: int = 0) -> None:
         """Append rendered frames (F, H, W, 3) uint8 to the scene's (or piece's) file."""
@@ -265,10 +277,10 @@ class WorkFolder:
             c.mux(p)
         c.close()
         rec = {"size": tmp.stat().st_size, "sha256": _sha256(tmp)}
-        if self._state is not None and self._state[0] == piece:
-            data, self._state = self._state[1], None
-            write_bytes(self._state_file(int(piece)), data)
-            rec["state"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        extras, self._extras = self._extras, {}
+        for kind, data in extras.items():
+            write_bytes(self._extra_file(piece, kind), data)
+            rec[kind] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         commit(tmp, self._file(piece))
         self._kept[piece] = rec
         self._save()
@@ -276,7 +288,7 @@ class WorkFolder:
     def abandon(self) -> None:
         """Stop recording without keeping the unfinished scene (the run was interrupted); the
         folder goes too if no scene in it is finished, as nothing in it could be reused."""
-        self._state = None
+        self._extras = {}
         try:
             if self._recording is not None:
                 _, c, _, tmp = self._recording
@@ -332,14 +344,14 @@ class ResumingRenderer:
             out, rendered = self.work.read(scene, len(frames), part), False
         else:
             if at and not self._rendered:  # what came before was read back: start the renderer here
-                self.renderer.prime(scene, at, self.work.state(scene), self._lead)
+                self.renderer.prime(scene, at, self.work.extra(scene, "state"), self._lead)
             out, rendered = np.stack(list(self.renderer.render(frames, scene, start))), True
             try:
                 self.work.record(scene, out, part)
                 if part == 0 and self.part and at + len(frames) == self.part:  # the take goes on
                     state = self.renderer.scene_state()
                     if state is not None:
-                        self.work.keep_state(scene, state)
+                        self.work.keep("state", state)
             except OSError as ex:  # a full disk, mostly: say where, and how to run without it
                 raise OutputError(f"{self.work.path}: cannot keep finished scenes for resume ({ex}); "
                                   "free some space or use --no-resume") from ex

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import shutil
 import time
@@ -151,12 +152,13 @@ def decode(info: VideoInfo, options: StylizeOptions, notes: list[str] | None = N
                                  start_pts=start_pts))
 
 
-def run_scene_task(task: SceneTask, renderer=None, state: bytes | None = None) -> Iterator[np.ndarray]:
+def run_scene_task(task: SceneTask, renderer=None, state: bytes | None = None,
+                   measures: PieceMeasures | None = None) -> Iterator[np.ndarray]:
     """The task's scene (or piece) rendered, run by run ((F, H, W, 3) uint8 each): decodes its frames
     of the input and renders them with fresh per-scene state, or for a later piece, from `state`
     (`Renderer.scene_state()` after the scene's first batch) and the frame before the piece.
     `renderer` may be one built for the same preset and options (a worker keeps its renderer, and
-    the models, across tasks)."""
+    the models, across tasks); `measures`, if given, measures the frames as the report would."""
     info = probe(task.input)
     renderer = renderer or build_renderer(task.engine, task.preset, info.display_size, task.options.seed,
                                           task.options.models, task.options.diffusion)
@@ -167,8 +169,33 @@ def run_scene_task(task: SceneTask, renderer=None, state: bytes | None = None) -
     frames = islice((f.rgb for f in decode(info, task.options, start=first, start_pts=task.pts)), end - first)
     renderer.prime(task.scene.index, at, state, next(frames) if at else None)
     for run in iter(lambda: list(islice(frames, renderer.run_length)), []):
-        yield np.stack(list(renderer.render(np.stack(run), task.scene.index, start)))
+        out = np.stack(list(renderer.render(np.stack(run), task.scene.index, start)))
+        if measures is not None:
+            measures.add(run, out)
+        yield out
         start += len(run)
+
+
+class PieceMeasures:
+    """The report's measures (`_Measures`) of the pairs within one scene task's frames, made where
+    the task renders (a cluster's worker), so that the assembly splices them in rather than measuring
+    every frame again on one machine. `to_bytes` keeps the settings they were made with; `_Measures`
+    uses them only where its own are the same."""
+
+    def __init__(self, options: StylizeOptions, engine: str):
+        self.settings = _measure_settings(options, engine)
+        self.meter = TemporalMeter(options.metric_width)
+        self.warp = _warp_meter(options, engine)
+
+    def add(self, sources: Iterable[np.ndarray], outputs: Iterable[np.ndarray]) -> None:
+        for src, out in zip(sources, outputs):
+            for m in (self.meter, self.warp):
+                if m is not None:
+                    m.add(0, src, out)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"settings": self.settings, "temporal": self.meter.export(0),
+                           "warp": self.warp.export(0) if self.warp is not None else None}).encode()
 
 
 def _notes(info: VideoInfo, choice: EngineChoice, colour: ocio.InputChoice) -> list[str]:
@@ -232,7 +259,7 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
             renderer = make()
         else:  # the models load once a scene is left to render: not in a cluster's assembly
             renderer = ResumingRenderer(make, work, choice.name, *lengths(choice.name, preset, options.diffusion))
-        seen = _Measures(options, choice, info, colour)
+        seen = _Measures(options, choice, info, colour, work and functools.partial(_kept_measures, work), renderer.part)
         stream = SceneStream(decode(info, options, notes), renderer.run_length, options.detector)
         back = ocio.output_conversion(out_space)
         # the tags say what is written: the source's when nothing was converted
@@ -278,10 +305,16 @@ class _Measures:
     PSNR/T-SSIM, and warp error where asked for), scene thumbnails for the HTML page, frames for
     the log hint, the frame times and the concealed-frame count."""
 
-    def __init__(self, options: StylizeOptions, choice: EngineChoice, info: VideoInfo, colour):
+    def __init__(self, options: StylizeOptions, choice: EngineChoice, info: VideoInfo, colour,
+                 kept: Callable[[int, int], bytes | None] | None = None, part: int = 0):
+        """`kept(scene, piece)`: a `PieceMeasures` of a kept piece (`part` frames; 0: scenes are one
+        piece) or None; its pairs are spliced in, and only the pair that ends at its first frame is
+        measured here."""
         self.info, self.choice = info, choice
         self.meter = TemporalMeter(options.metric_width, background=True) if options.metrics else None
-        self.warp = _warp_meter(options, choice)
+        self.warp = _warp_meter(options, choice.name, background=True)
+        self.settings, self.kept, self.part = _measure_settings(options, choice.name), kept, part
+        self._scene, self._at, self._spliced = None, 0, False
         self.thumbs = None
         if options.thumbnails:
             from cinefx.htmlreport import SceneThumbs
@@ -296,13 +329,31 @@ class _Measures:
 
     def add(self, scene: int, f, out) -> None:
         """`f`: the source `Frame`; `out`: (H, W, 3) uint8, the frame as rendered and graded."""
-        for m in (self.meter, self.warp, self.thumbs):
+        if scene != self._scene:
+            self._scene, self._at = scene, 0
+        values = None
+        if self._at % (self.part or 1 << 62) == 0:  # a piece begins: were its pairs measured already?
+            values = self._kept(scene, self._at // self.part if self.part else 0)
+            self._spliced = values is not None
+        for m in (self.meter, self.warp):
             if m is not None:
-                m.add(scene, f.rgb, out)
+                m.add(scene, f.rgb, out, pair=values is not None or not self._spliced)
+        if values is not None:
+            self.meter.splice(scene, values["temporal"])
+            if self.warp is not None:
+                self.warp.splice(scene, values["warp"])
+        self._at += 1
+        if self.thumbs is not None:
+            self.thumbs.add(scene, f.rgb, out)
         if self.hint is not None and f.index % self.every == 0 and len(self.hint) < LOG_HINT_FRAMES:
             self.hint.append(f.rgb)
         self.times.append(float(f.pts * self.info.time_base))
         self.concealed += f.concealed
+
+    def _kept(self, scene: int, piece: int) -> dict | None:
+        data = self.kept(scene, piece) if self.kept is not None and self.meter is not None else None
+        values = json.loads(data) if data else None
+        return values if values and values["settings"] == self.settings else None
 
     def close(self) -> None:
         for m in (self.meter, self.warp):
@@ -335,14 +386,23 @@ class _Measures:
         return self.thumbs.finish() if self.thumbs is not None else None
 
 
-def _warp_meter(options: StylizeOptions, choice: EngineChoice):
-    """A background flow-warping-error meter when the report wants one (see `warp_error`)."""
-    on = options.warp_error if options.warp_error is not None else choice.name == "diffusion"
-    if not (options.metrics and on):
+def _kept_measures(work: WorkFolder, scene: int, piece: int) -> bytes | None:
+    return work.extra(scene, "measures", piece) if work.has(scene, piece) else None
+
+
+def _warp_meter(options: StylizeOptions, engine: str, background: bool = False):
+    """A flow-warping-error meter when the report wants one (see `warp_error`)."""
+    if not _measure_settings(options, engine)["warp"]:
         return None
     from cinefx.eval.warp import WarpMeter
 
-    return WarpMeter(options.metric_width, background=True)
+    return WarpMeter(options.metric_width, background=background)
+
+
+def _measure_settings(options: StylizeOptions, engine: str) -> dict:
+    """What the report's measures depend on besides the frames."""
+    warp = options.warp_error if options.warp_error is not None else engine == "diffusion"
+    return {"metric_width": options.metric_width, "warp": bool(options.metrics and warp)}
 
 
 def _end(times: list[float], info: VideoInfo) -> float:

@@ -78,16 +78,20 @@ class Meter:
     QUEUE_FRAMES = 8
 
     def __init__(self, background: bool, name: str):
-        self._worker = Worker(lambda item: self._measure(*item), self.QUEUE_FRAMES, name) if background else None
+        self._worker = Worker(lambda call: call[0](*call[1:]), self.QUEUE_FRAMES, name) if background else None
 
     def _measure(self, *item) -> None:  # pragma: no cover - every meter defines it
         raise NotImplementedError
 
     def _submit(self, *item) -> None:
+        self._in_order(self._measure, *item)
+
+    def _in_order(self, fn, *args) -> None:
+        """Call `fn(*args)` after the frames submitted before it are measured."""
         if self._worker is None:
-            self._measure(*item)
+            fn(*args)
         else:
-            self._worker.put(item)
+            self._worker.put((fn, *args))
 
     def finish(self) -> None:
         """Wait for the frames still being measured; the results are complete afterwards."""

@@ -78,20 +78,23 @@ def test_a_long_take_spreads_over_workers_in_pieces_with_the_same_bytes(local_ra
     every piece back to assemble the file, never loads the models. `--engine auto` looks at the
     cluster's GPUs, not the driver's."""
     from cinefx import engines
+    from cinefx.eval import warp
 
     from cinefx.testing.clips import render_move
 
     src = write_clip(tmp_path / "take.mp4", render_move(Move("astronaut", 110, (0.45, 0.4, 0.9), (0.55, 0.5, 0.6)),
                                                         (96, 64)), fps=24, audio="aac")
     preset, opts = diffusion(tiny_bundle)
-    preset = override(preset, "diffusion", part=48)
+    preset, opts = override(preset, "diffusion", part=48), replace(opts, metrics=True)  # warp error too
     local = stylize_file(src, tmp_path / "local.mp4", preset, opts)
-    assert len(local.scenes) == 1
+    assert len(local.scenes) == 1 and local.report.warped
 
     def no_models(*args, **kwargs):
         raise AssertionError("the driver loaded the models")
 
     monkeypatch.setattr(engines, "build_diffusion_engine", no_models)
+    flows, real_flow = [], warp.FlowEstimator.__call__
+    monkeypatch.setattr(warp.FlowEstimator, "__call__", lambda self, a, b: flows.append(1) or real_flow(self, a, b))
     (tmp_path / "ray").mkdir()
     seen = []
     # --engine auto: this machine has no CUDA GPU, the cluster has two (logical) ones, which count
@@ -103,6 +106,11 @@ def test_a_long_take_spreads_over_workers_in_pieces_with_the_same_bytes(local_ra
     assert [(d.scene, d.part, d.frames) for d in seen][:1] == [(0, 0, 48)]
     assert sorted((d.part, d.frames) for d in seen[1:]) == [(1, 48), (2, 14)]
     assert len({d.pid for d in seen[1:]}) == 2  # the later pieces went to both workers
+    # the report's measures came back with the pieces: the driver measured the two seams alone
+    ours = items[0].result.report
+    assert (ours.scenes, ours.per_pair, ours.warp_output) == (local.report.scenes, local.report.per_pair,
+                                                            local.report.warp_output)
+    assert len(ours.per_pair) == 109 and len(flows) == 2
 
 
 def test_a_stopped_driver_resumes_with_finished_scenes(local_ray, tiny_bundle, three_scenes, tmp_path):

@@ -164,10 +164,12 @@ class WarpMeter(Meter):
         self._prev: tuple | None = None  # (scene, grey input, input, outputs) of a pair's first frame
         super().__init__(background, "cinefx-warp")
 
-    def add(self, scene: int, src: np.ndarray, *outs: np.ndarray) -> None:
+    def add(self, scene: int, src: np.ndarray, *outs: np.ndarray, pair: bool = True) -> None:
+        """`pair` False: the pair this frame ends is not measured (its values are spliced in)."""
         if scene != self._scene:
             self._scene, self._position = scene, 0
         first, second = sampled(self._position, self.every)
+        second = second and pair
         self._position += 1
         if not (first or second):
             return
@@ -189,6 +191,22 @@ class WarpMeter(Meter):
                 for values, a, b in zip(series.renders, pouts, outs):
                     values.append(warp_error(a, b, flow))
         self._prev = (scene, g, src, outs) if first else None
+
+    def export(self, scene: int) -> dict:
+        """The scene's values so far, as `splice` takes them (after `finish()`)."""
+        series = self._series.get(scene, _Series())
+        return {"source": series.source, "kept": series.kept, "renders": series.renders}
+
+    def splice(self, scene: int, values: dict) -> None:
+        """Append pairs measured elsewhere (`export` of another meter over the frames that follow)."""
+        self._in_order(self._splice, scene, values)
+
+    def _splice(self, scene: int, values: dict) -> None:
+        series = self._series.setdefault(scene, _Series(renders=[[] for _ in values["renders"]]))
+        series.source += values["source"]
+        series.kept += values["kept"]
+        for mine, more in zip(series.renders, values["renders"]):
+            mine += more
 
     def scenes(self) -> dict[int, WarpScene]:
         """Per scene index, the scenes seen so far (a scene of one frame has no pairs)."""

@@ -244,11 +244,13 @@ class WorkFolder:
         if self._recording is not None and self._recording[0] != _piece(scene, part):
             self.finish()
 
-    def keep(self, kind: str, data: bytes) -> None:
+    def keep(self, kind: str, data: bytes | None) -> None:
         """Keep `data` with the piece being recorded, as a file of its own checked with it (`EXTRAS`):
         a first piece's "state" (a renderer's `scene_state()`: what the later pieces start from,
-        wherever they render), a piece's "measures" (`stylize.PieceMeasures`)."""
-        self._extras[kind] = data
+        wherever they render), a piece's "measures" (`stylize.PieceMeasures`). None keeps nothing
+        (a renderer with no state: diffusion at strength 0)."""
+        if data is not None:
+            self._extras[kind] = data
 
     def record(self, scene: int, frames: np.ndarray, part: int = 0) -> None:
         """Append rendered frames (F, H, W, 3) uint8 to the scene's (or piece's) file."""

@@ -170,13 +170,15 @@ class DiffusionEngine:
         """Get ready to render scene `scene` from frame `at` (0, or a piece's first frame) without
         having rendered what comes before: `state` is the scene's (`scene_state().to_bytes()` of
         whoever rendered its first batch), `lead` (H, W, 3) uint8 the input frame before `at`.
-        At frame 0 the scene starts afresh, even if it is the one rendered last."""
+        At frame 0 the scene starts afresh, even if it is the one rendered last. At strength 0 no
+        state is needed (nor made: frames pass as they are)."""
         self.start_scene(scene)
         if at == 0:
             return
         if not self.part or at % self.part or at < 0:
             raise ValueError(f"frame {at} of a scene: pieces of {self.part} frames begin only at their multiples")
-        self._at, self._lead, self._state = at, lead, SceneState.from_bytes(state, self.pipe.device)
+        self._at, self._lead = at, lead
+        self._state = None if state is None else SceneState.from_bytes(state, self.pipe.device)
 
     def render(self, frames: np.ndarray, scene: int) -> np.ndarray:
         """(F, H, W, 3) uint8 display-size frames of scene `scene`, following those of the last

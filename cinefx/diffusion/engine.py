@@ -10,10 +10,13 @@ A long take is rendered as pieces of `part` frames. Within a piece everything ch
 piece k > 0 starts afresh except for what the scene's first batch fixed (`SceneState`: the first
 frame's anchor, the colour reference, the depth range), with noise seeded by (seed, scene, k) and,
 in place of the previous batch's last frame, the frame before the piece rendered alone against the
-first frame (one extra frame per piece). So piece k depends on the scene's first batch and its own
-frames only: the pieces of one take render side by side on a cluster, and a one-machine run
-renders them the same way, so both write the same file. The price is a seam every `part` frames
-where the noise restarts; the lead-in frame keeps the content on both sides of it alike.
+first frame (one extra frame per piece). The noise prior (and a turbo sampler's step noise) goes on
+from the first frame's noise, the frame before the piece standing for the frame before: where the
+take holds still, every piece has the first frame's noise, as one piece would. So piece k depends
+on the scene's first batch and its own frames only: the pieces of one take render side by side on
+a cluster, and a one-machine run renders them the same way, so both write the same file. The price
+is a seam every `part` frames where what moved has fresh noise; the lead-in frame keeps the content
+on both sides of it alike.
 """
 
 from __future__ import annotations
@@ -44,20 +47,25 @@ def scene_seed(seed: int, scene: int, piece: int = 0) -> int:
 @dataclass(frozen=True)
 class SceneState:
     """What a scene's first batch fixes for the rest of the scene, so that a later piece can be
-    rendered elsewhere: the first frame as anchor, the colour reference (Lab mean offset and std
-    ratio, (3,) each), and each control extractor's state."""
+    rendered elsewhere: the first frame as anchor (whose noise the later pieces' noise prior goes on
+    from), the colour reference (Lab mean offset and std ratio, (3,) each), each control extractor's
+    state and, with a turbo sampler, the first frame's noise of each step but the last ((C, h, w) each)."""
 
     first: Anchors
     colour_ref: tuple[np.ndarray, np.ndarray] | None
     extractors: dict
+    steps: tuple[torch.Tensor, ...] = ()
 
     def to_bytes(self) -> bytes:
         import io
 
-        a = self.first
-        blob = {"latents": a.latents.cpu(), "noise": a.noise.cpu(), "controls": {k: c.cpu() for k, c in a.controls.items()},
-                "colour_ref": None if self.colour_ref is None else [torch.from_numpy(np.asarray(x)) for x in self.colour_ref],
-                "extractors": self.extractors}
+        def own(x: torch.Tensor) -> torch.Tensor:  # a frame's view would save its whole batch's storage
+            return x.cpu().clone()
+
+        a, ref = self.first, self.colour_ref
+        blob = {"latents": own(a.latents), "noise": own(a.noise), "controls": {k: own(c) for k, c in a.controls.items()},
+                "colour_ref": None if ref is None else [torch.from_numpy(np.asarray(x)) for x in ref],
+                "extractors": self.extractors, "steps": [own(x) for x in self.steps]}
         buf = io.BytesIO()
         torch.save(blob, buf)
         return buf.getvalue()
@@ -70,7 +78,8 @@ class SceneState:
         first = Anchors(blob["latents"].to(device), blob["noise"].to(device),
                         {k: c.to(device) for k, c in blob["controls"].items()})
         ref = blob["colour_ref"]
-        return cls(first, None if ref is None else tuple(x.numpy() for x in ref), blob["extractors"])
+        return cls(first, None if ref is None else tuple(x.numpy() for x in ref), blob["extractors"],
+                   tuple(blob["steps"]))
 
 
 def render_size(width: int, height: int, short: int, multiple: int) -> tuple[int, int]:
@@ -148,6 +157,7 @@ class DiffusionEngine:
         self._scene, self._at, self._lead, self._state = scene, 0, None, None
         self.first: Anchors | None = None  # the scene's first rendered frame
         self._opening: dict | None = None  # the extractors' state after the scene's first batch
+        self._first_steps: tuple[torch.Tensor, ...] | None = None  # the first frame's step noise (turbo)
         self.colour_ref: tuple[np.ndarray, np.ndarray] | None = None
         self._start_piece(0)
         for ex in self.extractors.values():
@@ -212,8 +222,12 @@ class DiffusionEngine:
         self.first, self.colour_ref = state.first, state.colour_ref
         for k, ex in self.extractors.items():
             ex.reset(state.extractors.get(k))
+        lead = self._small(self._lead[None])
+        self.carry = NoiseCarry(lead[0], state.first.noise[0].cpu())
+        if self.step_noise:
+            self.step_noise.carries = [NoiseCarry(lead[0], n) for n in state.steps]
         if not self.temporal_off:
-            self.last = self._diffuse(self._small(self._lead[None]))[2]
+            self.last = self._diffuse(lead)[2]
 
     def _small(self, frames: np.ndarray) -> np.ndarray:
         """(F, H, W, 3) uint8 display-size frames → at render size."""
@@ -272,7 +286,7 @@ class DiffusionEngine:
         out = (decoded.result().permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
         out_small[idx] = self._anchor_colour(out, small[idx])
         if self._state is None:  # the scene's first batch: what its later pieces start from
-            self._state = SceneState(self.first, self.colour_ref, self._opening)
+            self._state = SceneState(self.first, self.colour_ref, self._opening, self._first_steps or ())
 
     def _diffuse(self, small: np.ndarray) -> tuple[torch.Tensor, Anchors, Anchors]:
         """(B, h, w, 3) uint8 at render size → the clean latents (B, 4, h/8, w/8), not decoded,
@@ -283,10 +297,13 @@ class DiffusionEngine:
         noise, self.carry = initial_noise(self.cfg.noise_prior, small, shape, self.generator, self.carry)
         controls = {k: ex(small) for k, ex in self.extractors.items()}
         images = torch.from_numpy(small).permute(0, 3, 1, 2).float().div_(255)
+        steps = self.step_noise.draw(small, shape) if self.step_noise else None
+        if steps is not None and self._first_steps is None:  # the scene's first frame
+            self._first_steps = tuple(steps(k)[0] for k in range(self.steps - 1))
         res = pipe(images, controls, noise, prompt=self.prompt, negative=self.preset.prompt.negative,
                    scales=self.scales, strength=self.cfg.strength, steps=self.steps, guidance=self.guidance,
                    temporal=self.cfg.temporal, anchors=self._anchors(),
-                   step_noise=self.step_noise.draw(small, shape) if self.step_noise else None,
+                   step_noise=steps,
                    decode=False)  # the caller's `BatchDecoder` decodes
         noise = noise.to(res.latents.device)
 

@@ -165,6 +165,14 @@ class SceneWorker:
         """`check_node` in this worker's process (the preflight, at no extra process start)."""
         return check_node(*args)
 
+    def warm(self, preset, options: StylizeOptions) -> None:
+        """Load the models now (into `cinefx.engines.MODELS`, where the first task's renderer finds
+        them), while the driver is still finding the scenes: a worker whose first task comes late
+        (a long take's later piece) does not start loading only then."""
+        from cinefx.engines import build_diffusion_engine
+
+        build_diffusion_engine(preset, options.models, options.diffusion)
+
     def render(self, task: SceneTask, folder: str, key: str) -> tuple[SceneDone, dict]:
         """Render `task` into the work folder `folder` (keyed `key`), a later piece from the state its
         scene's first piece left there. Returns what was done and the file's record for the
@@ -356,6 +364,8 @@ def stylize_on_ray(inputs: Sequence[Path], outputs: Path | Sequence[Path], prese
             nodes, _ = preflight(ray, inputs, folders, options, tuple(k for k, _ in preset.diffusion.controls),
                                  choice.name, preflight_mode, {n: w for n, w in reversed(slots)})
             pool = [w for node, w in slots if node in nodes]
+            for w in pool:
+                w.warm.remote(preset, options)  # not waited for: a failure shows again in the first task
             run = _grade_files if choice.name == "grade" else functools.partial(_render_scenes, pool=pool)
             items = iter(run(ray, nodes, inputs, outputs, preset, options, choice, workers,
                              work_dir and Path(work_dir), skip_existing, on_item or (lambda item: None), progress,

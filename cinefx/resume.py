@@ -313,7 +313,9 @@ class WorkFolder:
             notes.append(f"resume: kept scene(s) {', '.join(_shown(p) for p in self.damaged)} failed their "
                          "checksum and were rendered again")
         if self.reused:
-            notes.append(f"resumed: {len(self.reused)} finished scene(s) reused from {self.path.name}")
+            scenes = len({p.partition(".")[0] for p in self.reused})
+            what = "scene(s)" if scenes == len(self.reused) else f"pieces of {scenes} scene(s)"
+            notes.append(f"resumed: {len(self.reused)} finished {what} reused from {self.path.name}")
         self.remove()
         return notes
 

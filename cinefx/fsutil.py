@@ -165,8 +165,10 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     a full one is refused with `OSError`); on any exception it is removed. A folder appears whole
     or not at all (a preset, a study)."""
     target = Path(target)
-    tmp = target.with_name(f".{fit_stem(target.parent, target.name, 40)}{TEMP_MARK}{_HOST}-{os.getpid()}-"
-                           f"{secrets.token_hex(4)}")
+    for stale in stale_temps(target, folders=True):  # a killed run's half-made folder
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = target.with_name(f".{_temp_stem(target)}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+                           f"{target.suffix}")
     tmp.mkdir()
     try:
         yield tmp
@@ -200,8 +202,9 @@ def alive(pid: int) -> bool:
     return True
 
 
-def stale_temps(target: str | os.PathLike) -> list[Path]:
-    """Temporary files of `target` left by runs on this machine that are no longer alive.
+def stale_temps(target: str | os.PathLike, folders: bool = False) -> list[Path]:
+    """Temporary files (with `folders`, the folders of `atomic_dir`) of `target` left by runs on this
+    machine that are no longer alive.
 
     Only names cinefx's own naming marks as a temporary of `target` are considered; files of a
     live process, or of another machine (whose processes cannot be checked from here), are not."""
@@ -220,7 +223,7 @@ def stale_temps(target: str | os.PathLike) -> list[Path]:
         if m is None or m.group("host") != _HOST:
             continue
         pid = int(m.group("pid"))
-        if pid != os.getpid() and not alive(pid) and p.is_file() and not p.is_symlink():
+        if pid != os.getpid() and not alive(pid) and (p.is_dir() if folders else p.is_file()) and not p.is_symlink():
             out.append(p)
     return out
 

@@ -263,3 +263,20 @@ def test_quiet_does_not_outlive_its_command(tmp_path):
     runner.invoke(app, ["stylize", str(tmp_path / "missing.mp4"), "-q"])
     r = runner.invoke(app, ["presets", "export-lut", "epic", "-o", str(tmp_path / "epic.cube"), "--size", "17"])
     assert r.exit_code == 0 and "look LUT written to" in r.output, r.output
+
+
+@pytest.mark.parametrize("name", ["my-look", "study.v2", NEAR_LIMIT])
+def test_a_killed_runs_half_made_folder_is_removed_by_the_next(tmp_path, name):
+    """`atomic_dir` (a preset import, a rating study) builds its folder under a temporary name; a run
+    killed meanwhile left it for good. The next one removes this host's dead runs' folders only."""
+    target = tmp_path / name
+    with pytest.raises(KeyboardInterrupt), fsutil.atomic_dir(target) as tmp:
+        (tmp / "half.txt").write_text("x")
+        taken = tmp.rename(tmp.with_name(tmp.name.replace(f"-{os.getpid()}-", "-999999999-")))  # its run died
+        raise KeyboardInterrupt
+    live = taken.with_name(taken.name.replace("-999999999-", f"-{os.getppid()}-"))
+    live.mkdir()  # a run still going
+    assert len(os.fsencode(taken.name)) <= 255 and taken.is_dir()
+    with fsutil.atomic_dir(target) as tmp:
+        (tmp / "whole.txt").write_text("y")
+    assert not taken.exists() and live.is_dir() and (target / "whole.txt").is_file()

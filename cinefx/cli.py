@@ -456,9 +456,15 @@ def _stylize(inputs, output, preset, options, skip_existing, outs: _Outputs, clu
     output.mkdir(parents=True, exist_ok=True)
     outs.folders()
 
+    unreported = []  # done, but a report, plot or page of theirs could not be written
+
     def on_item(item):
         if item.status == "done":
-            _finish_one(item.result, outs.inside(item.output))
+            try:
+                _finish_one(item.result, outs.inside(item.output))
+            except (CinefxError, OSError) as ex:  # one input's report must not stop the batch
+                _fail(str(ex) if isinstance(ex, CinefxError) else f"{item.input}: its report: {ex}")
+                unreported.append(item.input)
         elif item.status == "skipped":
             _info(f"{item.input}: skipped ({item.error})")
         else:
@@ -490,7 +496,9 @@ def _stylize(inputs, output, preset, options, skip_existing, outs: _Outputs, clu
     for i in items:
         if i.status == "failed":
             _say(f"  failed: {i.input}")
-    if counts["failed"]:
+    for src in unreported:
+        _say(f"  rendered, report not written: {src}")
+    if counts["failed"] or unreported:
         raise typer.Exit(EXIT_FAILED)
 
 

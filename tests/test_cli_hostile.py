@@ -280,3 +280,21 @@ def test_a_killed_runs_half_made_folder_is_removed_by_the_next(tmp_path, name):
     with fsutil.atomic_dir(target) as tmp:
         (tmp / "whole.txt").write_text("y")
     assert not taken.exists() and live.is_dir() and (target / "whole.txt").is_file()
+
+
+def test_a_report_that_cannot_be_written_fails_its_input_not_the_batch(tmp_path, clip):
+    """In a batch, the first input's report path is taken by a folder: that input's one line names
+    the report, the next input still renders and reports, and the exit code says something failed."""
+    from cinefx.stylize import output_for
+
+    second = tmp_path / "in2.mp4"
+    second.write_bytes(clip.read_bytes())
+    out, reports = tmp_path / "out", tmp_path / "reports"
+    blocked = reports / f"{output_for(clip, out, 'epic').name}.json"
+    blocked.mkdir(parents=True)
+    r = runner.invoke(app, ["stylize", str(clip), str(second), "-o", str(out), "--report", str(reports), *GRADE])
+    assert r.exit_code == 1, r.output
+    assert str(blocked) in r.output and "rendered, report not written" in r.output and "Traceback" not in r.output
+    assert (reports / f"{output_for(second, out, 'epic').name}.json").is_file()
+    assert sorted(p.name for p in out.iterdir()) == sorted([output_for(clip, out, "epic").name,
+                                                           output_for(second, out, "epic").name])

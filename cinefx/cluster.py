@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -38,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cinefx import __version__
-from cinefx.errors import CinefxError, ClusterError, MissingFileError, OptionError, OutputError, unforeseen
+from cinefx.errors import (CinefxError, ClusterError, MissingFileError, OptionError, OutputBusyError, OutputError,
+                           unforeseen)
 from cinefx.fsutil import host_name, remove_quietly, temp_path_for
 from cinefx.resume import OutputLock, WorkFolder
 from cinefx.scenes import Scene, SceneStream
@@ -266,7 +268,7 @@ def _open_output(src: Path, dst: Path, preset, options: StylizeOptions, choice, 
     from cinefx.grade import ocio
     from cinefx.video.writer import check_output_path
 
-    check_output_path(dst, options.overwrite)
+    check_output_path(dst, options.overwrite, options.encode.codec)
     lock = OutputLock(dst).acquire()
     try:
         if dst.exists() and dst.resolve() == src.resolve():
@@ -274,9 +276,10 @@ def _open_output(src: Path, dst: Path, preset, options: StylizeOptions, choice, 
         scenes, info, pts = _scenes(src, options)
         colour = (ocio.choose_input(options.input_colorspace, info.colour).space,
                   ocio.resolve(options.output_colorspace, "--output-colorspace"))
-        at = (work_dir or dst.parent) / dst.name
+        # in a shared --work-dir, outputs of one name in other folders (another batch's) keep apart
+        at = work_dir / f"{dst.name}.{hashlib.sha256(str(dst.resolve()).encode()).hexdigest()[:8]}" if work_dir else dst
         if not options.resume:
-            shutil.rmtree(at.parent / f".{at.name}.cinefx-work", ignore_errors=True)
+            shutil.rmtree(WorkFolder.beside(at), ignore_errors=True)
         work = work_folder(src, at, info, preset, dataclasses.replace(options, resume=True), choice, [], colour)
         if work is None:
             raise OutputError(f"{at.parent}: too little free space to keep the rendered scenes a cluster run "
@@ -415,30 +418,11 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
         items[i] = item
         on_item(item)
 
-    for i, (src, dst) in enumerate(zip(inputs, outputs)):
-        if skip_existing and dst.exists():
-            done(i, BatchItem(src, dst, "skipped", "output exists"))
-            continue
-        try:
-            opened[i] = _open_output(src, dst, preset, options, choice, work_dir, piece)
-        except OptionError:
-            raise
-        except CinefxError as ex:
-            done(i, BatchItem(src, dst, "failed", str(ex)))
-        except Exception as ex:
-            done(i, BatchItem(src, dst, "failed", unforeseen(ex, src), traceback=traceback.format_exc()))
-
     def frames(scene: Scene, part: int) -> int:
         return _pieces(scene, piece)[part]
 
-    # a take's later pieces wait for its first (they start from the state it leaves)
-    queue = deque(sorted(((i, s, k) for i, o in opened.items() for s in o.scenes for k in range(o.pieces[s.index])
-                          if (s.index, k) in o.left and (k == 0 or (s.index, 0) not in o.left)),
-                         key=lambda t: -frames(t[1], t[2])))
-    total = sum(s.frames for o in opened.values() for s in o.scenes)
-    finished = total - sum(frames(s, k) for o in opened.values() for s in o.scenes for k in range(o.pieces[s.index])
-                           if (s.index, k) in o.left)
     pool = list(pool)
+    queue: deque = deque()  # (input, scene, piece) to render
     flight: dict = {}  # ref → (worker, input, scene, piece)
     rates: dict[str, list[float]] = {}  # "host:pid" → [frames, seconds]
 
@@ -449,9 +433,9 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
             if load[0] >= IN_FLIGHT:
                 return
             i, scene, part = queue.popleft()
-            if opened[i].failed:
+            o = opened.get(i)
+            if o is None or o.failed:  # its input failed (and may be finished already)
                 continue
-            o = opened[i]
             first = scene.start + part * piece - (1 if part else 0)  # a later piece decodes its lead-in too
             task = SceneTask(o.src, scene, preset, options, choice.name, part, o.pts[first])
             flight[worker.render.remote(task, str(o.work.path), o.work.key)] = (worker, i, scene, part)
@@ -459,6 +443,7 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
     def finish(i: int) -> None:
         o = opened.pop(i)
         if o.failed:
+            o.work.abandon()  # the folder goes if no scene of it is finished
             o.lock.release()
             done(i, BatchItem(o.src, o.dst, "failed", o.failed))
             return
@@ -470,6 +455,25 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
             done(i, BatchItem(o.src, o.dst, "failed", unforeseen(ex, o.src), traceback=traceback.format_exc()))
 
     try:
+        for i, (src, dst) in enumerate(zip(inputs, outputs)):
+            if skip_existing and dst.exists():
+                done(i, BatchItem(src, dst, "skipped", "output exists"))
+                continue
+            try:
+                opened[i] = _open_output(src, dst, preset, options, choice, work_dir, piece)
+            except OptionError:
+                raise
+            except CinefxError as ex:
+                done(i, _not_done(src, dst, ex, str(ex), skip_existing))
+            except Exception as ex:
+                done(i, BatchItem(src, dst, "failed", unforeseen(ex, src), traceback=traceback.format_exc()))
+        # a take's later pieces wait for its first (they start from the state it leaves)
+        queue.extend(sorted(((i, s, k) for i, o in opened.items() for s in o.scenes for k in range(o.pieces[s.index])
+                             if (s.index, k) in o.left and (k == 0 or (s.index, 0) not in o.left)),
+                            key=lambda t: -frames(t[1], t[2])))
+        total = sum(s.frames for o in opened.values() for s in o.scenes)
+        finished = total - sum(frames(s, k) for o in opened.values() for s in o.scenes
+                               for k in range(o.pieces[s.index]) if (s.index, k) in o.left)
         for i in [i for i, o in opened.items() if not o.left]:  # every scene kept by an earlier run
             finish(i)
         feed()
@@ -480,13 +484,12 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
             try:
                 scene_done, record = ray.get(ready[0])
             except ray.exceptions.RayActorError:  # died past its restarts: another worker takes the scene
-                pool.remove(worker)
+                if worker in pool:  # every task it held fails so
+                    pool.remove(worker)
                 if not pool:
                     raise ClusterError(f"--cluster: every worker died; the last while rendering "
                                        f"{o.src} scene {scene.index + 1}") from None
                 queue.appendleft((i, scene, part))
-                feed()
-                continue
             except ray.exceptions.RayTaskError as ex:
                 o.failed = o.failed or _failure(ex, o, scene.index, part)
                 o.left.clear()  # nothing more of this input is rendered; what is in flight drains
@@ -507,10 +510,21 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
             if not o.left and not any(j == i for _, j, _, _ in flight.values()):
                 finish(i)
     except BaseException:
-        for o in opened.values():
-            o.lock.release()  # finished scenes stay in the work folder for the next run
+        for o in opened.values():  # finished scenes stay in the work folder for the next run
+            o.work.abandon()
+            o.lock.release()
         raise
     return [items[i] for i in range(len(inputs))]
+
+
+def _not_done(src: Path, dst: Path, ex: CinefxError, why: str, skip_existing: bool) -> BatchItem:
+    """A failed input as `stylize_batch` counts it: with `skip_existing`, an output another run is
+    writing, or has just written, is skipped."""
+    if skip_existing and isinstance(ex, OutputBusyError):
+        return BatchItem(src, dst, "skipped", "being written by another run")
+    if skip_existing and dst.exists():
+        return BatchItem(src, dst, "skipped", "output exists")
+    return BatchItem(src, dst, "failed", why)
 
 
 def _grade_files(ray, nodes, inputs, outputs, preset, options, choice, workers, work_dir, skip_existing, on_item,
@@ -539,8 +553,8 @@ def _grade_files(ray, nodes, inputs, outputs, preset, options, choice, workers, 
             except ray.exceptions.RayTaskError as ex:
                 if isinstance(ex.cause, OptionError):
                     raise ex.cause from None
-                items[i] = BatchItem(src, dst, "failed", _failure(ex) if isinstance(ex.cause, CinefxError)
-                                     else f"{src}: {_failure(ex)}")
+                items[i] = (_not_done(src, dst, ex.cause, _failure(ex), skip_existing) if isinstance(ex.cause, CinefxError)
+                            else BatchItem(src, dst, "failed", f"{src}: {_failure(ex)}"))
             on_item(items[i])
             if progress:
                 progress(len(items), len(inputs), f"{src.name} {items[i].status}")

@@ -177,3 +177,120 @@ def test_preflight_names_the_node_and_the_reason(local_ray, tiny_bundle, three_s
     with pytest.raises(ClusterError, match="no node can run this"):
         cluster.stylize_on_ray([three_scenes], tmp_path / "o", preset, opts, preflight_mode="skip-bad")
     assert not list((tmp_path / "o").iterdir())
+
+
+def test_a_worker_dead_for_good_hands_on_every_scene_it_held(local_ray, tiny_bundle, tmp_path, monkeypatch):
+    """A worker that dies past its restarts fails each task it held, the one it was rendering and the
+    one queued behind it: both go to the other worker, and the batch's frames are all counted."""
+    monkeypatch.setattr(cluster, "MAX_RETRIES", 0)  # the first death is for good
+    src = write_clip(tmp_path / "five.mp4", cut(Move("astronaut", 7), Move("coffee", 6), Move("rocket", 5),
+                                                 Move("chelsea", 5), Move("camera", 4), size=(96, 64)), fps=24)
+    preset, opts = diffusion(tiny_bundle)
+    (tmp_path / "o").mkdir()
+    seen, counts = [], []
+
+    def kill_the_first(done):  # the driver then queues one more on it, which fails too
+        seen.append(done)
+        if len(seen) == 1:
+            os.kill(done.pid, signal.SIGKILL)
+
+    items = cluster.stylize_on_ray([src], tmp_path / "o", preset, opts, workers=2, on_scene=kill_the_first,
+                                   progress=lambda done, total, msg: counts.append((done, total)))
+    assert [i.status for i in items] == ["done"], items
+    assert sorted(d.scene for d in seen) == [0, 1, 2, 3, 4] and counts[-1] == (27, 27)
+
+
+def test_an_input_whose_task_fails_fails_alone_while_other_scenes_were_queued_between_its_own(
+        local_ray, tiny_bundle, three_scenes, tmp_path, monkeypatch):
+    """x's file goes once the driver has found its scenes: its longest scene fails on the worker,
+    while z's scenes are queued between x's (10, 9, 8, 7, 6 frames). x fails alone, in one line
+    naming it and the scene, leaving nothing in the folder; z is the one-machine file."""
+    import shutil
+
+    preset, opts = diffusion(tiny_bundle)
+    x = tmp_path / "x.mp4"
+    shutil.copy(three_scenes, x)
+    z = write_clip(tmp_path / "z.mp4", cut(Move("chelsea", 9), Move("camera", 7), size=(96, 64)), fps=24)
+    real = cluster._open_output
+
+    def then_gone(src, *args):
+        out = real(src, *args)
+        if src == x:
+            x.unlink()
+        return out
+
+    monkeypatch.setattr(cluster, "_open_output", then_gone)
+    (tmp_path / "o").mkdir()
+    items = cluster.stylize_on_ray([x, z], tmp_path / "o", preset, opts, workers=1)
+    assert [i.status for i in items] == ["failed", "done"], items
+    assert "x.mp4: scene 2 " in items[0].error and "\n" not in items[0].error
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["z.mp4"]  # no lock, no work folder of x
+    assert sha(tmp_path / "o" / "z.mp4") == sha(stylize_file(z, tmp_path / "z-local.mp4", preset, opts).output)
+
+
+def test_ctrl_c_while_the_driver_finds_scenes_leaves_no_lock(local_ray, tiny_bundle, three_scenes, tmp_path,
+                                                              monkeypatch):
+    preset, opts = diffusion(tiny_bundle)
+    real, calls = cluster._scenes, []
+
+    def ctrl_c_on_the_second(src, options):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(src, options)
+
+    monkeypatch.setattr(cluster, "_scenes", ctrl_c_on_the_second)
+    (tmp_path / "o").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        cluster.stylize_on_ray([three_scenes, three_scenes], [tmp_path / "o" / "a.mp4", tmp_path / "o" / "b.mp4"],
+                               preset, opts)
+    assert not list((tmp_path / "o").iterdir())  # a.mp4's lock and work folder are gone
+
+
+def test_skip_existing_skips_an_output_another_run_is_writing(local_ray, tiny_bundle, three_scenes, tmp_path):
+    """As `stylize_batch` does (batches started twice over one folder share the work), with either engine."""
+    from cinefx.resume import OutputLock
+    from cinefx.stylize import stylize_batch
+
+    (tmp_path / "o").mkdir()
+    with OutputLock(tmp_path / "o" / "three.mp4"):
+        for preset, opts in (diffusion(tiny_bundle), (load_preset("epic"), StylizeOptions(engine="grade"))):
+            one = stylize_batch([three_scenes], tmp_path / "o", preset, opts, skip_existing=True)
+            assert [(i.status, i.error) for i in one] == [("skipped", "being written by another run")]
+            items = cluster.stylize_on_ray([three_scenes], tmp_path / "o", preset, opts, skip_existing=True)
+            assert [(i.status, i.error) for i in items] == [(i.status, i.error) for i in one], items
+
+
+def test_an_output_its_codec_cannot_be_written_into_fails_before_any_scene_renders(local_ray, tiny_bundle,
+                                                                                    three_scenes, tmp_path):
+    from cinefx.video.writer import EncodeOptions
+
+    preset, opts = diffusion(tiny_bundle)
+    (tmp_path / "o").mkdir()
+    seen = []
+    items = cluster.stylize_on_ray([three_scenes], tmp_path / "o", preset, replace(opts, encode=EncodeOptions(codec="prores")),
+                                   on_scene=seen.append)
+    assert [i.status for i in items] == ["failed"] and "ProRes" in items[0].error
+    assert seen == [] and not list((tmp_path / "o").iterdir())
+
+
+def test_outputs_of_one_name_keep_their_scenes_apart_in_a_shared_work_dir(tiny_bundle, three_scenes, tmp_path):
+    """Two drivers (or one batch given two paths) writing a/clip.mp4 and b/clip.mp4 with one --work-dir:
+    the second must not take over, and so clear, the first's work folder."""
+    import json
+
+    from cinefx.stylize import resolve_options
+
+    preset, opts = diffusion(tiny_bundle)
+    opts, choice = resolve_options(preset, opts)
+    other = write_clip(tmp_path / "other.mp4", cut(Move("chelsea", 6), size=(96, 64)), fps=24)
+    for d in ("w", "a", "b"):
+        (tmp_path / d).mkdir()
+    a = cluster._open_output(three_scenes, tmp_path / "a" / "clip.mp4", preset, opts, choice, tmp_path / "w", 48)
+    try:
+        b = cluster._open_output(other, tmp_path / "b" / "clip.mp4", preset, opts, choice, tmp_path / "w", 48)
+        b.lock.release()
+        assert json.loads((a.work.path / "run.json").read_text())["key"] == a.work.key
+        assert a.work.path != b.work.path
+    finally:
+        a.lock.release()

@@ -39,10 +39,9 @@ def test_stylize_report_carries_warp_error_only_when_asked(footage, tmp_path):
 
 
 def test_diffusion_measures_warp_error_by_default():
-    from cinefx.engines import EngineChoice
     from cinefx.stylize import StylizeOptions, _warp_meter
 
-    diffusion, grade = EngineChoice("diffusion", ""), EngineChoice("grade", "")
+    diffusion, grade = "diffusion", "grade"
     assert _warp_meter(StylizeOptions(), diffusion) is not None
     assert _warp_meter(StylizeOptions(), grade) is None
     assert _warp_meter(StylizeOptions(warp_error=True), grade) is not None

@@ -50,6 +50,7 @@ from cinefx.stylize import (BatchItem, PieceMeasures, Progress, SceneTask, Styli
 PREFLIGHT = ("strict", "skip-bad")
 MAX_RETRIES = 3  # restarts of a dead worker, and retries of the scene it was rendering
 IN_FLIGHT = 2  # scenes queued per worker, so none idles while the driver assembles an output
+PREFLIGHT_WAIT = 20  # seconds a node's worker has to answer the preflight before a task asks instead
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ def check_node(inputs: Sequence[str], folders: Sequence[str], options: StylizeOp
 def preflight(ray, inputs: Sequence[Path], folders: Sequence[Path], options: StylizeOptions, controls, engine: str,
               mode: str, workers: dict | None = None) -> tuple[list[str], list[str]]:
     """Check every alive node (`check_node`, and the driver's versions): in a worker already there
-    (`workers`: node id → `SceneWorker` actor), or else in a task. Returns (good node ids, one line
+    (`workers`: node id → `SceneWorker` actor) if it answers within `PREFLIGHT_WAIT` seconds (it
+    cannot while its GPU is another job's), or else in a task. Returns (good node ids, one line
     per bad node). `mode` "strict" raises on the first bad node; "skip-bad" leaves it out, and
     raises only when none is left."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -126,9 +128,15 @@ def preflight(ray, inputs: Sequence[Path], folders: Sequence[Path], options: Sty
     check = ray.remote(check_node)
     want = versions()
     args = ([str(p) for p in inputs], [str(f) for f in folders], options, controls, engine)
-    refs = [workers[n["NodeID"]].check.remote(*args) if workers and n["NodeID"] in workers else
-            check.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(*args) for n in nodes]
+
+    def task(node: str):
+        return check.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*args)
+
+    workers = workers or {}
+    refs = [workers[n["NodeID"]].check.remote(*args) if n["NodeID"] in workers else task(n["NodeID"]) for n in nodes]
+    if workers:
+        _, late = ray.wait(refs, num_returns=len(refs), timeout=PREFLIGHT_WAIT)
+        refs = [task(n["NodeID"]) if ref in late and n["NodeID"] in workers else ref for n, ref in zip(nodes, refs)]
     good, bad = [], []
     for node, ref in zip(nodes, refs):
         try:
@@ -277,10 +285,11 @@ def _open_output(src: Path, dst: Path, preset, options: StylizeOptions, choice, 
         colour = (ocio.choose_input(options.input_colorspace, info.colour).space,
                   ocio.resolve(options.output_colorspace, "--output-colorspace"))
         # in a shared --work-dir, outputs of one name in other folders (another batch's) keep apart
-        at = work_dir / f"{dst.name}.{hashlib.sha256(str(dst.resolve()).encode()).hexdigest()[:8]}" if work_dir else dst
+        at = WorkFolder.beside(work_dir / f"{dst.name}.{hashlib.sha256(str(dst.resolve()).encode()).hexdigest()[:8]}"
+                               if work_dir else dst)
         if not options.resume:
-            shutil.rmtree(WorkFolder.beside(at), ignore_errors=True)
-        work = work_folder(src, at, info, preset, dataclasses.replace(options, resume=True), choice, [], colour)
+            shutil.rmtree(at, ignore_errors=True)
+        work = work_folder(src, dst, info, preset, dataclasses.replace(options, resume=True), choice, [], colour, at)
         if work is None:
             raise OutputError(f"{at.parent}: too little free space to keep the rendered scenes a cluster run "
                               "needs; free some, or pass --work-dir on a larger disk every node sees")
@@ -293,13 +302,11 @@ def _open_output(src: Path, dst: Path, preset, options: StylizeOptions, choice, 
 
 
 def _assemble(out: _Output, preset, options: StylizeOptions, progress: Progress | None):
-    """The output from its finished scenes: `stylize_file` reads each one back (none is rendered)."""
-    beside = out.dst.parent / f".{out.dst.name}.cinefx-work"
+    """The output from its finished scenes: `stylize_file` reads each one back where it is kept
+    (none is rendered)."""
     out.lock.release()  # stylize_file takes it again
-    if out.work.path != beside:  # --work-dir: stylize_file looks beside the output
-        shutil.rmtree(beside, ignore_errors=True)
-        shutil.move(out.work.path, beside)
-    return stylize_file(out.src, out.dst, preset, dataclasses.replace(options, resume=True), progress)
+    return stylize_file(out.src, out.dst, preset, dataclasses.replace(options, resume=True), progress,
+                        out.work.path)
 
 
 def pinned(preset, options: StylizeOptions) -> StylizeOptions:

@@ -210,21 +210,25 @@ def _notes(info: VideoInfo, choice: EngineChoice, colour: ocio.InputChoice) -> l
 
 
 def work_folder(src: Path, dst: Path, info: VideoInfo, preset: Preset, options: StylizeOptions,
-                 choice: EngineChoice, notes: list[str], colour: tuple[str, str]) -> WorkFolder | None:
-    """The folder that keeps finished scenes for resume: for the engines worth resuming (diffusion),
-    when --no-resume is not given and the output's disk can hold every scene beside the output (if
+                 choice: EngineChoice, notes: list[str], colour: tuple[str, str],
+                 at: Path | None = None) -> WorkFolder | None:
+    """The folder that keeps finished scenes for resume (beside the output, or `at`): for the engines
+    worth resuming (diffusion), when --no-resume is not given and its disk can hold every scene (if
     not, say so and run without resume rather than fill the disk half way through). It is keyed by
     every field of `SceneTask` but the scene, and the (input, output) colour spaces."""
     if choice.name == "grade" or not options.resume:
         return None
+    at = at or resume.WorkFolder.beside(dst)
     frames = info.frame_count or round(info.duration * float(info.fps or 0))
     need = space_needed(frames, *info.display_size)
-    free = shutil.disk_usage(dst.parent).free
+    # what the folder holds already is its own (a resumed run's scenes; all of them at a cluster's
+    # assembly), not space it lacks
+    free = shutil.disk_usage(at.parent).free + sum(f.stat().st_size for f in at.glob("*") if f.is_file())
     if need > 0.8 * free:
         notes.append(f"resume off: keeping finished scenes would take about {need / 1e9:.1f} GB and "
-                     f"{dst.parent} has {free / 1e9:.1f} GB free (a crash would mean starting over)")
+                     f"{at.parent} has {free / 1e9:.1f} GB free (a crash would mean starting over)")
         return None
-    work = WorkFolder(dst, run_key(input=file_identity(src), prompt=preset.prompt, diffusion=preset.diffusion,
+    work = WorkFolder.at(at, run_key(input=file_identity(src), prompt=preset.prompt, diffusion=preset.diffusion,
                                    grade=preset.grade, engine=choice.name, models=options.models,
                                    settings=options.diffusion, seed=options.seed, detector=options.detector,
                                    colour=colour, **speed_key(preset, options.diffusion, options.models.allow_pickle)))
@@ -233,10 +237,11 @@ def work_folder(src: Path, dst: Path, info: VideoInfo, preset: Preset, options: 
 
 
 def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
-                 options: StylizeOptions = StylizeOptions(), progress: Progress | None = None) -> StylizeResult:
+                 options: StylizeOptions = StylizeOptions(), progress: Progress | None = None,
+                 work_at: Path | None = None) -> StylizeResult:
     """Render `src` in the look of `preset` to `dst`. The input is only read; `dst` appears only
-    when complete (see `VideoWriter`). While it runs, `dst` (and its work folder) is locked:
-    another run on it raises `OutputBusyError`."""
+    when complete (see `VideoWriter`). While it runs, `dst` (and its work folder, beside it or
+    `work_at`) is locked: another run on it raises `OutputBusyError`."""
     t0, src, dst = time.perf_counter(), Path(src), Path(dst)
     if not os.path.exists(src):  # before the output's checks: without an input, they are beside the point
         raise MissingFileError(f"{src}: no such file")
@@ -252,7 +257,7 @@ def stylize_file(src: str | os.PathLike, dst: str | os.PathLike, preset: Preset,
         # 2. resolve options once, choose the renderer, keep finished scenes where it pays
         options, choice = resolve_options(preset, options)
         notes = _notes(info, choice, colour)
-        work = work_folder(src, dst, info, preset, options, choice, notes, (colour.space, out_space))
+        work = work_folder(src, dst, info, preset, options, choice, notes, (colour.space, out_space), work_at)
         make = functools.partial(renderer_for, preset, options, choice, info.display_size)
         if work is None:
             resume.WorkFolder.remove_if_empty(dst)  # a killed diffusion run's, which nothing will resume

@@ -294,3 +294,67 @@ def test_outputs_of_one_name_keep_their_scenes_apart_in_a_shared_work_dir(tiny_b
         assert a.work.path != b.work.path
     finally:
         a.lock.release()
+
+
+def test_the_assembly_reads_the_scenes_back_on_a_disk_just_large_enough(local_ray, tiny_bundle, three_scenes, tmp_path,
+                                                                        monkeypatch):
+    """Disks (fake sizes, real files) with room for the work folder when the run begins, and no more:
+    beside the output, the scenes kept there are the folder's own, not space it lacks (resume went
+    off at the assembly, and the driver rendered every scene again); with --work-dir on a larger
+    disk, the output's disk never holds them (they were moved there, with the same result)."""
+    import collections
+    import shutil
+    from pathlib import Path
+
+    from cinefx import engines
+    from cinefx.resume import space_needed
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("the driver loaded the models")
+
+    monkeypatch.setattr(engines, "build_diffusion_engine", no_models)
+    room = space_needed(24, 96, 64) * 5 // 4  # what the check asks of the work folder's disk
+    usage = collections.namedtuple("usage", "total used free")
+    disks = {tmp_path / "o": room + 4096, tmp_path / "p": room - 1, tmp_path / "w": 1 << 40}  # 4096: the lock's
+
+    def disk_usage(path):
+        root = next(d for d in disks if Path(path).resolve().is_relative_to(d))
+        used = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        return usage(disks[root], used, disks[root] - used)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    preset, opts = diffusion(tiny_bundle)
+    for d in disks:
+        d.mkdir()
+    for out, work_dir in ((tmp_path / "o", None), (tmp_path / "p", tmp_path / "w")):
+        (item,) = cluster.stylize_on_ray([three_scenes], out, preset, opts, work_dir=work_dir)
+        assert item.status == "done" and not [n for n in item.result.notes if "resume off" in n], item
+        assert [p.name for p in out.iterdir()] == ["three.mp4"]
+    assert not list((tmp_path / "w").iterdir())
+
+
+def test_gpus_another_job_holds_are_waited_for_not_a_failed_preflight(local_ray, tiny_bundle, tmp_path, monkeypatch):
+    """Workers start before the preflight and answer it, but one whose GPU is busy (another job's,
+    another batch's) cannot start: its node is asked in a task instead, and the run waits for the
+    GPU (the preflight failed after 120 s: "check failed: GetTimeoutError")."""
+    class Job:
+        def ready(self):
+            return True
+
+    monkeypatch.setattr(cluster, "PREFLIGHT_WAIT", 1)
+    job = ray.remote(num_gpus=2, num_cpus=0)(Job).remote()
+    ray.get(job.ready.remote())
+    render = cluster._render_scenes
+
+    def job_done(*args, **kwargs):  # the preflight has passed: the other job ends
+        ray.kill(job)
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(cluster, "_render_scenes", job_done)
+    src = write_clip(tmp_path / "one.mp4", cut(Move("coffee", 4), size=(96, 64)), fps=24)
+    (tmp_path / "o").mkdir()
+    try:
+        items = cluster.stylize_on_ray([src], tmp_path / "o", *diffusion(tiny_bundle), workers=1)
+    finally:
+        ray.kill(job)
+    assert [i.status for i in items] == ["done"], items

@@ -371,9 +371,18 @@ def stylize_on_ray(inputs: Sequence[Path], outputs: Path | Sequence[Path], prese
         # them rather than in processes of its own
         slots = _start_workers(ray, workers) if choice.name == "diffusion" else []
         try:
-            nodes, _ = preflight(ray, inputs, folders, options, tuple(k for k, _ in preset.diffusion.controls),
-                                 choice.name, preflight_mode, {n: w for n, w in reversed(slots)})
-            pool = [w for node, w in slots if node in nodes]
+            nodes, bad = preflight(ray, inputs, folders, options, tuple(k for k, _ in preset.diffusion.controls),
+                                   choice.name, preflight_mode, {n: w for n, w in reversed(slots)})
+            if any(node not in nodes for node, _ in slots):  # skip-bad: those nodes' GPUs go back, and
+                for node, w in slots:                      # the nodes that passed take the slots left
+                    if node not in nodes:
+                        ray.kill(w, no_restart=True)
+                slots = [(node, w) for node, w in slots if node in nodes]
+                slots += _start_workers(ray, workers, nodes, [node for node, _ in slots])
+                if not slots:
+                    raise ClusterError(f"--cluster preflight: no node that passed it has a {'GPU' if gpus else 'CPU'} "
+                                       f"for a worker{'; ' + bad[0] if bad else ''}")
+            pool = [w for _, w in slots]
             for w in pool:
                 w.warm.remote(preset, options)  # not waited for: a failure shows again in the first task
             run = _grade_files if choice.name == "grade" else functools.partial(_render_scenes, pool=pool)
@@ -389,15 +398,21 @@ def stylize_on_ray(inputs: Sequence[Path], outputs: Path | Sequence[Path], prese
             ray.shutdown()
 
 
-def _start_workers(ray, workers: int | None) -> list[tuple[str, object]]:
-    """(node id, `SceneWorker` actor) for every worker slot of the alive nodes (`_placements`)."""
+def _start_workers(ray, workers: int | None, good: Sequence[str] | None = None,
+                   have: Sequence[str] = ()) -> list[tuple[str, object]]:
+    """(node id, `SceneWorker` actor) for the worker slots of the alive nodes (`_placements`), at
+    most `workers` in all; with `good`, on those nodes only, besides the workers already on the
+    nodes `have` (a node id per worker)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     actor = ray.remote(SceneWorker)
-    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    slots = _placements(ray, [n["NodeID"] for n in ray.nodes() if n.get("Alive")], None)
+    for node in have:
+        slots.remove(next(s for s in slots if s[0] == node))
+    slots = [s for s in slots if good is None or s[0] in good][:workers - len(have) if workers else None]
     return [(node, actor.options(**res, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,
                                  scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(1))
-            for node, res in _placements(ray, nodes, workers)]
+            for node, res in slots]
 
 
 def _placements(ray, nodes: list[str], workers: int | None) -> list[tuple[str, dict]]:

@@ -358,3 +358,22 @@ def test_gpus_another_job_holds_are_waited_for_not_a_failed_preflight(local_ray,
     finally:
         ray.kill(job)
     assert [i.status for i in items] == ["done"], items
+
+
+def test_workers_started_on_a_node_that_fails_the_preflight_move_to_one_that_passed(local_ray, tiny_bundle, tmp_path,
+                                                                                   monkeypatch):
+    """--preflight skip-bad where every worker, started before the preflight, went to a node that
+    fails it (a node id no live node has stands in for it): they give their GPUs back, and workers
+    start on the node that passed (none did: the run ended in KeyError with the output still locked)."""
+    start = cluster._start_workers
+
+    def first_on_a_bad_node(ray, workers, *good):
+        slots = start(ray, workers, *good)
+        return slots if good else [("a node that fails", w) for _, w in slots]
+
+    monkeypatch.setattr(cluster, "_start_workers", first_on_a_bad_node)
+    src = write_clip(tmp_path / "one.mp4", cut(Move("coffee", 4), size=(96, 64)), fps=24)
+    (tmp_path / "o").mkdir()
+    items = cluster.stylize_on_ray([src], tmp_path / "o", *diffusion(tiny_bundle), workers=1, preflight_mode="skip-bad")
+    assert [i.status for i in items] == ["done"], items
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["one.mp4"]

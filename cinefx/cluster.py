@@ -496,9 +496,9 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
         total = sum(s.frames for o in opened.values() for s in o.scenes)
         finished = total - sum(frames(s, k) for o in opened.values() for s in o.scenes
                                for k in range(o.pieces[s.index]) if (s.index, k) in o.left)
+        feed()  # before assembling what an earlier run finished, so that no worker waits for it
         for i in [i for i, o in opened.items() if not o.left]:  # every scene kept by an earlier run
             finish(i)
-        feed()
         while flight:
             ready, _ = ray.wait(list(flight), num_returns=1)
             worker, i, scene, part = flight.pop(ready[0])

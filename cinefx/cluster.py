@@ -130,7 +130,8 @@ def preflight(ray, inputs: Sequence[Path], folders: Sequence[Path], options: Sty
     args = ([str(p) for p in inputs], [str(f) for f in folders], options, controls, engine)
 
     def task(node: str):
-        return check.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*args)
+        where = NodeAffinitySchedulingStrategy(node, soft=False)
+        return check.options(num_cpus=0, scheduling_strategy=where).remote(*args)
 
     workers = workers or {}
     refs = [workers[n["NodeID"]].check.remote(*args) if n["NodeID"] in workers else task(n["NodeID"]) for n in nodes]
@@ -539,7 +540,7 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
     return [items[i] for i in range(len(inputs))]
 
 
-def _not_done(src: Path, dst: Path, ex: CinefxError, why: str, skip_existing: bool) -> BatchItem:
+def _not_done(src: Path, dst: Path, ex: BaseException, why: str, skip_existing: bool) -> BatchItem:
     """A failed input as `stylize_batch` counts it: with `skip_existing`, an output another run is
     writing, or has just written, is skipped."""
     if skip_existing and isinstance(ex, OutputBusyError):
@@ -575,8 +576,9 @@ def _grade_files(ray, nodes, inputs, outputs, preset, options, choice, workers, 
             except ray.exceptions.RayTaskError as ex:
                 if isinstance(ex.cause, OptionError):
                     raise ex.cause from None
-                items[i] = (_not_done(src, dst, ex.cause, _failure(ex), skip_existing) if isinstance(ex.cause, CinefxError)
-                            else BatchItem(src, dst, "failed", f"{src}: {_failure(ex)}"))
+                cinefx = isinstance(ex.cause, CinefxError)  # its message names the file already
+                items[i] = _not_done(src, dst, ex.cause, _failure(ex) if cinefx else f"{src}: {_failure(ex)}",
+                                     skip_existing and cinefx)
             on_item(items[i])
             if progress:
                 progress(len(items), len(inputs), f"{src.name} {items[i].status}")

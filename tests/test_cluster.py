@@ -268,8 +268,8 @@ def test_an_output_its_codec_cannot_be_written_into_fails_before_any_scene_rende
     preset, opts = diffusion(tiny_bundle)
     (tmp_path / "o").mkdir()
     seen = []
-    items = cluster.stylize_on_ray([three_scenes], tmp_path / "o", preset, replace(opts, encode=EncodeOptions(codec="prores")),
-                                   on_scene=seen.append)
+    prores = replace(opts, encode=EncodeOptions(codec="prores"))
+    items = cluster.stylize_on_ray([three_scenes], tmp_path / "o", preset, prores, on_scene=seen.append)
     assert [i.status for i in items] == ["failed"] and "ProRes" in items[0].error
     assert seen == [] and not list((tmp_path / "o").iterdir())
 

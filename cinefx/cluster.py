@@ -5,7 +5,8 @@ The classes that do the work (`SceneWorker`, `check_node`) are plain Python; the
 actors and tasks where they are scheduled (`ray.remote(...).options(...)`).
 
 Diffusion: one long-lived worker per GPU (or, without GPUs, per core) keeps its models loaded. The
-scenes of every input go into one queue, longest first; a take longer than a piece
+scenes of every input go into one queue, longest first, each input's found (a decode of it all)
+once the workers have taken every scene found before, so that they render meanwhile; a take longer than a piece
 (`DiffusionConfig.part`) goes in as its pieces, the first one first, the others as soon as it is
 done (they start from the state it leaves in the work folder, see `cinefx.diffusion.engine`), so a
 single long take still spreads over the workers. A worker decodes its scene or piece from the input
@@ -477,30 +478,44 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
         except Exception as ex:
             done(i, BatchItem(o.src, o.dst, "failed", unforeseen(ex, o.src), traceback=traceback.format_exc()))
 
-    try:
-        for i, (src, dst) in enumerate(zip(inputs, outputs)):
-            if skip_existing and dst.exists():
-                done(i, BatchItem(src, dst, "skipped", "output exists"))
-                continue
-            try:
-                opened[i] = _open_output(src, dst, preset, options, choice, work_dir, piece)
-            except OptionError:
-                raise
-            except CinefxError as ex:
-                done(i, _not_done(src, dst, ex, str(ex), skip_existing))
-            except Exception as ex:
-                done(i, BatchItem(src, dst, "failed", unforeseen(ex, src), traceback=traceback.format_exc()))
-        # a take's later pieces wait for its first (they start from the state it leaves)
-        queue.extend(sorted(((i, s, k) for i, o in opened.items() for s in o.scenes for k in range(o.pieces[s.index])
+    todo = deque(enumerate(zip(inputs, outputs)))
+    total = finished = 0
+
+    def open_next() -> None:
+        """Find the next input's scenes and queue them (a take's later pieces wait for its first:
+        they start from the state it leaves), longest first."""
+        nonlocal total, finished
+        i, (src, dst) = todo.popleft()
+        if skip_existing and dst.exists():
+            done(i, BatchItem(src, dst, "skipped", "output exists"))
+            return
+        try:
+            o = opened[i] = _open_output(src, dst, preset, options, choice, work_dir, piece)
+        except OptionError:
+            raise
+        except CinefxError as ex:
+            done(i, _not_done(src, dst, ex, str(ex), skip_existing))
+            return
+        except Exception as ex:
+            done(i, BatchItem(src, dst, "failed", unforeseen(ex, src), traceback=traceback.format_exc()))
+            return
+        queue.extend(sorted(((i, s, k) for s in o.scenes for k in range(o.pieces[s.index])
                              if (s.index, k) in o.left and (k == 0 or (s.index, 0) not in o.left)),
                             key=lambda t: -frames(t[1], t[2])))
-        total = sum(s.frames for o in opened.values() for s in o.scenes)
-        finished = total - sum(frames(s, k) for o in opened.values() for s in o.scenes
-                               for k in range(o.pieces[s.index]) if (s.index, k) in o.left)
+        total += sum(s.frames for s in o.scenes)
+        finished += sum(frames(s, k) for s in o.scenes for k in range(o.pieces[s.index]) if (s.index, k) not in o.left)
         feed()  # before assembling what an earlier run finished, so that no worker waits for it
-        for i in [i for i, o in opened.items() if not o.left]:  # every scene kept by an earlier run
+        if not o.left:  # every scene kept by an earlier run
             finish(i)
-        while flight:
+
+    try:
+        while todo or flight:
+            # the next input's scenes are found (a decode of it all) only once every scene found so
+            # far is under way: the workers render meanwhile
+            while todo and not queue:
+                open_next()
+            if not flight:
+                continue
             ready, _ = ray.wait(list(flight), num_returns=1)
             worker, i, scene, part = flight.pop(ready[0])
             o = opened[i]

@@ -136,15 +136,22 @@ def test_a_stopped_driver_resumes_with_finished_scenes(local_ray, tiny_bundle, t
     assert sha(out) == sha(local)
 
 
-def test_a_bad_input_fails_alone(local_ray, tiny_bundle, three_scenes, tmp_path):
+def test_a_bad_input_fails_alone(local_ray, tiny_bundle, three_scenes, tmp_path, monkeypatch):
+    """The bad input fails alone; and the driver finds an input's scenes (a decode of all of it)
+    only once the scenes found before are all under way, so that the workers are not kept waiting."""
     preset, opts = diffusion(tiny_bundle)
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video" * 100)
     (tmp_path / "o").mkdir()
-    items = cluster.stylize_on_ray([bad, three_scenes], tmp_path / "o", preset, opts, workers=1)
-    assert [i.status for i in items] == ["failed", "done"]
-    assert "bad.mp4" in items[0].error and "\n" not in items[0].error
+    events, real_open = [], cluster._open_output
+    monkeypatch.setattr(cluster, "_open_output", lambda src, *a: events.append(f"open {src.name}") or real_open(src, *a))
+    items = cluster.stylize_on_ray([three_scenes, bad], tmp_path / "o", preset, opts, workers=1,
+                                   on_scene=lambda done: events.append("scene done"))
+    assert [i.status for i in items] == ["done", "failed"]
+    assert "bad.mp4" in items[1].error and "\n" not in items[1].error
     assert (tmp_path / "o" / "three.mp4").exists() and not (tmp_path / "o" / "bad.mp4").exists()
+    # one worker holds two scenes at a time: the third was queued, so bad.mp4 waited for a scene
+    assert events == ["open three.mp4", "scene done", "open bad.mp4", "scene done", "scene done"], events
 
 
 def test_grade_engine_over_a_folder_from_the_command_line(local_ray, tmp_path):

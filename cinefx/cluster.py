@@ -432,11 +432,11 @@ def _placements(ray, nodes: list[str], workers: int | None) -> list[tuple[str, d
 def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers, work_dir, skip_existing, on_item,
                    progress, on_scene, pool: list) -> list[BatchItem]:
     """Every input's scenes (and pieces) on the workers of `pool`, which the caller kills after."""
-    from cinefx.renderers import part_frames
+    from cinefx.renderers import lengths
 
     items: dict[int, BatchItem] = {}
     opened: dict[int, _Output] = {}
-    piece = part_frames(preset.diffusion.part, options.diffusion.batch)  # the batch is pinned
+    piece = lengths(choice.name, preset, options.diffusion)[1]  # the workers' renderers' (the batch is pinned)
 
     def done(i: int, item: BatchItem) -> None:
         items[i] = item

@@ -106,7 +106,7 @@ class TemporalMeter(Meter):
     def __init__(self, metric_width: int = DEFAULT_METRIC_WIDTH, background: bool = False):
         self.metric_width = metric_width
         self.series: dict[int, tuple[Series, Series]] = {}
-        self._prev: tuple[int, np.ndarray, np.ndarray, FrameStats, FrameStats] | None = None
+        self._prev: tuple[int, np.ndarray, np.ndarray, tuple[FrameStats, FrameStats] | None] | None = None
         self.size: tuple[int, int] | None = None
         super().__init__(background, "cinefx-metrics")
 
@@ -142,14 +142,16 @@ class TemporalMeter(Meter):
         so.tssim += values["out_tssim"]
 
     def _measure(self, scene: int, s: np.ndarray, o: np.ndarray, pair: bool) -> None:
-        ss, so_ = FrameStats(s), FrameStats(o)
+        stats = None  # a frame's statistics, made only when a pair needs them (spliced pieces need none)
         if pair and self._prev is not None and self._prev[0] == scene:
             si, so = self.series.setdefault(scene, (Series(), Series()))
-            _, ps, po, pss, pso = self._prev
+            _, ps, po, prev = self._prev
+            pss, pso = prev or (FrameStats(ps), FrameStats(po))
+            stats = ss, so_ = FrameStats(s), FrameStats(o)
             for series, a, b, sa, sb in ((si, ps, s, pss, ss), (so, po, o, pso, so_)):
                 series.psnr.append(psnr(a, b))
                 series.tssim.append(ssim_stats(sa, sb))
         else:
             self.series.setdefault(scene, (Series(), Series()))
-        self._prev = (scene, s, o, ss, so_)
+        self._prev = (scene, s, o, stats)
 

@@ -337,7 +337,7 @@ class _Measures:
         if scene != self._scene:
             self._scene, self._at = scene, 0
         values = None
-        if self._at % (self.part or 1 << 62) == 0:  # a piece begins: were its pairs measured already?
+        if self._at == 0 or self.part and self._at % self.part == 0:  # a piece begins: measured already?
             values = self._kept(scene, self._at // self.part if self.part else 0)
             self._spliced = values is not None
         for m in (self.meter, self.warp):

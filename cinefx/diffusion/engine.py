@@ -34,7 +34,7 @@ from cinefx.diffusion.adapters import apply_adapters
 from cinefx.diffusion.noise import NoiseCarry, initial_noise
 from cinefx.diffusion.pipeline import NOISY_SCHEDULERS, Anchors, BatchDecoder, TemporalControlPipeline
 from cinefx.diffusion.turbo import TURBO_GUIDANCE, StepNoise, TurboLoRA, apply_turbo
-from cinefx.renderers import EngineSettings, part_frames
+from cinefx.renderers import EngineSettings, lengths
 from cinefx.presets import Preset, prompt_text
 
 
@@ -127,8 +127,8 @@ class DiffusionEngine:
         self.extractors = {k: EXTRACTORS[k](device=pipe.device, model=models.get(k)) for k in kinds}
         self.scales = dict(self.cfg.controls)
         self.prompt = prompt_text(preset)
-        self.batch = self.nominal_batch = settings.batch or self.cfg.chunk
-        self.part = part_frames(self.cfg.part, self.nominal_batch)
+        self.batch = settings.batch or self.cfg.chunk
+        self.part = lengths(self.name, preset, settings)[1]  # as its renderer's
         self._scene: int | None = None
         self._at = 0  # frames of the scene rendered so far
         self._lead: np.ndarray | None = None  # the last frame rendered, for the next piece's lead-in

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import av
+import numpy as np
 
 from cinefx.errors import InputFileError, MissingFileError
 
@@ -22,6 +24,12 @@ _IMAGE_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "t
 
 # Damaged packets skipped while looking for the first frame before the file counts as undecodable.
 _MAX_REFUSED_FIRST = 32
+
+# Where FFmpeg finds no average rate, the rate is measured from this many packets' timestamps.
+_RATE_PACKETS = 48
+# Rates cameras and editors use: a measured rate this close to one of them is that one.
+_COMMON_RATES = tuple(Fraction(r) for r in ("24000/1001", "24", "25", "30000/1001", "30", "48",
+                                            "50", "60000/1001", "60", "100", "120000/1001", "120"))
 
 # Colour matrix codes (H.273) that swscale converts, mapped to PyAV's names.
 _MATRIX_NAMES = {1: "ITU709", 4: "FCC", 5: "ITU601", 6: "ITU601", 7: "SMPTE240M", 9: "BT2020"}
@@ -113,6 +121,19 @@ def open_container(path: Path) -> av.container.InputContainer:
         raise _fail(path, f"is not a readable video ({_ffmpeg_reason(ex)})") from ex
 
 
+def demux(container: av.container.InputContainer, *streams) -> Iterator[av.Packet]:
+    """`container.demux(*streams)`, for files whose damage announces a new stream as they play.
+
+    An MPEG transport stream's program table can be damaged into naming a stream the header did
+    not: FFmpeg adds it while reading, and PyAV, flushing every stream at the end, looks it up in
+    its list of the first ones and raises IndexError. The flush reaches the new streams last, after
+    the ones asked for, so that error is the end of their packets."""
+    try:
+        yield from container.demux(*streams)
+    except IndexError:
+        return
+
+
 def _ffmpeg_reason(ex: Exception) -> str:
     text = getattr(ex, "strerror", None) or str(ex)
     return text.split(":")[0].strip().rstrip(".") if text else type(ex).__name__
@@ -161,8 +182,11 @@ def probe(path: str | os.PathLike) -> VideoInfo:
             raise _fail(path, "is a still image, not a video")
         first = None
         refused = 0
+        packets = demux(container, stream)
+        times = []
         try:
-            for packet in container.demux(stream):
+            for packet in packets:
+                times.append(packet.pts)
                 try:
                     frames = packet.decode()
                 except av.error.InvalidDataError:
@@ -186,7 +210,11 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         cw, ch = first.width, first.height
         w, h = (ch, cw) if rotation in (90, 270) else (cw, ch)
         tb = stream.time_base or Fraction(1, 90000)
-        fps = stream.average_rate or stream.guessed_rate or stream.base_rate or Fraction(25)
+        fps = stream.average_rate
+        if fps is None:
+            times += [p.pts for _, p in zip(range(_RATE_PACKETS), packets)]
+            fps = _measured_rate(times, tb)
+        fps = fps or stream.guessed_rate or stream.base_rate or Fraction(25)
         duration = float(stream.duration * tb) if stream.duration else (
             container.duration / 1e6 if container.duration else 0.0)
         start = float(first.pts * tb) if first.pts is not None else 0.0
@@ -204,6 +232,22 @@ def probe(path: str | os.PathLike) -> VideoInfo:
             sample_aspect_ratio=Fraction(sar) if sar and sar != 1 and sar.numerator else None,
             audio=audio, field_order=_field_order(ctx, first), timecode=_timecode(container),
         )
+
+
+def _measured_rate(times: list[int | None], tb: Fraction) -> Fraction | None:
+    """The frame rate the packets' presentation times (in `tb`) keep, or None if they do not say.
+
+    FFmpeg leaves the average rate unknown where one damaged timestamp spoils its estimate (its
+    guess can then be ten times the rate, and every frame would seem to have nine lost beside
+    it). The median step between sorted times ignores the odd damaged one."""
+    steps = np.diff(np.sort([t for t in times if t is not None]))
+    steps = steps[steps > 0]
+    if len(steps) < 2:
+        return None
+    median = np.median(steps)
+    step = steps[np.abs(steps - median) <= 0.1 * median].mean() * tb
+    near = min(_COMMON_RATES, key=lambda r: abs(r * step - 1))
+    return near if abs(near * step - 1) < 0.002 else Fraction(1 / step).limit_denominator(1001)
 
 
 def _timecode(container) -> str:

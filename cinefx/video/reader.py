@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -18,7 +18,7 @@ import numpy as np
 from av.video.reformatter import Interpolation
 
 from cinefx.errors import InputFileError
-from cinefx.video.probe import VideoInfo, open_container
+from cinefx.video.probe import VideoInfo, demux, open_container
 
 # Some demuxers (AVI with packed B-frames, badly muxed MKV) hand out frames whose timestamps are
 # out of order; a small heap puts them back in display order. Real files stay within a GOP's
@@ -51,22 +51,72 @@ class Restarts:
         self._last: int | None = None  # decode time of the last packet, moved
         self._end: int | None = None  # latest presentation time so far, moved, plus a step
 
-    def fix(self, packet) -> bool:
-        """Move `packet`'s timestamps into the continuous timeline; True if a restart begins at it."""
-        t = packet.dts if packet.dts is not None else packet.pts
+    def timeline(self, packets: Iterable[av.Packet]) -> Iterator[tuple[av.Packet, bool]]:
+        """`packets`, in order, with their timestamps moved (see `fix`), each with whether a restart
+        begins at it. Each packet waits for the next one, which says whether its jump is a restart."""
+        held = None
+        for packet in packets:
+            if not packet.size:  # the flush at the end
+                if held is not None:
+                    yield held, self.fix(held)
+                    held = None
+                yield packet, False
+                continue
+            if held is not None:
+                yield held, self.fix(held, packet)
+            held = packet
+        if held is not None:
+            yield held, self.fix(held)
+
+    def fix(self, packet, following=None) -> bool:
+        """Move `packet`'s timestamps into the continuous timeline; True if a restart begins at it.
+        `following`: the packet after it, not yet moved, where there is one.
+
+        A packet whose decode time is out of the line that the packets before and after it keep
+        had its timestamps damaged (a restart carries the packets after it along): both are
+        dropped, and the decoder's order times its frame.
+
+        A clock that restarts moves both of a packet's times, and keeps its decode time no later
+        than its presentation time. One damaged byte moves only one of them: a decode time off
+        the clock, or after the presentation time, beside a presentation time on the clock is
+        damage, not a restart (it would time every later frame a jump away and count frames that
+        never were), and is not taken as the clock; a presentation time a jump away from the decode
+        time on the clock is dropped, so the frame is timed by its place in the decoder's order."""
+        pts, dts = packet.pts, packet.dts
+        t = dts if dts is not None else pts
         if t is None or not packet.size:
             return False
-        restart = self._last is not None and not self._last <= t + self._offset <= self._last + self.limit
+        restart = False
+        if (self._last is not None and dts is not None and following is not None
+                and following.dts is not None and self._on_clock(following.dts)
+                and not self._last <= dts + self._offset <= following.dts + self._offset):
+            packet.pts = packet.dts = None
+            return False
+        if self._last is not None and dts is not None and pts is not None and dts > pts:
+            if self._on_clock(pts) or not self._on_clock(dts):
+                t = None  # the decode time is the damaged one, or both are: no clock to follow
+        elif self._last is not None and not self._on_clock(t):
+            if dts is not None and pts is not None and self._on_clock(pts):
+                t = None  # a damaged decode time
+            else:
+                restart = True
         if restart:
-            self._offset = self._end - (packet.pts if packet.pts is not None else t)
+            self._offset = self._end - (pts if pts is not None else t)
             self.offsets.append(self._offset)
         if self._offset:
-            packet.pts = None if packet.pts is None else packet.pts + self._offset
-            packet.dts = None if packet.dts is None else packet.dts + self._offset
+            packet.pts = None if pts is None else pts + self._offset
+            packet.dts = None if dts is None else dts + self._offset
+        if t is None:
+            return False
         self._last = t + self._offset
-        shown = (packet.pts if packet.pts is not None else self._last) + self.step
-        self._end = shown if self._end is None else max(self._end, shown)
+        if packet.pts is not None and abs(packet.pts - self._last) > self.limit:
+            packet.pts = None  # a damaged presentation time: the decoder's order times the frame
+        shown = self._last if packet.pts is None else packet.pts
+        self._end = shown + self.step if self._end is None else max(self._end, shown + self.step)
         return restart
+
+    def _on_clock(self, t: int) -> bool:
+        return self._last <= t + self._offset <= self._last + self.limit
 
 
 def restart_offsets(info: VideoInfo) -> list[Fraction]:
@@ -76,8 +126,8 @@ def restart_offsets(info: VideoInfo) -> list[Fraction]:
         return []
     restarts = _restarts(info)
     with open_container(info.path) as container:
-        for packet in container.demux(container.streams.video[0]):
-            restarts.fix(packet)
+        for _ in restarts.timeline(demux(container, container.streams.video[0])):
+            pass
     return [o * info.time_base for o in restarts.offsets]
 
 
@@ -281,16 +331,17 @@ def _decode(info: VideoInfo, size: tuple[int, int] | None, threads: int, exact: 
             stream.codec_context.options = {**stream.codec_context.options, "skip_loop_filter": "all"}
         if threads:
             stream.codec_context.thread_count = threads
-        demuxed, skip = container.demux(stream), 0
+        demuxed, skip = demux(container, stream), 0
         if seeking and gaps:
             skip = _packets_before_keyframe(info, start_pts)
         elif seeking:
             demuxed = _seek(container, stream, start_pts)
+        timed = restarts.timeline(demuxed) if restarts is not None else ((p, False) for p in demuxed)
         try:
-            for packet in demuxed:
+            for packet, restart in timed:
                 if packet.size:
                     packets += 1
-                    if restarts is not None and restarts.fix(packet) and notes is not None:
+                    if restart and notes is not None:
                         moved = packet.pts if packet.pts is not None else packet.dts
                         at = float(moved * info.time_base) - info.start_time
                         notes.append(f"timestamps restart at {at:.2f} s (joined files?): frames after it are "
@@ -349,7 +400,7 @@ def _seek(container, stream, start_pts: int) -> Iterator[av.Packet]:
     for _ in range(_SEEK_TRIES):
         try:
             container.seek(target, backward=True, stream=stream)
-            demuxed = container.demux(stream)
+            demuxed = demux(container, stream)
             key = next((p for p in demuxed if p.size), None)
         except av.error.FFmpegError:
             raise _Missed from None
@@ -367,8 +418,8 @@ def _packets_before_keyframe(info: VideoInfo, start_pts: int) -> int:
     restarts, found = _restarts(info), None
     with open_container(info.path) as container:
         try:
-            for n, packet in enumerate(p for p in container.demux(container.streams.video[0]) if p.size):
-                restarts.fix(packet)
+            packets = demux(container, container.streams.video[0])
+            for n, (packet, _) in enumerate(t for t in restarts.timeline(packets) if t[0].size):
                 if packet.is_keyframe and packet.pts is not None:
                     if packet.pts > start_pts:
                         break

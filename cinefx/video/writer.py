@@ -29,7 +29,7 @@ from av.video.reformatter import Interpolation
 
 from cinefx import fsutil
 from cinefx.errors import OptionError, OutputError
-from cinefx.video.probe import VideoInfo, open_container
+from cinefx.video.probe import VideoInfo, demux, open_container
 from cinefx.video.reader import NO_INDEX, restart_offsets
 from cinefx.worker import Worker
 
@@ -351,7 +351,7 @@ class VideoWriter:
         restarts = restart_offsets(self.info)  # in a file without an index; the video's, in seconds
         self._audio_times = {s.index: _AudioTimes(s.time_base, restarts, self.info.container in NO_INDEX)
                              for s in self._audio_in.streams.audio}
-        self._audio_packets = self._timed(self._audio_in.demux(*self._audio_in.streams.audio))
+        self._audio_packets = self._timed(demux(self._audio_in, *self._audio_in.streams.audio))
 
     def _timed(self, packets):
         """The source's audio packets with their timestamps made fit to mux (see `_AudioTimes`)."""
@@ -499,13 +499,18 @@ class VideoWriter:
         try:
             # copied packets too: one the decoder refuses is damaged data, which players would stumble on
             frames = packet.decode()
-        except av.error.InvalidDataError:
+        except av.error.FFmpegError:
+            # not only "invalid data": damaged AAC comes back as any error code its bits happen to spell
             self._damaged_audio += 1
             return
         if mode == "copy":
             if packet.dts is not None:
                 packet.stream = out_stream
-                self._container.mux(packet)
+                try:
+                    self._container.mux(packet)
+                except av.error.InvalidDataError:
+                    # a header the decoder lets pass but MP4's ADTS-to-raw filter refuses: damage too
+                    self._damaged_audio += 1
             return
         for frame in frames:
             for res in resampler.resample(frame):
@@ -564,7 +569,7 @@ class VideoWriter:
                 stream = c.streams.video[0]
                 frames, ticks = stream.frames, stream.duration or 0
                 if not frames:
-                    times = [(p.pts, p.pts + (p.duration or 0)) for p in c.demux(stream)
+                    times = [(p.pts, p.pts + (p.duration or 0)) for p in demux(c, stream)
                              if p.size and p.pts is not None]
                     frames = len(times)
                     ticks = max(end for _, end in times) - min(start for start, _ in times) if times else 0
@@ -614,14 +619,15 @@ class _AudioTimes:
     """One audio stream's packets, timed to mux: a muxer refuses a packet that steps back in time,
     and the copy used to fail only when the file was finished.
 
-    A packet that jumps (back, or forward by over a second) is held until the next one shows what
-    it is. If the next one follows on from it, the clock restarted there (`restarts`: in a file
-    without an index, where the video's frames were moved to follow on, see
+    Each packet waits for the next one, which says what its time is. A packet out of the line that
+    the packets before and after it keep (the one after following on from the one before) had its
+    timestamp damaged (a PES header hit by bad data): dropped. A packet that jumps (back, or
+    forward by over a second) and is followed on from began a restart of the clock (`restarts`: in
+    a file without an index, where the video's frames were moved to follow on, see
     `cinefx.video.reader.Restarts`): it and the packets after it are moved by the video's offset
     for the same restart, so sound and picture stay in sync (audio-only restarts follow on from the
-    last packet). Otherwise its timestamp was damaged (a PES header hit by bad data): dropped. The
-    first packet is held the same way. Packets that would still not step forward (the two sides of
-    a join overlapping) are dropped."""
+    last packet). A jump nothing follows on from is damage too. Packets that would still not step
+    forward (the two sides of a join overlapping) are dropped."""
 
     def __init__(self, time_base: Fraction, video_offsets: list[Fraction], restarts: bool):
         self.time_base = time_base
@@ -639,29 +645,41 @@ class _AudioTimes:
         return packet.dts < dts or packet.dts > dts + duration + self.limit
 
     def take(self, packet):
-        held, self.held = self.held, None
+        held, self.held = self.held, packet
         if held is not None:
-            if self._jumps(held.dts, held.duration or 0, packet):
-                self.broken += 1
-            else:
-                if self.last is not None and self.restarts:
-                    self.offset = (self.video_offsets[self.runs] if self.runs < len(self.video_offsets)
-                                   else self.end - held.dts)
-                    self.runs += 1
-                yield from self._out(held)
-        if self.last is None or self._jumps(*self.last, packet):
-            self.held = packet
-        else:
-            yield from self._out(packet)
+            yield from self._judge(held, packet)
 
     def finish(self):
         """At the end: a first packet with none after it stays; a jump nothing confirmed goes."""
         held, self.held = self.held, None
         if held is not None:
-            if self.last is None:
-                yield from self._out(held)
-            else:
+            yield from self._judge(held, None)
+
+    def _judge(self, packet, following):
+        """Give out `packet`, moved, or drop it, as `following` (None at the end) shows."""
+        duration = packet.duration or 0
+        if self.last is None:  # the first packet: kept unless the next does not follow on from it
+            if following is not None and self._jumps(packet.dts, duration, following):
                 self.broken += 1
+            else:
+                yield from self._out(packet)
+            return
+        dts, last_duration = self.last
+        if (following is not None and not self._jumps(dts, last_duration, following)
+                and not dts <= packet.dts <= following.dts
+                # of two packets out of order, the one further from where the stream goes on
+                and abs(following.dts - dts - last_duration) <= abs(packet.dts - dts - last_duration)):
+            self.broken += 1
+        elif not self._jumps(dts, last_duration, packet):
+            yield from self._out(packet)
+        elif following is None or self._jumps(packet.dts, duration, following):
+            self.broken += 1
+        else:
+            if self.restarts:
+                self.offset = (self.video_offsets[self.runs] if self.runs < len(self.video_offsets)
+                               else self.end - packet.dts)
+                self.runs += 1
+            yield from self._out(packet)
 
     def _out(self, packet):
         self.last = (packet.dts, packet.duration or 0)

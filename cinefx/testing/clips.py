@@ -129,7 +129,9 @@ def write_clip(path: str | Path, frames: Iterable[np.ndarray], fps: Fraction | i
     """
     path = Path(path)
     fps = Fraction(fps)
-    tb = time_base or (1 / fps if fps.numerator == 1 or codec != "libx264" else Fraction(1, 90000))
+    # AVI counts frames, not ticks: at 1/90000 its header would claim thousands of frames
+    tb = time_base or (1 / fps if fps.numerator == 1 or codec != "libx264" or path.suffix == ".avi"
+                       else Fraction(1, 90000))
     opts = {"movie_timescale": str(tb.denominator)} if path.suffix in (".mp4", ".mov") else {}
     container = av.open(str(path), mode="w", options=opts)
     vopts = {"crf": "20", "preset": "veryfast"} if codec == "libx264" else {}

@@ -148,6 +148,14 @@ class Frame:
     concealed: bool = False  # could not be decoded: a copy of the last good frame stands in for it
 
 
+# Formats that store no presentation times (AVI): FFmpeg's parser finds them for some codecs
+# (MPEG-4 part 2) but not for others (H.264), whose packets it numbers in decode order, so where the
+# decoder reorders, display-order frames come out carrying decode-order times (see `_output_order`).
+NO_PRESENTATION_TIMES = frozenset({"avi"})
+
+# Packets `_output_order` looks at: a reordering codec shows its first B-frame well within them.
+_ORDER_PACKETS = 32
+
 # Seeks to a time before the one that landed after `start_pts` (demuxers that index decode times,
 # like AVI's, land on the keyframe whose decode time is at or before it).
 _SEEK_TRIES = 3
@@ -251,6 +259,9 @@ def _decode(info: VideoInfo, size: tuple[int, int] | None, threads: int, exact: 
     gaps = info.container in NO_INDEX
     restarts = _restarts(info) if gaps else None
     seeking = start_pts is not None
+    by_order = _output_order(info)
+    if seeking and by_order:
+        raise _Missed  # a seek is checked by the times of the frames it gives, which here come by count
     # frames wait in the heap as decoded pictures when some will not be yielded, converted on release
     heap: list[tuple[int, int, np.ndarray | av.VideoFrame, int]] = []
     expected: list[tuple[int, int]] = []  # (pts, duration) of packets whose frame is not out yet
@@ -358,7 +369,9 @@ def _decode(info: VideoInfo, size: tuple[int, int] | None, threads: int, exact: 
                     continue  # its frame is missed, and stood in for, by its timestamp
                 for frame in frames:
                     pts = frame.pts
-                    if pts is None:
+                    if by_order and expected:
+                        pts = heapq.heappop(expected)[0]
+                    elif pts is None:
                         pts = (last_pts + step) if last_pts is not None else 0
                     last_pts = pts
                     if seeking and not started and frame.is_corrupt:
@@ -410,6 +423,21 @@ def _seek(container, stream, start_pts: int) -> Iterator[av.Packet]:
             return itertools.chain([key], demuxed)
         landed, target = key.pts, min(target, key.pts if key.dts is None else key.dts) - 1
     raise _Missed
+
+
+def _output_order(info: VideoInfo) -> bool:
+    """Whether `info`'s frames must be timed by the order the decoder hands them out: in a format
+    without presentation times, packets timed in decode order (their two times a constant apart)
+    of a codec that reorders. Each frame then takes the earliest time of the packets not yet shown;
+    the set of times is right, only FFmpeg's pairing of times with pictures is not."""
+    if info.container not in NO_PRESENTATION_TIMES:
+        return False
+    with open_container(info.path) as container:
+        stream = container.streams.video[0]
+        if not stream.codec_context.has_b_frames:
+            return False
+        packets = (p for p in demux(container, stream) if p.size and p.pts is not None and p.dts is not None)
+        return len({p.pts - p.dts for _, p in zip(range(_ORDER_PACKETS), packets)}) == 1
 
 
 def _packets_before_keyframe(info: VideoInfo, start_pts: int) -> int:

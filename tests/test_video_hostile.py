@@ -158,6 +158,31 @@ def test_an_audio_timestamp_damaged_by_less_than_a_second_is_dropped_not_followe
     assert np.allclose(np.array(after) - shift, before[:34] + before[35:], atol=1e-3)
 
 
+def test_audio_streams_named_but_empty_are_left_out_with_a_note(tmp_path):
+    """A transport stream whose program table names audio that never comes (a recorder that
+    declared a track and got no sound, or a table damaged into naming one: the tester's recipe made
+    such a stream) has streams with no channels and no sample rate. Re-encoding them failed with
+    "unexpected ValueError: Invalid layout: 0 channels"; now they are left out, said in a note."""
+    src = tmp_path / "declared.ts"
+    with av.open(str(src), "w") as out:
+        video = out.add_stream("libx264", rate=24)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        for codec in ("aac", "mp2"):
+            out.add_stream(codec, rate=48000).layout = "stereo"
+        for i, rgb in enumerate(render_move(Move("coffee", 24), (64, 48))):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = i
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+    assert [s.codec_context.channels for s in av.open(str(src)).streams.audio] == [0, 0]
+    res = grade(src, tmp_path / "out.mp4")
+    assert res.frames == 24
+    for n, codec in ((1, "aac"), (2, "mp3float")):
+        assert f"audio stream {n} ({codec}) has no channels or sample rate FFmpeg can find: left out" in res.notes
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        assert not c.streams.audio and c.streams.video[0].frames == 24
+
+
 def video_times(path):
     """(pts, dts) of the first video stream's packets, in file order."""
     with av.open(str(path)) as c:

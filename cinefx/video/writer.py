@@ -337,7 +337,16 @@ class VideoWriter:
 
     def _open_audio(self, muxer: str) -> None:
         self._audio_in = open_container(self.info.path)
+        streams = []
         for in_stream in self._audio_in.streams.audio:
+            ctx = in_stream.codec_context
+            if not ctx.channels or not ctx.sample_rate:
+                # FFmpeg found no sound in it: in a transport stream, a program table damaged into
+                # naming a stream that is not there
+                self.notes.append(f"audio stream {in_stream.index} ({ctx.name}) has no channels or sample "
+                                  "rate FFmpeg can find: left out")
+                continue
+            streams.append(in_stream)
             if _can_copy(in_stream, muxer):
                 out_stream = self._container.add_stream_from_template(in_stream)
                 self._audio_map[in_stream.index] = ("copy", out_stream, None)
@@ -350,8 +359,8 @@ class VideoWriter:
                                   f"be stored in {self.target.suffix}: re-encoded to AAC")
         restarts = restart_offsets(self.info)  # in a file without an index; the video's, in seconds
         self._audio_times = {s.index: _AudioTimes(s.time_base, restarts, self.info.container in NO_INDEX)
-                             for s in self._audio_in.streams.audio}
-        self._audio_packets = self._timed(demux(self._audio_in, *self._audio_in.streams.audio))
+                             for s in streams}
+        self._audio_packets = self._timed(demux(self._audio_in, *streams)) if streams else iter(())
 
     def _timed(self, packets):
         """The source's audio packets with their timestamps made fit to mux (see `_AudioTimes`)."""

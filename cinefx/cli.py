@@ -105,9 +105,14 @@ def _say(text: str, stderr: bool = True) -> None:
 
 
 def _show(table) -> None:
-    """Print a rich Table on stdout; its title (a file name, mostly) made printable."""
-    if isinstance(table.title, str):
-        table.title = _printable(table.title)
+    """Print a rich Table on stdout, its title, caption and text cells (file names, prompts,
+    questions from a study's files) made printable."""
+    for attr in ("title", "caption"):
+        if isinstance(getattr(table, attr), str):
+            setattr(table, attr, _printable(getattr(table, attr)))
+    for column in table.columns:
+        # rich keeps a column's cells in `_cells`, and offers no public way to change them
+        column._cells[:] = [_printable(c) if isinstance(c, str) else c for c in column._cells]
     _console(stderr=False).print(table)
 
 

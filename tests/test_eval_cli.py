@@ -92,3 +92,14 @@ def test_config_eval_table_is_checked(footage, tmp_path, monkeypatch):
     monkeypatch.setenv("CINEFX_CONFIG", str(cfg))
     res = runner.invoke(app, ["eval", str(footage["src"]), str(footage["graded"])])
     assert res.exit_code == 1 and "models.eval.clipp: unknown model (known: captioner, sentence, dino, clip)" in res.output
+
+
+def test_eval_table_cells_show_control_characters_as_escapes(footage, tmp_path):
+    """A render's file name is a cell of the eval table, which rich printed as it was: a name with
+    an escape sequence cleared the user's terminal (titles and messages were already escaped)."""
+    evil = tmp_path / "gr\x1b[2Jaded\x07.mp4"
+    evil.write_bytes(footage["graded"].read_bytes())
+    res = runner.invoke(app, ["eval", str(footage["src"]), str(evil), "--no-models", "--every", "3"])
+    assert res.exit_code == 0, res.output
+    assert not any(c in res.output for c in "\x1b\x07"), res.output
+    assert "gr\\x1b[2Jaded\\x07.mp4" in res.output.replace("\n", "")

@@ -25,6 +25,11 @@ from cinefx.video.probe import VideoInfo, demux, open_container
 # worth of reordering, and 16 frames covers x264's largest B-pyramid.
 REORDER_DEPTH = 16
 
+# Decoder threads, the same on every machine: FFmpeg conceals damaged data differently with one
+# frame thread than with several, so left to count the cores, a damaged file would decode to
+# other pixels on another machine (a cluster's nodes, a resume elsewhere). Four keep up with 4K.
+DECODE_THREADS = 4
+
 # Frames that cannot be decoded are stood in for (see `read_frames`); losing more than this share
 # of a file's frames means the file itself is broken.
 MAX_LOST_SHARE = 0.10
@@ -166,7 +171,7 @@ class _Missed(Exception):
     raised before any frame is yielded, so `read_frames` decodes from the start instead."""
 
 
-def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: int = 0,
+def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: int = DECODE_THREADS,
                 exact: bool = True, notes: list[str] | None = None, depth: int = 8,
                 start: int = 0, start_pts: int | None = None) -> Iterator[Frame]:
     """Yield the frames of `info.path` in display order, from frame `start` on.
@@ -174,6 +179,7 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
     size: (width, height) in display orientation to scale to while converting (swscale, area
     filter), or None for the source size. The colour matrix and range come from `info.colour`
     explicitly, so untagged or BT.601 sources convert without a shift.
+    threads: decoder threads (0: FFmpeg's choice, by the machine's cores); see `DECODE_THREADS`.
     exact: False for analysis thumbnails: approximate colour and no deblocking, much cheaper.
     notes: if given, a line is appended for each picture size change and timestamp restart met
     (see below).
@@ -340,8 +346,7 @@ def _decode(info: VideoInfo, size: tuple[int, int] | None, threads: int, exact: 
             # analysis thumbnails cannot show deblocking, and skipping it saves a sixth of the
             # decode, which is most of a scene split's time
             stream.codec_context.options = {**stream.codec_context.options, "skip_loop_filter": "all"}
-        if threads:
-            stream.codec_context.thread_count = threads
+        stream.codec_context.thread_count = threads
         demuxed, skip = demux(container, stream), 0
         if seeking and gaps:
             skip = _packets_before_keyframe(info, start_pts)

@@ -255,15 +255,69 @@ def loading(r: Resolved):
 
 
 def _load(cls, r: Resolved, allow_pickle: bool, device: str, **kwargs):
-    """`cls` (a diffusers pipeline or model class) from a single file or a folder / hub id, on
-    `device`, with failures turned into one `ModelError` naming the model."""
+    """`cls` (a diffusers pipeline or model class, or a transformers model class) from a single file
+    or a folder / hub id, on `device`, with failures turned into one `ModelError` naming the model.
+    A weight file lacking tensors the model needs is one: diffusers leaves those on the meta device,
+    transformers fills them with random values and only logs it, so its loading report is asked
+    for (it leaves out what transformers itself expects to be absent, such as CLIP's position_ids)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    report = cls.__module__.startswith("transformers.") and r.how != "file"
     with loading(r):
         if r.how == "file":
             model = cls.from_single_file(str(r.path), local_files_only=True, **kwargs)
         else:
             model = cls.from_pretrained(r.where, local_files_only=r.how != "hub",
-                                        use_safetensors=None if allow_pickle else True, **kwargs)
-        return model.to(device)  # inside: weights missing from a file fail here (meta tensors)
+                                        use_safetensors=None if allow_pickle else True,
+                                        **({"output_loading_info": True} if report else {}), **kwargs)
+        part = kwargs.get("subfolder", "")
+        if report:
+            model, info = model
+            _complete(r, part, info["missing_keys"])
+        for name, m in model.components.items() if isinstance(model, DiffusionPipeline) else [(part, model)]:
+            if isinstance(m, torch.nn.Module):
+                _complete(r, name, [k for k, t in (*m.named_parameters(), *m.named_buffers()) if t.is_meta])
+        return model.to(device)
+
+
+def _transformers_parts(r: Resolved, allow_pickle: bool, device: str, dtype, given: dict) -> dict:
+    """The base model's transformers models that `given` leaves out (SD1.5: its text encoder),
+    loaded by `_load` for the pipeline to take, which checks them for missing tensors. A single
+    file has none: diffusers builds every model from it on the meta device."""
+    if r.how == "file":
+        return {}
+    import json
+
+    import transformers
+    from transformers.utils import cached_file
+
+    with loading(r):
+        index = json.loads(Path(cached_file(r.where, "model_index.json", local_files_only=r.how != "hub")).read_text())
+    classes = {name: getattr(transformers, entry[1], None) for name, entry in index.items()
+               if name not in given and isinstance(entry, list) and entry[0] == "transformers"}
+    return {name: _load(cls, r, allow_pickle, device, subfolder=name, dtype=dtype) for name, cls in classes.items()
+            if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)}
+
+
+def _complete(r: Resolved, part: str, missing) -> None:
+    """Raise one `ModelError` when `missing` (names of tensors `r`'s component `part` needs that
+    its weight file lacks) is not empty: a download or export cut short."""
+    if not missing:
+        return
+    names, file = sorted(missing), "the file"
+    if r.how != "file":
+        if r.path is None:  # a download: now in the cache
+            r = resolve(r.role, r.spec)
+        folder = r.path / part if r.path else None
+        files = [f"{stem}{ext}" for ext in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+                 for stem in ("model", "diffusion_pytorch_model")]  # transformers' and diffusers' names
+        found = next((f for f in files if folder and (folder / f).is_file()), None)
+        file = "/".join(filter(None, (part, found))) or "the weight file"
+    n, whose = len(names), f"its {part}" if r.how == "file" and part else "the model"
+    shown = ", ".join(names[:2])[:100] + (", …" if n > 2 else "")
+    raise ModelError(f"{r.role} {r.spec!r}: {file} lacks {n} tensor{'s' if n > 1 else ''} {whose} needs ({shown}): "
+                     "a download or export cut short; download or export the model again")
 
 
 def load_components(spec: ModelSpec, controls: tuple[str, ...], device: str, dtype) -> Components:
@@ -277,8 +331,10 @@ def load_components(spec: ModelSpec, controls: tuple[str, ...], device: str, dty
     check_resolved(found)
     by_role = {r.role: r for r in found}
     base = by_role["base"]
-    host = _load(StableDiffusionPipeline, base, spec.allow_pickle, device, safety_checker=None,
-                 feature_extractor=None, requires_safety_checker=False, dtype=dtype)
+    given = dict(safety_checker=None, feature_extractor=None)
+    given.update(_transformers_parts(base, spec.allow_pickle, device, dtype, given))
+    host = _load(StableDiffusionPipeline, base, spec.allow_pickle, device, requires_safety_checker=False,
+                 dtype=dtype, **given)
     host.set_progress_bar_config(disable=True)
     controlnets = {kind: _load(ControlNetModel, by_role[f"controlnet-{kind}"], spec.allow_pickle, device,
                                dtype=dtype).eval() for kind in controls}

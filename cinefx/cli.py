@@ -107,12 +107,15 @@ def _say(text: str, stderr: bool = True) -> None:
 def _show(table) -> None:
     """Print a rich Table on stdout, its title, caption and text cells (file names, prompts,
     questions from a study's files) made printable."""
-    for attr in ("title", "caption"):
-        if isinstance(getattr(table, attr), str):
-            setattr(table, attr, _printable(getattr(table, attr)))
+    def lines(text):  # a caption or a cell may have lines of its own; a title is one line
+        return "\n".join(_printable(line) for line in text.split("\n")) if isinstance(text, str) else text
+
+    if isinstance(table.title, str):
+        table.title = _printable(table.title)
+    table.caption = lines(table.caption)
     for column in table.columns:
         # rich keeps a column's cells in `_cells`, and offers no public way to change them
-        column._cells[:] = [_printable(c) if isinstance(c, str) else c for c in column._cells]
+        column._cells[:] = [lines(c) for c in column._cells]
     _console(stderr=False).print(table)
 
 

@@ -225,6 +225,7 @@ def test_control_characters_in_names_are_escaped(tmp_path, clip, capsys):
     assert not any(c in r.output for c in "\x1b\x07\x9b"), r.output
     assert "a\\x1b[2Jb\\x9b.mp4: engine: grade" in r.output  # a note
     assert "Temporal consistency — o\\x07.mp4" in r.output  # the metrics table's title
+    assert "\\n" not in r.output  # the caption's own line breaks stay line breaks
 
     progress = _Progress("a\x1b]0;PWNED\x07.mp4", 24)
     progress.last_log -= 10

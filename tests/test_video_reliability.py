@@ -8,6 +8,7 @@ import stat
 import struct
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -168,6 +169,26 @@ def test_damaged_packets_are_stood_in_for_at_their_own_time(clean, tmp_path, ext
     # but the real cut stays at the second shot's first frame
     assert res.frames == 48 and 24 in [s.start for s in res.scenes]
     assert frame_times(tmp_path / "out.mp4") == frame_times(src)
+
+
+@pytest.mark.parametrize("ext", [".mkv", ".mp4"])
+def test_frames_missing_from_a_regular_cadence_are_said(clips, tmp_path, ext):
+    """Matroska loses damaged blocks without a trace (the tester's random bytes took 22 of 48
+    frames of one file, and the render said nothing); a recorder that drops frames leaves the same
+    gaps. The frames are not made up (the output keeps the source's times, each gap holding the
+    frame before it), but the run says how many are missing and where. A variable frame rate
+    (no regular cadence) is no gap."""
+    frames = list(render_move(Move("astronaut", 48), (160, 90)))
+    kept = [i for i in range(48) if not 20 <= i < 26 and i != 40]
+    src = write_clip(tmp_path / f"gaps{ext}", [frames[i] for i in kept], fps=24, time_base=Fraction(1, 1000),
+                     pts=[round(i * 1000 / 24) for i in kept], audio=None)
+    res = grade(src, tmp_path / "out.mp4")
+    assert res.frames == 41
+    assert ("7 frames missing from the source (gaps in its otherwise regular timestamps, the first after "
+            "0.79 s): damaged data, or frames the recorder dropped; each gap holds the frame before it") in res.notes
+    assert frame_times(tmp_path / "out.mp4") == frame_times(src)
+    res = grade(clips["vfr"], tmp_path / "vfr.mp4")
+    assert not any("missing" in n for n in res.notes), res.notes
 
 
 def test_a_damaged_file_decodes_to_the_same_pixels_on_a_machine_with_fewer_cores(tmp_path):

@@ -166,6 +166,35 @@ _ORDER_PACKETS = 32
 _SEEK_TRIES = 3
 
 
+class _Cadence:
+    """Frames missing from a stream that keeps a regular cadence: steps of whole frames where
+    (nearly) every other step is one frame, the stream's own median step. Matroska loses damaged
+    blocks without a trace (no index lists them, and the blocks after them keep their times), so
+    such gaps are all that shows; a recorder that dropped frames leaves the same gaps. Nothing is
+    stood in for them (the output's frames keep their times, so each gap holds the frame before
+    it); they are said."""
+
+    def __init__(self):
+        self.times: list[int] = []
+
+    def see(self, pts: int) -> None:
+        self.times.append(pts)
+
+    def missing(self) -> list[tuple[int, int]]:
+        """(time before the gap, frames missing in it) for each gap; none if the cadence is not regular."""
+        steps = np.diff(self.times)
+        if len(steps) < 10:
+            return []
+        median = np.median(steps)
+        step = float(steps[np.abs(steps - median) <= 0.1 * median].mean())  # 41.67 ms, of steps of 41 and 42
+        whole = np.round(steps / step)
+        # a time base of 1/1000 rounds each time, so the tolerance grows with nothing but the rounding
+        on_beat = (whole >= 1) & (np.abs(steps - whole * step) <= max(1.0, step / 50))
+        if np.mean(on_beat & (whole == 1)) < 0.9:
+            return []  # a variable frame rate
+        return [(self.times[i], int(whole[i]) - 1) for i in np.flatnonzero(on_beat & (whole > 1))]
+
+
 class _Missed(Exception):
     """Decoding from the keyframe a seek found cannot be shown to give a full decode's frames;
     raised before any frame is yielded, so `read_frames` decodes from the start instead."""
@@ -278,6 +307,7 @@ def _decode(info: VideoInfo, size: tuple[int, int] | None, threads: int, exact: 
     good: np.ndarray | av.VideoFrame | None = None  # the last frame decoded, which stands in for lost ones
     started = False  # a frame has been numbered
     lost = 0
+    cadence = _Cadence() if not gaps and not seeking and notes is not None else None
 
     def to_rgb(frame: av.VideoFrame) -> np.ndarray:
         if (frame.width, frame.height) != source_size:
@@ -303,6 +333,8 @@ def _decode(info: VideoInfo, size: tuple[int, int] | None, threads: int, exact: 
                 raise _Missed
         started = True
         index = next(emitted)
+        if cadence is not None:
+            cadence.see(pts)
         lost += concealed
         if index < start:
             return None
@@ -409,6 +441,13 @@ def _decode(info: VideoInfo, size: tuple[int, int] | None, threads: int, exact: 
     total = next(emitted)
     if lost > MAX_LOST_SHARE * total:
         raise _too_damaged(path, lost, total)
+    missing = cadence.missing() if cadence is not None else []
+    if missing:
+        n = sum(k for _, k in missing)
+        at = float(missing[0][0] * info.time_base) - info.start_time
+        notes.append(f"{n} frame{'s' if n != 1 else ''} missing from the source (gaps in its otherwise regular "
+                     f"timestamps, the first after {at:.2f} s): damaged data, or frames the recorder dropped; "
+                     "each gap holds the frame before it")
 
 
 def _seek(container, stream, start_pts: int) -> Iterator[av.Packet]:

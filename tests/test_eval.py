@@ -375,3 +375,24 @@ def test_a_damaged_model_is_one_line(tiny_eval, tmp_path):
     with pytest.raises(ModelError) as ex:
         EvalModels(EvalModelSpec(clip=str(folder)), ("clip",))
     assert str(ex.value).startswith(f"clip model {str(folder)!r}: cannot be loaded (") and "\n" not in str(ex.value)
+
+
+@pytest.mark.parametrize("role,cls", [("clip", EvalModelSpec), ("captioner", EvalModelSpec)])
+def test_a_weight_file_short_of_tensors_is_refused_not_filled_with_random_values(tiny_eval, tmp_path, role, cls):
+    """transformers fills the tensors a file lacks with random values and only logs it (which
+    cinefx silences): CLIP scores from a half-random model. Now one line names the file and a
+    tensor, as for the renderer's models."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / f"{role}-short"
+    shutil.copytree(tiny_eval[role], folder)
+    tensors = load_file(folder / "model.safetensors")
+    gone = sorted(tensors)[len(tensors) // 2]
+    del tensors[gone]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError) as ex:
+        EvalModels(cls(**{role: str(folder)}), (role,))
+    assert str(ex.value).startswith(f"{role} {str(folder)!r}: model.safetensors lacks 1 tensor the model needs (")
+    assert "download or export the model again" in str(ex.value) and "\n" not in str(ex.value)

@@ -274,10 +274,10 @@ def _load(cls, r: Resolved, allow_pickle: bool, device: str, **kwargs):
         part = kwargs.get("subfolder", "")
         if report:
             model, info = model
-            _complete(r, part, info["missing_keys"])
+            complete(r, part, info["missing_keys"])
         for name, m in model.components.items() if isinstance(model, DiffusionPipeline) else [(part, model)]:
             if isinstance(m, torch.nn.Module):
-                _complete(r, name, [k for k, t in (*m.named_parameters(), *m.named_buffers()) if t.is_meta])
+                complete(r, name, [k for k, t in (*m.named_parameters(), *m.named_buffers()) if t.is_meta])
         return model.to(device)
 
 
@@ -300,7 +300,7 @@ def _transformers_parts(r: Resolved, allow_pickle: bool, device: str, dtype, giv
             if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)}
 
 
-def _complete(r: Resolved, part: str, missing) -> None:
+def complete(r: Resolved, part: str, missing) -> None:
     """Raise one `ModelError` when `missing` (names of tensors `r`'s component `part` needs that
     its weight file lacks) is not empty: a download or export cut short."""
     if not missing:

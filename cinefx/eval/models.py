@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cinefx.diffusion.models import PICKLE_SUFFIXES, Resolved, resolve
+from cinefx.diffusion.models import PICKLE_SUFFIXES, Resolved, complete, resolve
 from cinefx.errors import InputFileError, ModelError
 
 DEFAULTS = {"captioner": "nlpconnect/vit-gpt2-image-captioning",
@@ -150,7 +150,12 @@ class EvalModels:
         place = dict(dtype=self.dtype)
 
         def model(cls, role, **kw):
-            return _load(cls, found[role], spec.allow_pickle, **place, **kw).to(self.device).eval()
+            # transformers fills tensors missing from a file with random values and only logs it;
+            # a pooler (which checkpoints often leave out) is never used here: every embedding
+            # comes from the last hidden states
+            loaded, info = _load(cls, found[role], spec.allow_pickle, output_loading_info=True, **place, **kw)
+            complete(found[role], "", [k for k in info["missing_keys"] if ".pooler." not in f".{k}"])
+            return loaded.to(self.device).eval()
 
         def companion(cls, role):
             return _load(cls, found[role], spec.allow_pickle, weights=False)

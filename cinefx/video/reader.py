@@ -167,10 +167,10 @@ _SEEK_TRIES = 3
 
 
 class _Cadence:
-    """Frames missing from a stream that keeps a regular cadence: steps of whole frames where
-    (nearly) every other step is one frame, the stream's own median step. Matroska loses damaged
-    blocks without a trace (no index lists them, and the blocks after them keep their times), so
-    such gaps are all that shows; a recorder that dropped frames leaves the same gaps. Nothing is
+    """Frames missing from a stream that keeps a regular cadence: steps of whole frames where at
+    least four steps in five are one frame (the stream's own median step; damage nearby leaves a few
+    odd ones). Matroska loses damaged blocks without a trace (no index lists them, and the blocks
+    after them keep their times), so such gaps are all that shows; a recorder that dropped frames leaves the same gaps. Nothing is
     stood in for them (the output's frames keep their times, so each gap holds the frame before
     it); they are said."""
 
@@ -190,7 +190,7 @@ class _Cadence:
         whole = np.round(steps / step)
         # a time base of 1/1000 rounds each time, so the tolerance grows with nothing but the rounding
         on_beat = (whole >= 1) & (np.abs(steps - whole * step) <= max(1.0, step / 50))
-        if np.mean(on_beat & (whole == 1)) < 0.9:
+        if np.mean(on_beat & (whole == 1)) < 0.8:
             return []  # a variable frame rate
         return [(self.times[i], int(whole[i]) - 1) for i in np.flatnonzero(on_beat & (whole > 1))]
 

@@ -19,7 +19,8 @@ only on its `SceneTask` (noise seeded by scene), the file is the one a local run
 
 Grade: whole files are the tasks (the encoder dominates).
 
-A worker that dies mid-scene is restarted and its scene retried (`MAX_RETRIES`); finished scenes
+A worker that dies mid-scene is restarted and its scene retried (`MAX_RETRIES`), as is a scene
+whose result was lost with its node or whose worker was out of reach for a while; finished scenes
 are never redone, also after the driver itself was stopped (the work folder resumes); Ctrl-C ends
 the cluster's work and leaves no output half written.
 """
@@ -34,7 +35,7 @@ import os
 import shutil
 import time
 import traceback
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ from cinefx.stylize import (BatchItem, PieceMeasures, Progress, SceneTask, Styli
                             decode, resolve_options, run_scene_task, stylize_file)
 
 PREFLIGHT = ("strict", "skip-bad")
-MAX_RETRIES = 3  # restarts of a dead worker, and retries of the scene it was rendering
+MAX_RETRIES = 3  # restarts of a dead worker, and retries of the scene it was rendering (or whose result was lost)
 IN_FLIGHT = 2  # scenes queued per worker, so none idles while the driver assembles an output
 PREFLIGHT_WAIT = 20  # seconds a node's worker has to answer the preflight before a task asks instead
 
@@ -325,8 +326,12 @@ def _failure(ex: BaseException, out: _Output | None = None, scene: int | None = 
     what = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
     if not isinstance(cause, CinefxError):
         what = f"unexpected {type(cause).__name__}: {what}"
-    head = f"{out.src}: scene {scene + 1}{f' piece {part + 1}' if part else ''}" if out is not None and scene is not None else ""
-    return f"{head}{where}: {what}" if head else f"{what}{where}"
+    return f"{_named(out, scene, part)}{where}: {what}" if out is not None and scene is not None else f"{what}{where}"
+
+
+def _named(out: _Output, scene: int, part: int) -> str:
+    """The input and the scene (and piece) a failure names."""
+    return f"{out.src}: scene {scene + 1}{f' piece {part + 1}' if part else ''}"
 
 
 def stylize_on_ray(inputs: Sequence[Path], outputs: Path | Sequence[Path], preset, options: StylizeOptions = StylizeOptions(),
@@ -412,6 +417,8 @@ def _start_workers(ray, workers: int | None, good: Sequence[str] | None = None,
     for node in have:
         slots.remove(next(s for s in slots if s[0] == node))
     slots = [s for s in slots if good is None or s[0] in good][:workers - len(have) if workers else None]
+    # interrupted half way, this needs no cleanup: Ray ends an actor once its last handle is gone, and
+    # the partial list's go with the exception (a traceback kept in a notebook does not hold them)
     return [(node, actor.options(**res, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,
                                  scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(1))
             for node, res in slots]
@@ -449,6 +456,7 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
     queue: deque = deque()  # (input, scene, piece) to render
     flight: dict = {}  # ref → (worker, input, scene, piece)
     rates: dict[str, list[float]] = {}  # "host:pid" → [frames, seconds]
+    tries: Counter = Counter()  # (input, scene, piece) → results lost
 
     def feed() -> None:
         """Queue work on the least busy workers first, up to `IN_FLIGHT` each."""
@@ -521,6 +529,17 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
             o = opened[i]
             try:
                 scene_done, record = ray.get(ready[0])
+            except (ray.exceptions.ObjectLostError, ray.exceptions.ActorUnavailableError) as ex:
+                # the result went with its node, or the worker is restarting (a RayActorError, yet it
+                # stays in the pool): the scene goes again, up to MAX_RETRIES times
+                tries[i, scene.index, part] += 1
+                if tries[i, scene.index, part] <= MAX_RETRIES:
+                    queue.appendleft((i, scene, part))
+                else:
+                    o.failed = o.failed or (f"{_named(o, scene.index, part)}: its result did not come back in "
+                                            f"{tries[i, scene.index, part]} tries ({type(ex).__name__}); check the "
+                                            "cluster's nodes, then run again (finished scenes are kept)")
+                    o.left.clear()
             except ray.exceptions.RayActorError:  # died past its restarts: another worker takes the scene
                 if worker in pool:  # every task it held fails so
                     pool.remove(worker)

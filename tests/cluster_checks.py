@@ -39,6 +39,12 @@ def three_scenes(tmp_path_factory):
                       fps=24, audio="aac")
 
 
+@pytest.fixture(scope="module")
+def three_local(tiny_bundle, three_scenes, tmp_path_factory):
+    """The one-machine render of `three_scenes`, which the cluster's must match byte for byte."""
+    return stylize_file(three_scenes, tmp_path_factory.mktemp("cluster-local") / "local.mp4", *diffusion(tiny_bundle))
+
+
 def sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -53,10 +59,10 @@ def test_importing_the_cli_does_not_import_ray():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
-def test_same_bytes_as_one_machine_and_a_killed_worker_is_retried(local_ray, tiny_bundle, three_scenes, tmp_path):
+def test_same_bytes_as_one_machine_and_a_killed_worker_is_retried(local_ray, tiny_bundle, three_scenes, three_local,
+                                                                  tmp_path):
     preset, opts = diffusion(tiny_bundle)
-    local = stylize_file(three_scenes, tmp_path / "local.mp4", preset, opts)
-    assert len(local.scenes) == 3
+    assert len(three_local.scenes) == 3
     (tmp_path / "ray").mkdir()
     seen, killed = [], []
 
@@ -69,7 +75,7 @@ def test_same_bytes_as_one_machine_and_a_killed_worker_is_retried(local_ray, tin
     items = cluster.stylize_on_ray([three_scenes], [tmp_path / "ray" / "local.mp4"], preset, opts,
                                    on_scene=kill_first_worker)
     assert [i.status for i in items] == ["done"], items
-    assert sha(tmp_path / "ray" / "local.mp4") == sha(tmp_path / "local.mp4")
+    assert sha(tmp_path / "ray" / "local.mp4") == sha(three_local.output)
     assert sorted(d.scene for d in seen) == [0, 1, 2]  # every scene once, the killed one retried
     assert not list((tmp_path / "ray").glob(".*cinefx-*"))  # no work folder or lock left
 
@@ -116,10 +122,8 @@ def test_a_long_take_spreads_over_workers_in_pieces_with_the_same_bytes(local_ra
     assert len(ours.per_pair) == 109 and len(flows) == 2
 
 
-def test_a_stopped_driver_resumes_with_finished_scenes(local_ray, tiny_bundle, three_scenes, tmp_path):
+def test_a_stopped_driver_resumes_with_finished_scenes(local_ray, tiny_bundle, three_scenes, three_local, tmp_path):
     preset, opts = diffusion(tiny_bundle)
-    local = tmp_path / "local.mp4"
-    stylize_file(three_scenes, local, preset, opts)
     out = tmp_path / "out" / "three.mp4"
     out.parent.mkdir()
 
@@ -136,7 +140,7 @@ def test_a_stopped_driver_resumes_with_finished_scenes(local_ray, tiny_bundle, t
     items = cluster.stylize_on_ray([three_scenes], [out], preset, opts, on_scene=again.append)
     assert [i.status for i in items] == ["done"]
     assert sorted(d.scene for d in again) == [0, 2]  # the finished scene was not rendered again
-    assert sha(out) == sha(local)
+    assert sha(out) == sha(three_local.output)
 
 
 def test_a_bad_input_fails_alone(local_ray, tiny_bundle, three_scenes, tmp_path, monkeypatch):
@@ -208,6 +212,39 @@ def test_a_worker_dead_for_good_hands_on_every_scene_it_held(local_ray, tiny_bun
                                    progress=lambda done, total, msg: counts.append((done, total)))
     assert [i.status for i in items] == ["done"], items
     assert sorted(d.scene for d in seen) == [0, 1, 2, 3, 4] and counts[-1] == (27, 27)
+
+
+def test_a_lost_result_or_a_worker_out_of_reach_renders_the_scene_again(local_ray, tiny_bundle, three_scenes,
+                                                                         three_local, tmp_path, monkeypatch):
+    """A result lost with its node (ObjectLostError), or a worker out of reach while it restarts
+    (ActorUnavailableError, which is a RayActorError: the only worker was dropped as dead and the
+    batch ended), sends the scene back to the queue, up to MAX_RETRIES times; then its input fails
+    alone, in one line, while the batch's other input renders on (the lost result ended the batch)."""
+    monkeypatch.setattr(cluster, "MAX_RETRIES", 1)
+    one = write_clip(tmp_path / "one.mp4", cut(Move("coffee", 4), size=(96, 64)), fps=24)
+    lost = ray.exceptions.ObjectLostError("00" * 28, None, "")
+    faults = {0: lost, 1: ray.exceptions.ActorUnavailableError("restarting", None)}  # three.mp4's, once per scene
+    get, got = ray.get, []
+
+    def flaky(ref, *args, **kwargs):  # the driver's: the worker rendered and kept the scene all the same
+        out = get(ref, *args, **kwargs)
+        if isinstance(out, tuple) and isinstance(out[0], cluster.SceneDone):
+            got.append((out[0].input.name, out[0].scene))
+            if out[0].input == one:
+                raise lost
+            if out[0].scene in faults:
+                raise faults.pop(out[0].scene)
+        return out
+
+    monkeypatch.setattr(ray, "get", flaky)
+    (tmp_path / "o").mkdir()
+    items = cluster.stylize_on_ray([one, three_scenes], tmp_path / "o", *diffusion(tiny_bundle), workers=1)
+    assert [i.status for i in items] == ["failed", "done"], items
+    assert items[0].error.startswith(f"{one}: scene 1: ") and "2 tries (ObjectLostError)" in items[0].error
+    assert "\n" not in items[0].error
+    assert got.count(("one.mp4", 0)) == 2
+    assert sorted(s for name, s in got if name == "three.mp4") == [0, 0, 1, 1, 2]
+    assert sha(tmp_path / "o" / "three.mp4") == sha(three_local.output)
 
 
 def test_an_input_whose_task_fails_fails_alone_while_other_scenes_were_queued_between_its_own(

@@ -51,6 +51,9 @@ class Restarts:
 
     def __init__(self, step: int, limit: int):
         self.step, self.limit = step, limit
+        # how far a presentation time may lie from its decode time: a second, or at low rates the
+        # deepest reordering (x264's B-frames at 1 fps put a P-frame's two times 4 s apart)
+        self.reach = max(limit, REORDER_DEPTH * step)
         self.offsets: list[int] = []  # ticks added to each run after the first
         self._offset = 0
         self._last: int | None = None  # decode time of the last packet, moved
@@ -77,31 +80,37 @@ class Restarts:
         """Move `packet`'s timestamps into the continuous timeline; True if a restart begins at it.
         `following`: the packet after it, not yet moved, where there is one.
 
-        A packet whose decode time is out of the line that the packets before and after it keep
-        had its timestamps damaged (a restart carries the packets after it along): both are
-        dropped, and the decoder's order times its frame.
+        A packet whose decode time is out of the line that the packets before and after it keep,
+        and further from it than the packet after, had its timestamps damaged: both are dropped,
+        and the decoder's order times its frame. A restart carries the packets after it along, so
+        where the next packet goes on from this one, this one begins a restart.
 
         A clock that restarts moves both of a packet's times, and keeps its decode time no later
         than its presentation time. One damaged byte moves only one of them: a decode time off
         the clock, or after the presentation time, beside a presentation time on the clock is
         damage, not a restart (it would time every later frame a jump away and count frames that
-        never were), and is not taken as the clock; a presentation time a jump away from the decode
-        time on the clock is dropped, so the frame is timed by its place in the decoder's order."""
+        never were), and is not taken as the clock, unless the next packet goes on from it; a
+        presentation time further from the decode time on the clock than reordering puts it
+        (`reach`) is dropped, so the frame is timed by its place in the decoder's order."""
         pts, dts = packet.pts, packet.dts
         t = dts if dts is not None else pts
         if t is None or not packet.size:
             return False
         restart = False
-        if (self._last is not None and dts is not None and following is not None
+        carried = self._carries(dts, following)
+        if (self._last is not None and dts is not None and following is not None and not carried
                 and following.dts is not None and self._on_clock(following.dts)
-                and not self._last <= dts + self._offset <= following.dts + self._offset):
+                and not self._last <= dts + self._offset <= following.dts + self._offset
+                # of the two out of order, the one further from the line: at a join whose clock
+                # steps back a frame, the last packet before it is in line, the first after it is not
+                and self._off_line(dts, 1) > self._off_line(following.dts, 2)):
             packet.pts = packet.dts = None
             return False
         if self._last is not None and dts is not None and pts is not None and dts > pts:
             if self._on_clock(pts) or not self._on_clock(dts):
                 t = None  # the decode time is the damaged one, or both are: no clock to follow
         elif self._last is not None and not self._on_clock(t):
-            if dts is not None and pts is not None and self._on_clock(pts):
+            if dts is not None and pts is not None and self._on_clock(pts) and not carried:
                 t = None  # a damaged decode time
             else:
                 restart = True
@@ -114,7 +123,7 @@ class Restarts:
         if t is None:
             return False
         self._last = t + self._offset
-        if packet.pts is not None and abs(packet.pts - self._last) > self.limit:
+        if packet.pts is not None and abs(packet.pts - self._last) > self.reach:
             packet.pts = None  # a damaged presentation time: the decoder's order times the frame
         shown = self._last if packet.pts is None else packet.pts
         self._end = shown + self.step if self._end is None else max(self._end, shown + self.step)
@@ -122,6 +131,19 @@ class Restarts:
 
     def _on_clock(self, t: int) -> bool:
         return self._last <= t + self._offset <= self._last + self.limit
+
+    def _carries(self, dts: int | None, following) -> bool:
+        """Whether the packet after one decoded at `dts` goes on from it rather than from the last
+        decode time: a clock that steps back by less than the B-frames' delay (streams cut apart
+        and joined, each cut starting its decode times that much before its first frame) leaves
+        the packets after the step on the clock before it, and only this tells it from damage."""
+        if self._last is None or dts is None or following is None or following.dts is None:
+            return False
+        return abs(following.dts - dts - self.step) < self._off_line(following.dts, 1)
+
+    def _off_line(self, dts: int, n: int) -> int:
+        """How far `dts` (not yet moved) is from the `n`-th decode time after the last one."""
+        return abs(dts + self._offset - self._last - n * self.step)
 
 
 def restart_offsets(info: VideoInfo) -> list[Fraction]:

@@ -9,6 +9,7 @@ import av
 import numpy as np
 import pytest
 
+from cinefx.errors import InputFileError
 from cinefx.testing.clips import Move, render_move, write_clip
 from cinefx.video.probe import probe
 from cinefx.video.reader import read_frames
@@ -58,6 +59,8 @@ def legit(kind, d):
                           pts=[(36000 + i) * 90000 for i in range(12)]), 0
     if kind == "avi_h264_b":  # AVI stores no presentation times
         return write_clip(d / "a.avi", numbered(30), fps=25, audio=None, options=X264_B), 0
+    if kind == "avi_h264_mp3":  # FFmpeg shifts the video a frame for the sound's delay: an empty chunk
+        return write_clip(d / "a.avi", numbered(30), fps=25, audio="mp3", options={"x264-params": "bframes=0"}), 0
     if kind == "mp4_edit_list":  # four frames before the edit's start: decoded, never shown
         return write_clip(d / "a.mp4", numbered(30), fps=24, time_base=Fraction(1, 12288), audio=None,
                           pts=[(i - 4) * 512 for i in range(30)], options=X264_B), 4
@@ -71,8 +74,8 @@ def legit(kind, d):
     raise ValueError(kind)
 
 
-KINDS = ["ts_bpyramid_opengop", "mpg_mpeg2", "ts_33bit_wrap", "ts_1fps_10h", "avi_h264_b", "mp4_edit_list",
-         "mkv_2997", "mkv_phone_vfr"]
+KINDS = ["ts_bpyramid_opengop", "mpg_mpeg2", "ts_33bit_wrap", "ts_1fps_10h", "avi_h264_b", "avi_h264_mp3",
+         "mp4_edit_list", "mkv_2997", "mkv_phone_vfr"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -80,7 +83,8 @@ def test_a_legitimate_file_reads_as_written(tmp_path, kind):
     """Every frame the file shows, in display order, at the time FFmpeg reads for it, none stood
     in for, and no note. At 1 fps, x264's B-frames put a frame's presentation time up to 4 s after
     its decode time: the reader took that for damage and timed the first frame by the decoder's
-    order, at 0 instead of 10 hours (the render then failed: 'encoding failed')."""
+    order, at 0 instead of 10 hours (the render then failed: 'encoding failed'). The AVI of
+    H.264 without B-frames was refused as truncated (see below)."""
     src, first = legit(kind, tmp_path)
     notes = []
     frames = list(read_frames(probe(src), notes=notes))
@@ -109,3 +113,21 @@ def test_transport_streams_joined_where_the_clock_steps_back_by_a_frame_are_a_re
     assert [number(f.rgb) for f in frames] == list(range(2 * n))
     assert set(np.diff([f.pts for f in frames])) == {3750}
     assert len(notes) == 1 and "timestamps restart" in notes[0], notes
+
+
+def test_an_avi_whose_recorder_dropped_a_frame_is_read_not_refused_as_truncated(tmp_path):
+    """AVI counts a dropped frame as an empty chunk, which its header counts and FFmpeg's demuxer
+    passes over: the file was refused ('truncated: the container lists 21 frames, only 20 are
+    present'). Its frames are read at their times and the gap is said; a file really cut short
+    is still refused."""
+    src = write_clip(tmp_path / "drop.avi", numbered(20), fps=25, codec="mjpeg", pix_fmt="yuvj420p", audio=None,
+                     pts=[i + (i >= 10) for i in range(20)])
+    notes = []
+    frames = list(read_frames(probe(src), notes=notes))
+    assert [number(f.rgb) for f in frames] == list(range(20))
+    assert [f.pts for f in frames] == shown_times(src) == [i + (i >= 10) for i in range(20)]
+    assert len(notes) == 1 and notes[0].startswith("1 frame missing from the source"), notes
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(src.read_bytes()[:src.stat().st_size * 6 // 10])
+    with pytest.raises(InputFileError, match=r"truncated: the container lists 21 frames, only \d+ are present"):
+        list(read_frames(probe(cut)))

@@ -393,6 +393,7 @@ def _decode(info: VideoInfo, size: tuple[int, int] | None, threads: int, exact: 
             yield frame
 
     packets = 0
+    first_dts = last_dts = None
     with open_container(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -411,6 +412,9 @@ def _decode(info: VideoInfo, size: tuple[int, int] | None, threads: int, exact: 
             for packet, restart in timed:
                 if packet.size:
                     packets += 1
+                    if packet.dts is not None:
+                        first_dts = packet.dts if first_dts is None else first_dts
+                        last_dts = packet.dts
                     if restart and notes is not None:
                         moved = packet.pts if packet.pts is not None else packet.dts
                         at = float(moved * info.time_base) - info.start_time
@@ -450,9 +454,14 @@ def _decode(info: VideoInfo, size: tuple[int, int] | None, threads: int, exact: 
             raise InputFileError(f"{path}: cannot be decoded past packet {packets} ({ex})") from ex
     while heap:
         yield from release()
-    if not seeking and info.frame_count and packets < info.frame_count:  # a seek skips packets
+    present = packets
+    if info.container in NO_PRESENTATION_TIMES and last_dts is not None:
+        # AVI numbers its chunks by decode time, and counts the empty ones of frames its recorder
+        # dropped (FFmpeg writes one for each gap in time), which the demuxer passes over
+        present = max(packets, last_dts - first_dts + 1)
+    if not seeking and info.frame_count and present < info.frame_count:  # a seek skips packets
         raise InputFileError(f"{path}: truncated: the container lists {info.frame_count} frames, "
-                             f"only {packets} are present")
+                             f"only {present} are present")
     if good is None:
         if seeking:
             raise _Missed

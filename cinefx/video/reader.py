@@ -25,10 +25,12 @@ from cinefx.video.probe import VideoInfo, demux, open_container
 # worth of reordering, and 16 frames covers x264's largest B-pyramid.
 REORDER_DEPTH = 16
 
-# Decoder threads, the same on every machine: FFmpeg conceals damaged data differently with one
-# frame thread than with several, so left to count the cores, a damaged file would decode to
-# other pixels on another machine (a cluster's nodes, a resume elsewhere). Four keep up with 4K.
-DECODE_THREADS = 4
+# Decoder threads: one. FFmpeg conceals damaged data differently with one frame thread than with
+# several, and with several differently from run to run (frames shared among threads as they come),
+# so a damaged file would decode to other pixels on a resume or on another node. Decoding is a
+# small part of a frame's time beside the conversion to RGB (1080p H.264 here: 47 fps with one
+# thread, 55 with four).
+DECODE_THREADS = 1
 
 # Frames that cannot be decoded are stood in for (see `read_frames`); losing more than this share
 # of a file's frames means the file itself is broken.

@@ -2,6 +2,7 @@
 streams joined byte for byte (the clock restarts), and paths that are not files at all."""
 
 import os
+from fractions import Fraction
 import socket
 import tempfile
 from pathlib import Path
@@ -312,6 +313,31 @@ def test_joined_transport_streams_of_two_sizes_render(tmp_path):
     assert res.frames == 48 and res.concealed_frames == 0
     assert any("picture size changes from 160x90 to 128x72 at 1.00s" in n for n in res.notes), res.notes
     assert probe(tmp_path / "out.mp4").display_size == SIZE
+
+
+@pytest.mark.parametrize("before", [1, 10])
+def test_a_clock_wrapping_past_two_to_the_33_keeps_every_frame(tmp_path, before):
+    """A transport stream's clock counts 2^33 ticks (26.5 hours) and starts again: a recording
+    crossing that point (one broadcast hour in 26 does) has FFmpeg make the times continuous by
+    starting them below 0. MP4's edit list drops what lies before 0, so the render of a file
+    crossing it failed as 'incomplete, the disk may be full', and one wholly before it played
+    nothing though the run passed. The output now starts at 0, sound moved with the pictures."""
+    wrap, tb = 2 ** 33, Fraction(1, 90000)
+    first = wrap - before * 90000
+    # the muxer keeps the low 33 bits of each time, as a broadcast encoder's clock does
+    src = write_clip(tmp_path / "wrap.ts", render_move(Move("astronaut", 48), SIZE), time_base=tb,
+                     pts=[first + i * 3750 for i in range(48)], audio_start=float(first * tb))
+    with av.open(str(src)) as c:
+        assert c.start_time < 0  # FFmpeg's continuous times, below 0
+    res = grade(src, tmp_path / "out.mp4")
+    assert res.frames == 48
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        shown = [float(f.pts * f.time_base) for f in c.decode(video=0)]
+    assert len(shown) == 48 and min(shown) >= 0 and np.allclose(np.diff(shown), 1 / 24, atol=1e-4)
+    video, audio = packet_times(src, "video"), packet_times(src, "audio")
+    out_video, out_audio = packet_times(tmp_path / "out.mp4", "video"), packet_times(tmp_path / "out.mp4", "audio")
+    assert len(out_audio) == len(audio)
+    assert abs((min(out_audio) - min(out_video)) - (min(audio) - min(video))) < 1e-3  # in sync as in the source
 
 
 # -- 3. paths that are not files ----------------------------------------------------------------

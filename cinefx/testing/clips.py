@@ -121,11 +121,12 @@ def write_clip(path: str | Path, frames: Iterable[np.ndarray], fps: Fraction | i
                codec: str = "libx264", pix_fmt: str = "yuv420p", audio: str | None = "aac",
                time_base: Fraction | None = None, pts: Sequence[int] | None = None,
                rotation: int = 0, colorspace: str = "ITU709", color_range: str = "MPEG",
-               tag_colour: bool = True, options: dict | None = None) -> Path:
+               tag_colour: bool = True, options: dict | None = None, audio_start: float = 0.0) -> Path:
     """Encode `frames` ((H, W, 3) uint8 RGB) to `path`, with `tone()` audio of the same length.
 
     pts: explicit presentation times in `time_base` (variable frame rate, offset starts); default
-    is one frame per 1/fps from 0. audio: a key of `_AUDIO_ENCODERS` or None.
+    is one frame per 1/fps from 0. audio: a key of `_AUDIO_ENCODERS` or None; it starts at
+    `audio_start` seconds (a clip whose clock starts late has its sound start with its pictures).
     """
     path = Path(path)
     fps = Fraction(fps)
@@ -145,7 +146,7 @@ def write_clip(path: str | Path, frames: Iterable[np.ndarray], fps: Fraction | i
         stream.codec_context.color_range = int(getattr(av.video.reformatter.ColorRange, color_range))
     if rotation:
         stream.set_display_rotation(rotation)
-    sound = _AudioTrack(container, audio) if audio else None
+    sound = _AudioTrack(container, audio, start=audio_start) if audio else None
     k = (rotation // 90) % 4
     for i, rgb in enumerate(frames):
         if k:
@@ -172,15 +173,16 @@ def write_clip(path: str | Path, frames: Iterable[np.ndarray], fps: Fraction | i
 class _AudioTrack:
     """`tone()` encoded as the clip goes, so long clips never sit in memory."""
 
-    def __init__(self, container, kind: str, rate: int = 48000):
+    def __init__(self, container, kind: str, rate: int = 48000, start: float = 0.0):
         codec, self.fmt = _AUDIO_ENCODERS[kind]
+        self.start = round(start * rate)  # in samples
         self.stream = container.add_stream(codec, rate=rate)
         self.stream.layout = "stereo"
         self.container, self.rate, self.done = container, rate, 0
         self.frame_size = 1152 if codec == "libmp3lame" else 960 if codec == "libopus" else 1024
 
     def write_until(self, seconds: float) -> None:
-        while (self.done + self.frame_size) / self.rate <= seconds:
+        while (self.start + self.done + self.frame_size) / self.rate <= seconds:
             t = (self.done + np.arange(self.frame_size)) / self.rate
             sig = tone(t)
             if self.fmt == "s16":
@@ -191,7 +193,7 @@ class _AudioTrack:
                 arr = sig
             frame = av.AudioFrame.from_ndarray(arr, format=self.fmt, layout="stereo")
             frame.sample_rate = self.rate
-            frame.pts = self.done
+            frame.pts = self.start + self.done
             frame.time_base = Fraction(1, self.rate)
             for packet in self.stream.encode(frame):
                 self.container.mux(packet)

@@ -220,6 +220,12 @@ class VideoWriter:
     # -- setup -----------------------------------------------------------------------------
     def _open(self, audio: bool) -> None:
         info = self.info
+        # Times before 0 (a transport stream's clock wrapping past 2^33 inside the file, which
+        # FFmpeg makes continuous by starting it below 0) are dropped from MP4's edit list: players
+        # skip those frames, and a file wholly before 0 plays nothing. Such a file starts at 0.
+        with open_container(info.path) as src:
+            first = Fraction(min(src.start_time or 0, round(info.start_time * 1e6)), 1_000_000)
+        self._shift = max(Fraction(0), -first)  # seconds added to every time written
         fmt_opts = {}
         muxer = _MUXERS[self.target.suffix.lower()]
         if muxer in _MOV_FAMILY and info.time_base.denominator <= 2**31 - 1:
@@ -363,16 +369,24 @@ class VideoWriter:
         self._audio_packets = self._timed(demux(self._audio_in, *streams)) if streams else iter(())
 
     def _timed(self, packets):
-        """The source's audio packets with their timestamps made fit to mux (see `_AudioTimes`)."""
+        """The source's audio packets with their timestamps made fit to mux (see `_AudioTimes`),
+        moved as the video is (`_shift`)."""
+        def moved(packet):
+            if self._shift:
+                ticks = -(-self._shift // packet.time_base)
+                packet.pts = None if packet.pts is None else packet.pts + ticks
+                packet.dts = None if packet.dts is None else packet.dts + ticks
+            return packet
+
         for packet in packets:
             if not packet.size:
                 continue
             if packet.dts is None:
-                yield packet  # copying skips it; re-encoding decodes it
+                yield moved(packet)  # copying skips it; re-encoding decodes it
                 continue
-            yield from self._audio_times[packet.stream.index].take(packet)
+            yield from map(moved, self._audio_times[packet.stream.index].take(packet))
         for times in self._audio_times.values():
-            yield from times.finish()
+            yield from map(moved, times.finish())
 
     def _audio_notes(self) -> None:
         times = self._audio_times.values()
@@ -425,6 +439,7 @@ class VideoWriter:
             rgb = np.ascontiguousarray(np.rot90(rgb, -k))
         # a copy: the caller keeps `rgb`
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb48le" if self._bits > 8 else "rgb24")
+        pts += -(-self._shift // self.info.time_base)  # rounded up: never below 0
         frame.pts = pts
         frame.time_base = self.info.time_base
         if duration:

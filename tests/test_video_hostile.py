@@ -16,7 +16,7 @@ from cinefx.cli import app
 from cinefx.errors import InputFileError
 from cinefx.presets import load_preset
 from cinefx.stylize import StylizeOptions, stylize_file
-from cinefx.testing.clips import Move, render_move, write_clip
+from cinefx.testing.clips import Move, render_move, tone, write_clip
 from cinefx.video.probe import probe
 from cinefx.video.reader import read_frames
 
@@ -338,6 +338,42 @@ def test_a_clock_wrapping_past_two_to_the_33_keeps_every_frame(tmp_path, before)
     out_video, out_audio = packet_times(tmp_path / "out.mp4", "video"), packet_times(tmp_path / "out.mp4", "audio")
     assert len(out_audio) == len(audio)
     assert abs((min(out_audio) - min(out_video)) - (min(audio) - min(video))) < 1e-3  # in sync as in the source
+
+
+def test_a_gap_in_the_sound_of_a_transport_stream_stays_a_gap(tmp_path):
+    """A broadcast that lost its audio for 1.5 s while the pictures went on: the sound's jump ahead
+    was taken for a clock restart with no video restart to follow, and every later packet moved
+    1.5 s early (out of sync to the end, with a note claiming the opposite). The sound after the
+    gap now keeps its time; the restarts of joined files are matched by where the video's clock
+    restarted (the joined-files tests above)."""
+    src = tmp_path / "gap.ts"
+    with av.open(str(src), "w") as out:
+        video = out.add_stream("libx264", rate=24, options={"g": "12"})
+        video.width, video.height, video.pix_fmt = 160, 90, "yuv420p"
+        sound = out.add_stream("aac", rate=48000)
+        sound.layout = "stereo"
+        done = 0
+        for i, rgb in enumerate(render_move(Move("astronaut", 96), SIZE)):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = i
+            out.mux(video.encode(frame))
+            while (done + 1024) / 48000 <= (i + 1) / 24:
+                if not 1.0 <= done / 48000 < 2.5:  # the gap
+                    chunk = av.AudioFrame.from_ndarray(tone((done + np.arange(1024)) / 48000), format="fltp",
+                                                       layout="stereo")
+                    chunk.sample_rate, chunk.pts, chunk.time_base = 48000, done, Fraction(1, 48000)
+                    out.mux(sound.encode(chunk))
+                done += 1024
+        out.mux(video.encode(None))
+        out.mux(sound.encode(None))
+    before = packet_times(src, "audio")
+    assert max(b - a for a, b in zip(before, before[1:])) > 1.4  # the gap
+    res = grade(src, tmp_path / "out.mp4")
+    assert not any("restart" in n for n in res.notes), res.notes
+    after = packet_times(tmp_path / "out.mp4", "audio")
+    video_shift = packet_times(tmp_path / "out.mp4", "video")[0] - packet_times(src, "video")[0]
+    assert len(after) == len(before)
+    assert np.allclose(np.array(after) - video_shift, before, atol=1e-3)
 
 
 # -- 3. paths that are not files ----------------------------------------------------------------

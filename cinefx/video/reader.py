@@ -57,6 +57,7 @@ class Restarts:
         # deepest reordering (x264's B-frames at 1 fps put a P-frame's two times 4 s apart)
         self.reach = max(limit, REORDER_DEPTH * step)
         self.offsets: list[int] = []  # ticks added to each run after the first
+        self.starts: list[int] = []  # the source's time (not moved) where each run after the first begins
         self._offset = 0
         self._last: int | None = None  # decode time of the last packet, moved
         self._end: int | None = None  # latest presentation time so far, moved, plus a step
@@ -119,6 +120,7 @@ class Restarts:
         if restart:
             self._offset = self._end - (pts if pts is not None else t)
             self.offsets.append(self._offset)
+            self.starts.append(pts if pts is not None else t)
         if self._offset:
             packet.pts = None if pts is None else pts + self._offset
             packet.dts = None if dts is None else dts + self._offset
@@ -148,16 +150,17 @@ class Restarts:
         return abs(dts + self._offset - self._last - n * self.step)
 
 
-def restart_offsets(info: VideoInfo) -> list[Fraction]:
-    """Seconds added to the frames after each timestamp restart of `info`'s video, as `read_frames`
-    times them (empty for files with an index, whose timestamps are kept)."""
+def restart_offsets(info: VideoInfo) -> list[tuple[Fraction, Fraction]]:
+    """For each timestamp restart of `info`'s video: the source's time where it begins and the
+    seconds added to the frames after it, as `read_frames` times them (empty for files with an
+    index, whose timestamps are kept)."""
     if info.container not in NO_INDEX:
         return []
     restarts = _restarts(info)
     with open_container(info.path) as container:
         for _ in restarts.timeline(demux(container, container.streams.video[0])):
             pass
-    return [o * info.time_base for o in restarts.offsets]
+    return [(at * info.time_base, o * info.time_base) for at, o in zip(restarts.starts, restarts.offsets)]
 
 
 def _restarts(info: VideoInfo) -> Restarts:

@@ -363,7 +363,7 @@ class VideoWriter:
                 self.audio_plan.reencoded.append((in_stream.index, in_stream.codec_context.name))
                 self.notes.append(f"audio stream {in_stream.index} ({in_stream.codec_context.name}) cannot "
                                   f"be stored in {self.target.suffix}: re-encoded to AAC")
-        restarts = restart_offsets(self.info)  # in a file without an index; the video's, in seconds
+        restarts = restart_offsets(self.info)  # in a file without an index: where, and seconds moved
         self._audio_times = {s.index: _AudioTimes(s.time_base, restarts, self.info.container in NO_INDEX)
                              for s in streams}
         self._audio_packets = self._timed(demux(self._audio_in, *streams)) if streams else iter(())
@@ -646,16 +646,21 @@ class _AudioTimes:
     Each packet waits for the next one, which says what its time is. A packet out of the line that
     the packets before and after it keep (the one after following on from the one before) had its
     timestamp damaged (a PES header hit by bad data): dropped. A packet that jumps (back, or
-    forward by over a second) and is followed on from began a restart of the clock (`restarts`: in
-    a file without an index, where the video's frames were moved to follow on, see
-    `cinefx.video.reader.Restarts`): it and the packets after it are moved by the video's offset
-    for the same restart, so sound and picture stay in sync (audio-only restarts follow on from the
-    last packet). A jump nothing follows on from is damage too. Packets that would still not step
+    forward by over a second) and is followed on from is where the clock restarted, or where the
+    sound has a gap. In a file without an index (`restarts`), whose video frames were moved to
+    follow on at each restart of their own (`cinefx.video.reader.Restarts`), a jump near where the
+    video's clock restarted is that restart: it and the packets after it are moved by the video's
+    offset, so sound and picture stay in sync; a jump back with no video restart near is the
+    sound's own restart, and follows on from the last packet; a jump ahead with none is a gap in
+    the sound (a transmission that lost its audio for a while): kept where it is, with the
+    pictures. A jump nothing follows on from is damage too. Packets that would still not step
     forward (the two sides of a join overlapping) are dropped."""
 
-    def __init__(self, time_base: Fraction, video_offsets: list[Fraction], restarts: bool):
+    def __init__(self, time_base: Fraction, video_restarts: list[tuple[Fraction, Fraction]], restarts: bool):
         self.time_base = time_base
-        self.video_offsets = [round(o / time_base) for o in video_offsets]
+        # (source time where the video's clock restarted, ticks its frames were moved)
+        self.video_restarts = [(round(at / time_base), round(o / time_base)) for at, o in video_restarts]
+        self.matched: set[int] = set()
         self.restarts = restarts
         self.limit = round(1 / time_base)  # one second
         self.offset = 0
@@ -700,9 +705,13 @@ class _AudioTimes:
             self.broken += 1
         else:
             if self.restarts:
-                self.offset = (self.video_offsets[self.runs] if self.runs < len(self.video_offsets)
-                               else self.end - packet.dts)
-                self.runs += 1
+                video = next((k for k, (at, _) in enumerate(self.video_restarts)
+                              if k not in self.matched and abs(packet.dts - at) <= 2 * self.limit), None)
+                if video is not None:
+                    self.matched.add(video)
+                    self.offset, self.runs = self.video_restarts[video][1], self.runs + 1
+                elif packet.dts < dts:
+                    self.offset, self.runs = self.end - packet.dts, self.runs + 1
             yield from self._out(packet)
 
     def _out(self, packet):

@@ -283,7 +283,8 @@ def joined(tmp_path, second_size=SIZE, audio="aac"):
 def test_joined_transport_streams_keep_every_frame_and_the_audio_in_sync(tmp_path):
     """The clock restarting at the join is not damage: all 48 frames come out, those of the second
     clip following the first at 1/24 s, and its audio moves with them, so each clip's sound keeps
-    its place against its own pictures."""
+    its place against its own pictures. The output starts at 0, as a transport stream's clock
+    starts anywhere: its times are the source's less the source's start."""
     a, b, src = joined(tmp_path)
     va, vb = packet_times(a, "video"), packet_times(b, "video")
     assert min(vb) < max(va)  # the restart
@@ -291,11 +292,14 @@ def test_joined_transport_streams_keep_every_frame_and_the_audio_in_sync(tmp_pat
     assert res.frames == 48 and res.concealed_frames == 0
     assert any(n == "timestamps restart at 1.00 s (joined files?): frames after it are timed to follow on"
                for n in res.notes), res.notes
-    times = sorted(packet_times(tmp_path / "out.mp4", "video"))
+    zero = min(packet_times(src, "video") + packet_times(src, "audio"))
+    written = packet_times(tmp_path / "out.mp4", "video"), packet_times(tmp_path / "out.mp4", "audio")
+    assert abs(min(min(t) for t in written)) < 1e-6
+    times = sorted(t + zero for t in written[0])
     assert np.allclose(np.diff(times), 1 / 24, atol=1e-4)
     shift = times[24] - min(vb)  # where the second clip's pictures went
     aa, ab = packet_times(a, "audio"), packet_times(b, "audio")
-    out = packet_times(tmp_path / "out.mp4", "audio")
+    out = [t + zero for t in written[1]]
     assert out == sorted(out)
     # each output packet is one of the first clip's, or one of the second's moved with its frames
     # (where the two overlap at the join, a packet or two goes)
@@ -315,25 +319,26 @@ def test_joined_transport_streams_of_two_sizes_render(tmp_path):
     assert probe(tmp_path / "out.mp4").display_size == SIZE
 
 
-@pytest.mark.parametrize("before", [1, 10])
-def test_a_clock_wrapping_past_two_to_the_33_keeps_every_frame(tmp_path, before):
-    """A transport stream's clock counts 2^33 ticks (26.5 hours) and starts again: a recording
-    crossing that point (one broadcast hour in 26 does) has FFmpeg make the times continuous by
-    starting them below 0. MP4's edit list drops what lies before 0, so the render of a file
-    crossing it failed as 'incomplete, the disk may be full', and one wholly before it played
-    nothing though the run passed. The output now starts at 0, sound moved with the pictures."""
-    wrap, tb = 2 ** 33, Fraction(1, 90000)
-    first = wrap - before * 90000
+@pytest.mark.parametrize("first", [2 ** 33 - 90000, 2 ** 33 - 10 * 90000, 10 * 3600 * 90000],
+                         ids=["wraps-inside", "just-before-the-wrap", "10-hours-in"])
+def test_a_transport_streams_clock_starts_its_output_at_0(tmp_path, first):
+    """A transport stream's clock starts anywhere and counts 2^33 ticks (26.5 hours) before it
+    starts again. A recording crossing that point (one broadcast hour in 26 does) has FFmpeg make
+    the times continuous by starting them below 0: MP4's edit list drops what lies before 0, so
+    the render of a file crossing it failed as 'incomplete, the disk may be full', and one wholly
+    before it played nothing though the run passed. A recording 10 hours into the clock gave an
+    MP4 opening on a 10-hour empty edit. The output now starts at 0, sound moved with the pictures."""
+    tb = Fraction(1, 90000)
     # the muxer keeps the low 33 bits of each time, as a broadcast encoder's clock does
     src = write_clip(tmp_path / "wrap.ts", render_move(Move("astronaut", 48), SIZE), time_base=tb,
                      pts=[first + i * 3750 for i in range(48)], audio_start=float(first * tb))
     with av.open(str(src)) as c:
-        assert c.start_time < 0  # FFmpeg's continuous times, below 0
+        assert (c.start_time < 0) == (first > 2 ** 32)  # near the wrap: FFmpeg's continuous times, below 0
     res = grade(src, tmp_path / "out.mp4")
     assert res.frames == 48
     with av.open(str(tmp_path / "out.mp4")) as c:
         shown = [float(f.pts * f.time_base) for f in c.decode(video=0)]
-    assert len(shown) == 48 and min(shown) >= 0 and np.allclose(np.diff(shown), 1 / 24, atol=1e-4)
+    assert len(shown) == 48 and 0 <= min(shown) < 0.05 and np.allclose(np.diff(shown), 1 / 24, atol=1e-4)
     video, audio = packet_times(src, "video"), packet_times(src, "audio")
     out_video, out_audio = packet_times(tmp_path / "out.mp4", "video"), packet_times(tmp_path / "out.mp4", "audio")
     assert len(out_audio) == len(audio)

@@ -168,7 +168,8 @@ def test_damaged_packets_are_stood_in_for_at_their_own_time(clean, tmp_path, ext
     # frames decoded from references the damage took away carry its marks, and may look like cuts,
     # but the real cut stays at the second shot's first frame
     assert res.frames == 48 and 24 in [s.start for s in res.scenes]
-    assert frame_times(tmp_path / "out.mp4") == frame_times(src)
+    zero = frame_times(src)[0] if ext == ".ts" else 0  # a transport stream's output starts at 0
+    assert frame_times(tmp_path / "out.mp4") == [t - zero for t in frame_times(src)]
 
 
 @pytest.mark.parametrize("ext", [".mkv", ".mp4"])

@@ -220,12 +220,16 @@ class VideoWriter:
     # -- setup -----------------------------------------------------------------------------
     def _open(self, audio: bool) -> None:
         info = self.info
-        # Times before 0 (a transport stream's clock wrapping past 2^33 inside the file, which
-        # FFmpeg makes continuous by starting it below 0) are dropped from MP4's edit list: players
-        # skip those frames, and a file wholly before 0 plays nothing. Such a file starts at 0.
+        # A transport or program stream's clock starts anywhere (a broadcast's at any point of its
+        # 26.5-hour cycle: its MP4 would open on an empty edit of hours, which QuickTime plays as
+        # such), so its output starts at 0, as FFmpeg's does, sound moved with the pictures. Other
+        # files keep their times (a late start is part of the timing), but none below 0, which MP4's
+        # edit list drops: players skip those frames, and a file wholly before 0 plays nothing.
         with open_container(info.path) as src:
-            first = Fraction(min(src.start_time or 0, round(info.start_time * 1e6)), 1_000_000)
-        self._shift = max(Fraction(0), -first)  # seconds added to every time written
+            starts = [s.start_time * s.time_base for s in (*src.streams.video[:1], *src.streams.audio)
+                      if s.start_time is not None and s.time_base]
+        first = min(starts, default=Fraction(0))
+        self._shift = -first if info.container in NO_INDEX else max(Fraction(0), -first)  # seconds added
         fmt_opts = {}
         muxer = _MUXERS[self.target.suffix.lower()]
         if muxer in _MOV_FAMILY and info.time_base.denominator <= 2**31 - 1:
@@ -368,12 +372,16 @@ class VideoWriter:
                              for s in streams}
         self._audio_packets = self._timed(demux(self._audio_in, *streams)) if streams else iter(())
 
+    def _ticks(self, time_base: Fraction) -> int:
+        """`_shift` in ticks of `time_base`, rounded up, so that nothing lands below 0."""
+        return -(-self._shift // time_base)
+
     def _timed(self, packets):
         """The source's audio packets with their timestamps made fit to mux (see `_AudioTimes`),
         moved as the video is (`_shift`)."""
         def moved(packet):
             if self._shift:
-                ticks = -(-self._shift // packet.time_base)
+                ticks = self._ticks(packet.time_base)
                 packet.pts = None if packet.pts is None else packet.pts + ticks
                 packet.dts = None if packet.dts is None else packet.dts + ticks
             return packet
@@ -439,7 +447,7 @@ class VideoWriter:
             rgb = np.ascontiguousarray(np.rot90(rgb, -k))
         # a copy: the caller keeps `rgb`
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb48le" if self._bits > 8 else "rgb24")
-        pts += -(-self._shift // self.info.time_base)  # rounded up: never below 0
+        pts += self._ticks(self.info.time_base)
         frame.pts = pts
         frame.time_base = self.info.time_base
         if duration:

@@ -41,13 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cinefx import __version__
-from cinefx.errors import (CinefxError, ClusterError, MissingFileError, OptionError, OutputBusyError, OutputError,
-                           unforeseen)
+from cinefx.errors import CinefxError, ClusterError, MissingFileError, OptionError, OutputError, unforeseen
 from cinefx.fsutil import host_name, remove_quietly, temp_path_for
 from cinefx.resume import OutputLock, WorkFolder
 from cinefx.scenes import Scene, SceneStream
-from cinefx.stylize import (BatchItem, PieceMeasures, Progress, SceneTask, StylizeOptions, work_folder, plan_outputs,
-                            decode, resolve_options, run_scene_task, stylize_file)
+from cinefx.stylize import (BatchItem, PieceMeasures, Progress, SceneTask, StylizeOptions, decode, not_done,
+                            plan_outputs, resolve_options, run_scene_task, stylize_file, work_folder)
 
 PREFLIGHT = ("strict", "skip-bad")
 MAX_RETRIES = 3  # restarts of a dead worker, and retries of the scene it was rendering (or whose result was lost)
@@ -413,7 +412,7 @@ def _start_workers(ray, workers: int | None, good: Sequence[str] | None = None,
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     actor = ray.remote(SceneWorker)
-    slots = _placements(ray, [n["NodeID"] for n in ray.nodes() if n.get("Alive")], None)
+    slots = _placements(ray, [n["NodeID"] for n in ray.nodes() if n.get("Alive")])
     for node in have:
         slots.remove(next(s for s in slots if s[0] == node))
     slots = [s for s in slots if good is None or s[0] in good][:workers - len(have) if workers else None]
@@ -424,16 +423,15 @@ def _start_workers(ray, workers: int | None, good: Sequence[str] | None = None,
             for node, res in slots]
 
 
-def _placements(ray, nodes: list[str], workers: int | None) -> list[tuple[str, dict]]:
+def _placements(ray, nodes: list[str]) -> list[tuple[str, dict]]:
     """(node id, resources) per worker: one per GPU of each good node; on a cluster without GPUs,
-    one per CPU. At most `workers`."""
+    one per CPU."""
     info = {n["NodeID"]: n.get("Resources", {}) for n in ray.nodes()}
     gpus = any(info[n].get("GPU", 0) >= 1 for n in nodes)
     res = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": 1}
     counts = {n: int(info[n].get("GPU" if gpus else "CPU", 0)) for n in nodes}
     # spread over nodes first: node A's worker 1, node B's worker 1, …
-    slots = [(n, res) for k in range(max(counts.values(), default=0)) for n in nodes if k < counts[n]]
-    return slots[:workers] if workers else slots
+    return [(n, res) for k in range(max(counts.values(), default=0)) for n in nodes if k < counts[n]]
 
 
 def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers, work_dir, skip_existing, on_item,
@@ -502,7 +500,7 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
         except OptionError:
             raise
         except CinefxError as ex:
-            done(i, _not_done(src, dst, ex, str(ex), skip_existing))
+            done(i, not_done(src, dst, ex, str(ex), skip_existing))
             return
         except Exception as ex:
             done(i, BatchItem(src, dst, "failed", unforeseen(ex, src), traceback=traceback.format_exc()))
@@ -574,16 +572,6 @@ def _render_scenes(ray, nodes, inputs, outputs, preset, options, choice, workers
     return [items[i] for i in range(len(inputs))]
 
 
-def _not_done(src: Path, dst: Path, ex: BaseException, why: str, skip_existing: bool) -> BatchItem:
-    """A failed input as `stylize_batch` counts it: with `skip_existing`, an output another run is
-    writing, or has just written, is skipped."""
-    if skip_existing and isinstance(ex, OutputBusyError):
-        return BatchItem(src, dst, "skipped", "being written by another run")
-    if skip_existing and dst.exists():
-        return BatchItem(src, dst, "skipped", "output exists")
-    return BatchItem(src, dst, "failed", why)
-
-
 def _grade_files(ray, nodes, inputs, outputs, preset, options, choice, workers, work_dir, skip_existing, on_item,
                  progress, on_scene) -> list[BatchItem]:
     """Whole files as tasks, spread over the good nodes."""
@@ -611,7 +599,7 @@ def _grade_files(ray, nodes, inputs, outputs, preset, options, choice, workers, 
                 if isinstance(ex.cause, OptionError):
                     raise ex.cause from None
                 cinefx = isinstance(ex.cause, CinefxError)  # its message names the file already
-                items[i] = _not_done(src, dst, ex.cause, _failure(ex) if cinefx else f"{src}: {_failure(ex)}",
+                items[i] = not_done(src, dst, ex.cause, _failure(ex) if cinefx else f"{src}: {_failure(ex)}",
                                      skip_existing and cinefx)
             on_item(items[i])
             if progress:

@@ -72,13 +72,18 @@ def _temp_stem(target: Path) -> str:
     return fit_stem(target.parent, target.stem, marks)
 
 
+def _temp_name(target: Path) -> Path:
+    """A fresh name beside `target` for this process's temporary file or folder of it (what
+    `stale_temps` finds when the process is gone)."""
+    return target.with_name(f".{_temp_stem(target)}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+                            f"{target.suffix}")
+
+
 def temp_path_for(target: str | os.PathLike) -> Path:
     """A new, empty, hidden file beside `target`, named as this process's temporary for it."""
     target = Path(target)
-    stem = _temp_stem(target)
     for _ in range(100):
-        name = f".{stem}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{target.suffix}"
-        path = target.parent / name
+        path = _temp_name(target)
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         except FileExistsError:
@@ -167,8 +172,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     for stale in stale_temps(target, folders=True):  # a killed run's half-made folder
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = target.with_name(f".{_temp_stem(target)}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
-                           f"{target.suffix}")
+    tmp = _temp_name(target)
     tmp.mkdir()
     try:
         yield tmp

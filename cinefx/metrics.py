@@ -130,10 +130,6 @@ class TemporalMeter(Meter):
         si, so = self.series.get(scene, (Series(), Series()))
         return {"in_psnr": si.psnr, "in_tssim": si.tssim, "out_psnr": so.psnr, "out_tssim": so.tssim}
 
-    def splice(self, scene: int, values: dict) -> None:
-        """Append pairs measured elsewhere (`export` of another meter over the frames that follow)."""
-        self._in_order(self._splice, scene, values)
-
     def _splice(self, scene: int, values: dict) -> None:
         si, so = self.series.setdefault(scene, (Series(), Series()))
         si.psnr += values["in_psnr"]

@@ -1,6 +1,7 @@
 """Resume for long diffusion runs, and the lock that keeps two runs off one output.
 
-Finished scenes are kept in a work folder beside the output: ``.<output name>.cinefx-work/`` holds
+Finished scenes are kept in a work folder beside the output (a cluster's ``--work-dir`` holds it as
+``.<output name>.<8 hex of its path's hash>.cinefx-work/`` instead): ``.<output name>.cinefx-work/`` holds
 ``run.json`` (a key over everything that decides the rendered pixels: the input file, the preset's
 prompt and diffusion sections, seed, models, engine settings, scene detection; and the size and
 SHA-256 of every finished scene) and one lossless FFV1 file per finished scene (per piece of a long
@@ -200,9 +201,9 @@ class WorkFolder:
         return self._file(piece).with_suffix(EXTRAS[kind])
 
     def has(self, scene: int, part: int = 0) -> bool:
-        """Whether the scene (or its piece `part`) is kept intact: its file, and its state file if
-        it has one, have the size and SHA-256 recorded when it was kept. A damaged one is deleted,
-        to be rendered again."""
+        """Whether the scene (or its piece `part`) is kept intact: its file, and each file kept
+        with it (`EXTRAS`: state, measures), have the size and SHA-256 recorded when it was kept. A
+        damaged one is deleted, to be rendered again."""
         piece = _piece(scene, part)
         if piece not in self._intact:
             rec, f = self._kept.get(piece), self._file(piece)
@@ -270,7 +271,8 @@ class WorkFolder:
 
     def finish(self) -> None:
         """Close the scene (or piece) being recorded, move it into place and record its size and
-        checksum: only now does it count as done. A first piece's state is in place before it."""
+        checksum: only now does it count as done. The files kept with it (`keep`: a first piece's
+        state, a piece's measures) are in place before it."""
         if self._recording is None:
             return
         piece, c, s, tmp = self._recording

@@ -564,6 +564,16 @@ def plan_outputs(inputs: list[Path], out_dir: Path, preset_name: str) -> list[tu
     return [(dst, clash(dst)) for dst in outputs]
 
 
+def not_done(src: Path, dst: Path, ex: BaseException, why: str, skip_existing: bool) -> BatchItem:
+    """A failed input as a batch counts it (`stylize_batch`, and the cluster's): with
+    `skip_existing`, an output another run is writing, or has just written, is skipped."""
+    if skip_existing and isinstance(ex, OutputBusyError):
+        return BatchItem(src, dst, "skipped", "being written by another run")
+    if skip_existing and dst.exists():
+        return BatchItem(src, dst, "skipped", "output exists")
+    return BatchItem(src, dst, "failed", why)
+
+
 def stylize_batch(inputs: list[Path], out_dir: Path, preset: Preset, options: StylizeOptions,
                   skip_existing: bool = False, on_item: Callable[[BatchItem], None] | None = None,
                   progress_for: Callable[[Path], Progress | None] | None = None) -> list[BatchItem]:
@@ -586,12 +596,8 @@ def stylize_batch(inputs: list[Path], out_dir: Path, preset: Preset, options: St
                 item = BatchItem(src, dst, "done", result=res)
             except OptionError:
                 raise  # the same for every file
-            except OutputBusyError as ex:
-                item = BatchItem(src, dst, *(("skipped", "being written by another run") if skip_existing
-                                             else ("failed", str(ex))))
             except CinefxError as ex:
-                item = (BatchItem(src, dst, "skipped", "output exists") if skip_existing and dst.exists()
-                        else BatchItem(src, dst, "failed", str(ex)))  # exists: another run just finished it
+                item = not_done(src, dst, ex, str(ex), skip_existing)
             except Exception as ex:
                 item = BatchItem(src, dst, "failed", unforeseen(ex, src), traceback=traceback.format_exc())
         items.append(item)

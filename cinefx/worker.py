@@ -83,8 +83,16 @@ class Meter:
     def _measure(self, *item) -> None:  # pragma: no cover - every meter defines it
         raise NotImplementedError
 
+    def _splice(self, scene: int, values: dict) -> None:  # pragma: no cover - every meter defines it
+        raise NotImplementedError
+
     def _submit(self, *item) -> None:
         self._in_order(self._measure, *item)
+
+    def splice(self, scene: int, values: dict) -> None:
+        """Append pairs measured elsewhere (`export` of another meter over the frames that follow),
+        by the subclass's `_splice`."""
+        self._in_order(self._splice, scene, values)
 
     def _in_order(self, fn, *args) -> None:
         """Call `fn(*args)` after the frames submitted before it are measured."""

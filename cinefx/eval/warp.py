@@ -197,10 +197,6 @@ class WarpMeter(Meter):
         series = self._series.get(scene, _Series())
         return {"source": series.source, "kept": series.kept, "renders": series.renders}
 
-    def splice(self, scene: int, values: dict) -> None:
-        """Append pairs measured elsewhere (`export` of another meter over the frames that follow)."""
-        self._in_order(self._splice, scene, values)
-
     def _splice(self, scene: int, values: dict) -> None:
         series = self._series.setdefault(scene, _Series(renders=[[] for _ in values["renders"]]))
         series.source += values["source"]

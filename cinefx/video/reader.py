@@ -18,7 +18,7 @@ import numpy as np
 from av.video.reformatter import Interpolation
 
 from cinefx.errors import InputFileError
-from cinefx.video.probe import VideoInfo, demux, open_container
+from cinefx.video.probe import VideoInfo, demux, open_container, typical_step
 
 # Some demuxers (AVI with packed B-frames, badly muxed MKV) hand out frames whose timestamps are
 # out of order; a small heap puts them back in display order. Real files stay within a GOP's
@@ -44,7 +44,8 @@ NO_INDEX = frozenset({"mpegts", "mpeg"})
 class Restarts:
     """Timestamp restarts in a stream without an index: MPEG-TS discontinuities, where joined files,
     a splice or a restarted encoder start the clock again. A packet whose decode time steps back,
-    or forward by more than `limit` ticks, begins a new run; `fix` moves it and the packets after it
+    or forward by more than `limit` ticks, and which the packet after it goes on from, begins a new
+    run (one that stands alone had its times damaged, see `fix`); `fix` moves it and the packets after it
     to follow the last frame before the jump at the nominal step (as players do on the
     discontinuity flag), so no frame counts as lost and time stays continuous for the writer.
 
@@ -56,8 +57,8 @@ class Restarts:
         # how far a presentation time may lie from its decode time: a second, or at low rates the
         # deepest reordering (x264's B-frames at 1 fps put a P-frame's two times 4 s apart)
         self.reach = max(limit, REORDER_DEPTH * step)
-        self.offsets: list[int] = []  # ticks added to each run after the first
-        self.starts: list[int] = []  # the source's time (not moved) where each run after the first begins
+        # each run after the first: the source's time (not moved) where it begins, ticks added to it
+        self.runs: list[tuple[int, int]] = []
         self._offset = 0
         self._last: int | None = None  # decode time of the last packet, moved
         self._end: int | None = None  # latest presentation time so far, moved, plus a step
@@ -119,8 +120,7 @@ class Restarts:
                 restart = True
         if restart:
             self._offset = self._end - (pts if pts is not None else t)
-            self.offsets.append(self._offset)
-            self.starts.append(pts if pts is not None else t)
+            self.runs.append((pts if pts is not None else t, self._offset))
         if self._offset:
             packet.pts = None if pts is None else pts + self._offset
             packet.dts = None if dts is None else dts + self._offset
@@ -160,7 +160,7 @@ def restart_offsets(info: VideoInfo) -> list[tuple[Fraction, Fraction]]:
     with open_container(info.path) as container:
         for _ in restarts.timeline(demux(container, container.streams.video[0])):
             pass
-    return [(at * info.time_base, o * info.time_base) for at, o in zip(restarts.starts, restarts.offsets)]
+    return [(at * info.time_base, o * info.time_base) for at, o in restarts.runs]
 
 
 def _restarts(info: VideoInfo) -> Restarts:
@@ -212,8 +212,7 @@ class _Cadence:
         steps = np.diff(self.times)
         if len(steps) < 10:
             return []
-        median = np.median(steps)
-        step = float(steps[np.abs(steps - median) <= 0.1 * median].mean())  # 41.67 ms, of steps of 41 and 42
+        step = typical_step(steps)  # 41.67 ms, of steps of 41 and 42
         whole = np.round(steps / step)
         # a time base of 1/1000 rounds each time, so the tolerance grows with nothing but the rounding
         on_beat = (whole >= 1) & (np.abs(steps - whole * step) <= max(1.0, step / 50))
@@ -238,7 +237,7 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
     threads: decoder threads (0: FFmpeg's choice, by the machine's cores); see `DECODE_THREADS`.
     exact: False for analysis thumbnails: approximate colour and no deblocking, much cheaper.
     notes: if given, a line is appended for each picture size change and timestamp restart met
-    (see below).
+    (see below), and, after a full decode, one for frames missing from a regular cadence.
     depth: 16 for uint16 frames on the full 16-bit scale (swscale's rgb48), so 10- and 12-bit
     sources keep their precision through a colour conversion (`cinefx.grade.ocio`); 8 for uint8.
     Either way the stream's range tag is honoured: limited-range code values are expanded to full
@@ -252,8 +251,9 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
     can restart, so a time names no place in the file), the packets before it are demuxed but not
     decoded. The frames yielded are the full decode's: pixels, times, durations, indices (frames
     lost before `start` do not shift them) and stand-ins. Where that cannot be made certain (no
-    timestamps, as in raw streams; no keyframe found at or before `start_pts`; damaged data
-    between that keyframe and `start`; no frame at exactly `start_pts`), the file is decoded from
+    timestamps, as in raw streams, or frames timed by decoder order, as in H.264 in AVI; no
+    keyframe found at or before `start_pts`; damaged data between that keyframe and `start`; no
+    frame at exactly `start_pts`), the file is decoded from
     its first frame instead: slower, never different. Without `start_pts` that is always done.
     Damage after `start` is stood in for as below, but the pixels FFmpeg conceals it with may
     differ from a full decode's, as they differ between decodes with different thread counts.
@@ -282,21 +282,24 @@ def read_frames(info: VideoInfo, size: tuple[int, int] | None = None, threads: i
 
     Raises `InputFileError` if the file turns out truncated or corrupt part way.
     """
-    if start and start_pts is not None:
+    by_order = _output_order(info)
+    # a seek is checked by the times of the frames it gives, which frames timed by order do not have
+    if start and start_pts is not None and not by_order:
         noted = len(notes) if notes is not None else 0
         try:
-            yield from _decode(info, size, threads, exact, notes, depth, start, start_pts)
+            yield from _decode(info, size, threads, exact, notes, depth, start, start_pts, by_order)
             return
         except _Missed:
             if notes is not None:
                 del notes[noted:]  # the decode from the start notes them again
-    yield from _decode(info, size, threads, exact, notes, depth, start, None)
+    yield from _decode(info, size, threads, exact, notes, depth, start, None, by_order)
 
 
 def _decode(info: VideoInfo, size: tuple[int, int] | None, threads: int, exact: bool, notes: list[str] | None,
-            depth: int, start: int, start_pts: int | None) -> Iterator[Frame]:
+            depth: int, start: int, start_pts: int | None, by_order: bool) -> Iterator[Frame]:
     """`read_frames`: decoding from the keyframe before `start_pts` (raising `_Missed` where that
-    cannot be trusted, before yielding anything), or from the first frame where it is None."""
+    cannot be trusted, before yielding anything), or from the first frame where it is None.
+    by_order: frames are timed by the order the decoder hands them out (`_output_order`)."""
     path = info.path
     k = (info.rotation // 90) % 4
     if size is not None and k % 2:
@@ -321,9 +324,6 @@ def _decode(info: VideoInfo, size: tuple[int, int] | None, threads: int, exact: 
     gaps = info.container in NO_INDEX
     restarts = _restarts(info) if gaps else None
     seeking = start_pts is not None
-    by_order = _output_order(info)
-    if seeking and by_order:
-        raise _Missed  # a seek is checked by the times of the frames it gives, which here come by count
     # frames wait in the heap as decoded pictures when some will not be yielded, converted on release
     heap: list[tuple[int, int, np.ndarray | av.VideoFrame, int]] = []
     expected: list[tuple[int, int]] = []  # (pts, duration) of packets whose frame is not out yet

@@ -228,14 +228,15 @@ class VideoWriter:
         with open_container(info.path) as src:
             starts = [s.start_time * s.time_base for s in (*src.streams.video[:1], *src.streams.audio)
                       if s.start_time is not None and s.time_base]
+            tags, timecode = self._source_tags(src)
         first = min(starts, default=Fraction(0))
         self._shift = -first if info.container in NO_INDEX else max(Fraction(0), -first)  # seconds added
+        self._video_ticks = self._ticks(info.time_base)
         fmt_opts = {}
         muxer = _MUXERS[self.target.suffix.lower()]
         if muxer in _MOV_FAMILY and info.time_base.denominator <= 2**31 - 1:
             fmt_opts["movie_timescale"] = str(info.time_base.denominator)
         self._container = av.open(str(self._tmp), mode="w", format=muxer, options=fmt_opts)
-        tags, timecode = self._source_tags()
         self._container.metadata.update(tags)
         even = info.coded_width % 2 == 0 and info.coded_height % 2 == 0
         c = self.colour
@@ -334,12 +335,11 @@ class VideoWriter:
         graph.configure()
         return graph
 
-    def _source_tags(self) -> tuple[dict[str, str], str]:
-        """The source's container tags (title, creation time, …: what an editor's bin sorts by),
-        less the muxer's own, with `comment` put first in the comment; and the source's start
-        timecode (`VideoInfo.timecode`), which editors conform by."""
-        with open_container(self.info.path) as src:
-            tags = {k: v for k, v in src.metadata.items() if k.lower() not in _MUXER_TAGS}
+    def _source_tags(self, src) -> tuple[dict[str, str], str]:
+        """The source's (`src`, open) container tags (title, creation time, …: what an editor's bin
+        sorts by), less the muxer's own, with `comment` put first in the comment; and the source's
+        start timecode (`VideoInfo.timecode`), which editors conform by."""
+        tags = {k: v for k, v in src.metadata.items() if k.lower() not in _MUXER_TAGS}
         if self.comment:
             key = next((k for k in tags if k.lower() == "comment"), "comment")
             tags[key] = f"{self.comment}; {tags[key]}" if tags.get(key) else self.comment
@@ -367,7 +367,7 @@ class VideoWriter:
                 self.audio_plan.reencoded.append((in_stream.index, in_stream.codec_context.name))
                 self.notes.append(f"audio stream {in_stream.index} ({in_stream.codec_context.name}) cannot "
                                   f"be stored in {self.target.suffix}: re-encoded to AAC")
-        restarts = restart_offsets(self.info)  # in a file without an index: where, and seconds moved
+        restarts = restart_offsets(self.info) if streams else []  # without an index: where, and seconds moved
         self._audio_times = {s.index: _AudioTimes(s.time_base, restarts, self.info.container in NO_INDEX)
                              for s in streams}
         self._audio_packets = self._timed(demux(self._audio_in, *streams)) if streams else iter(())
@@ -447,7 +447,7 @@ class VideoWriter:
             rgb = np.ascontiguousarray(np.rot90(rgb, -k))
         # a copy: the caller keeps `rgb`
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb48le" if self._bits > 8 else "rgb24")
-        pts += self._ticks(self.info.time_base)
+        pts += self._video_ticks
         frame.pts = pts
         frame.time_base = self.info.time_base
         if duration:
